@@ -1,0 +1,122 @@
+"""Training configuration, its presets, and the command-line flags made from it."""
+import argparse
+from dataclasses import asdict, dataclass, field, fields
+
+from .data import DEFAULT_SOURCES
+
+# Fields that shape the model; fixed once a run has started.
+ARCHITECTURE = ("n_layer", "n_head", "n_embd", "block_size", "bias", "gated", "narrowness", "mask_seed", "tokenizer")
+
+
+@dataclass
+class TrainConfig:
+    # data
+    sources: list = field(default_factory=lambda: list(DEFAULT_SOURCES))  # NAME or NAME=PATH; order sets the dial
+    tokenizer: str = "char"  # char or bpe (GPT-2, through tiktoken)
+    val_fraction: float = 0.1
+    cache_dir: str = ""  # where built-in sources are downloaded; empty: ~/.cache/abcgpt
+    # model
+    n_layer: int = 6
+    n_head: int = 6
+    n_embd: int = 384
+    block_size: int = 256
+    dropout: float = 0.2
+    bias: bool = False
+    gated: bool = True
+    narrowness: float = 1.0
+    mask_seed: int = 1337
+    # the dial during training: one alpha per batch (the reference recipe) or per sequence
+    alpha_mode: str = "batch"
+    # optimisation
+    batch_size: int = 64
+    grad_accum: int = 1
+    max_iters: int = 10000
+    learning_rate: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_iters: int = 100
+    lr_decay_iters: int = 0  # 0: decay over max_iters
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = 1.0
+    # evaluation, logging, checkpoints
+    eval_interval: int = 500
+    eval_iters: int = 100
+    log_interval: int = 50
+    out_dir: str = "out"
+    # system
+    device: str = "auto"  # auto, cpu, cuda, cuda:1, ...
+    dtype: str = "auto"  # auto (bfloat16 on CUDA where supported, else float32), float32, bfloat16, float16
+    compile: bool = False
+    seed: int = 1337
+
+    def __post_init__(self):
+        if isinstance(self.sources, str):
+            self.sources = [s for s in self.sources.split(",") if s.strip()]
+        checks = [
+            (self.alpha_mode in ("batch", "sequence"), "alpha_mode must be 'batch' or 'sequence'"),
+            (self.tokenizer in ("char", "bpe"), "tokenizer must be 'char' or 'bpe'"),
+            (self.dtype in ("auto", "float32", "bfloat16", "float16"), "dtype must be auto, float32, bfloat16 or float16"),
+            (self.batch_size > 0 and self.grad_accum > 0, "batch_size and grad_accum must be positive"),
+            (self.max_iters >= 0 and self.warmup_iters >= 0, "max_iters and warmup_iters must not be negative"),
+            (self.eval_interval > 0 and self.eval_iters > 0 and self.log_interval > 0, "intervals must be positive"),
+            (0.0 <= self.dropout < 1.0, "dropout must be in [0, 1)"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    @property
+    def decay_iters(self):
+        return self.lr_decay_iters or self.max_iters
+
+    def to_dict(self):
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d):
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+PRESETS = {
+    # The reference abcGPT recipe; the default on CUDA.
+    "reference": {},
+    # Shows the dial within 10 minutes on 2 CPU cores; the default elsewhere.
+    "cpu": dict(
+        n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=32, dropout=0.0,
+        max_iters=2000, learning_rate=2e-3, min_lr=2e-4, warmup_iters=50,
+        eval_interval=500, eval_iters=20, log_interval=100,
+    ),
+}
+
+
+def default_preset(cuda_available):
+    return "reference" if cuda_available else "cpu"
+
+
+def _parse_bool(text):
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def add_config_flags(parser):
+    """One --flag per TrainConfig field; a flag left out stays absent from the parsed namespace."""
+    for f in fields(TrainConfig):
+        if f.name == "sources":
+            parser.add_argument("--sources", default=argparse.SUPPRESS, metavar="A,B",
+                                help="comma-separated NAME or NAME=PATH, alpha 0 first (default: tinystories,tinyshakespeare)")
+            continue
+        kind = type(f.default)
+        parser.add_argument(f"--{f.name}", type=_parse_bool if kind is bool else kind,
+                            default=argparse.SUPPRESS, metavar=kind.__name__.upper(), help=f"default: {f.default!r}")
+
+
+def build_config(preset, overrides, base=None):
+    """A TrainConfig: the preset (or a resumed run's config as base) with explicit overrides on top."""
+    values = dict(base) if base is not None else {**asdict(TrainConfig()), **PRESETS[preset]}
+    values.update(overrides)
+    return TrainConfig.from_dict(values)

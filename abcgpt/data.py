@@ -1,0 +1,296 @@
+"""Named, ordered text sources: download or read, tokenize, split, draw batches.
+
+Source k of K sits at alpha = k / (K - 1) on the dial, so with two sources
+source 0 is alpha 0 and source 1 is alpha 1. Each source is split into train and
+val before any batch is drawn; batches come from the train split only.
+"""
+import hashlib
+import json
+import math
+import os
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .tokenizer import BPETokenizer, CharTokenizer
+
+MiB = 2**20
+
+
+@dataclass(frozen=True)
+class BuiltinSource:
+    url: str
+    max_bytes: int | None  # download only this many leading bytes (None: the whole file)
+    sha256: str  # of the default download, checked after every download
+
+
+BUILTIN_SOURCES = {
+    "tinystories": BuiltinSource(
+        url="https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/TinyStories-train.txt",
+        max_bytes=2 * MiB,
+        sha256="5352b299dcb1a32898b2d779b145b5a05f3e1265953fd21c264c9f9f9c9ae33d",
+    ),
+    "tinyshakespeare": BuiltinSource(
+        url="https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
+        max_bytes=None,
+        sha256="86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed",
+    ),
+}
+DEFAULT_SOURCES = ("tinystories", "tinyshakespeare")
+
+
+class DataError(RuntimeError):
+    """A source that cannot be had or used; the message says what to do."""
+
+
+def default_cache_dir():
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(os.environ.get("ABCGPT_CACHE_DIR") or Path(root) / "abcgpt")
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    name: str
+    path: str | None = None  # a local file; None for a built-in source
+
+    @classmethod
+    def parse(cls, text):
+        """'tinystories' (built in) or 'name=path/to/file.txt' (a local file)."""
+        name, sep, path = text.partition("=")
+        name = name.strip()
+        if not name:
+            raise DataError(f"source {text!r} has no name: write NAME or NAME=PATH")
+        if sep:
+            if not path:
+                raise DataError(f"source {name!r} has an empty path: write {name}=PATH")
+            return cls(name, path)
+        if name not in BUILTIN_SOURCES:
+            raise DataError(
+                f"unknown source {name!r}: built in are {', '.join(BUILTIN_SOURCES)}; "
+                f"for a local file write {name}=PATH"
+            )
+        return cls(name)
+
+
+def parse_sources(specs):
+    """Sources from a list of specs or one comma-separated string; order sets the dial."""
+    if isinstance(specs, str):
+        specs = [s for s in specs.split(",") if s.strip()]
+    sources = [s if isinstance(s, SourceSpec) else SourceSpec.parse(s) for s in specs]
+    if len(sources) < 2:
+        raise DataError(f"the dial needs at least two sources, got {len(sources)}")
+    names = [s.name for s in sources]
+    if len(set(names)) != len(names):
+        raise DataError(f"source names must differ, got {names}")
+    return sources
+
+
+def _sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(MiB), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def download(url, dest, max_bytes=None, sha256=None, desc=None):
+    """Download url (its first max_bytes only, if given) to dest, with a progress bar.
+
+    Writes to a temporary file renamed into place at the end, so a failed or
+    interrupted download leaves nothing behind. Records url, size and sha256 beside
+    dest in dest + '.json'. Raises DataError on any failure.
+    """
+    from tqdm.auto import tqdm
+
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + ".part")
+    digest = hashlib.sha256()
+    written = 0
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response, open(part, "wb") as f:
+            length = response.headers.get("Content-Length")
+            total = int(length) if length and length.isdigit() else None
+            if max_bytes is not None:
+                total = max_bytes if total is None else min(total, max_bytes)
+            with tqdm(total=total, unit="B", unit_scale=True, desc=desc or dest.name, leave=False) as bar:
+                while max_bytes is None or written < max_bytes:
+                    want = MiB if max_bytes is None else min(MiB, max_bytes - written)
+                    chunk = response.read(want)
+                    if not chunk:
+                        break
+                    f.write(chunk)
+                    digest.update(chunk)
+                    written += len(chunk)
+                    bar.update(len(chunk))
+            f.flush()
+            os.fsync(f.fileno())
+        if written == 0:
+            raise DataError(f"downloading {url} gave an empty file")
+        if sha256 is not None and digest.hexdigest() != sha256:
+            raise DataError(
+                f"{url} does not match its recorded checksum (sha256 {digest.hexdigest()}, "
+                f"expected {sha256}): the file may have changed upstream or been corrupted"
+            )
+        os.replace(part, dest)
+    except BaseException:
+        part.unlink(missing_ok=True)
+        raise
+    record = {"url": url, "bytes": written, "sha256": digest.hexdigest()}
+    dest.with_name(dest.name + ".json").write_text(json.dumps(record, indent=1) + "\n")
+    return record
+
+
+def fetch_builtin(name, cache_dir=None):
+    """Path to the cached copy of a built-in source, downloaded on first use."""
+    source = BUILTIN_SOURCES[name]
+    path = Path(cache_dir or default_cache_dir()) / f"{name}.txt"
+    record_path = path.with_name(path.name + ".json")
+    if path.exists() and record_path.exists():
+        try:
+            record = json.loads(record_path.read_text())
+        except (OSError, ValueError):
+            record = {}
+        if record.get("sha256") == _sha256(path):
+            return path
+        print(f"cached {path} does not match its record; downloading it again")
+    try:
+        download(source.url, path, source.max_bytes, source.sha256, desc=name)
+    except (urllib.error.URLError, OSError) as e:  # HTTPError and timeouts are URLError/OSError
+        reason = getattr(e, "reason", None) or e
+        raise DataError(
+            f"could not download source {name!r} from {source.url} ({reason}). Offline? Pass a "
+            f"local copy instead: --sources ...,{name}=/path/to/{name}.txt (see README)"
+        ) from None
+    return path
+
+
+def read_text(spec, cache_dir=None):
+    """The raw text of one source, as is (no lowercasing, no cleaning)."""
+    path = Path(spec.path) if spec.path else fetch_builtin(spec.name, cache_dir)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"source {spec.name!r}: file not found: {path}") from None
+    except OSError as e:
+        raise DataError(f"source {spec.name!r}: cannot read {path}: {e.strerror}") from None
+    if spec.path is None and BUILTIN_SOURCES[spec.name].max_bytes is not None:
+        raw = _drop_cut_character(raw)  # a byte slice may end inside a multi-byte character
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"source {spec.name!r}: {path} is not UTF-8 text (byte {e.start})") from None
+    if not text:
+        raise DataError(f"source {spec.name!r}: {path} is empty")
+    return text
+
+
+def _drop_cut_character(raw):
+    for cut in range(4):
+        try:
+            raw[: len(raw) - cut].decode("utf-8")
+            return raw[: len(raw) - cut]
+        except UnicodeDecodeError:
+            continue
+    return raw  # invalid well before the end: let the caller report it
+
+
+def make_tokenizer(kind, texts):
+    if kind == "char":
+        return CharTokenizer.from_texts(texts)
+    if kind == "bpe":
+        return BPETokenizer("gpt2")
+    raise DataError(f"unknown tokenizer {kind!r}: use 'char' or 'bpe'")
+
+
+def source_alphas(n_sources):
+    """Where each source sits on the dial: evenly from 0 to 1."""
+    return [k / (n_sources - 1) for k in range(n_sources)]
+
+
+class Corpus:
+    """Tokenized sources, each split into a train and a val part before any batch is drawn."""
+
+    def __init__(self, names, token_lists, tokenizer, val_fraction=0.1):
+        if not 0.0 < val_fraction < 1.0:
+            raise DataError(f"val_fraction must be between 0 and 1, got {val_fraction}")
+        self.names = list(names)
+        self.tokenizer = tokenizer
+        self.train, self.val = [], []
+        for name, ids in zip(self.names, token_lists):
+            ids = torch.as_tensor(ids, dtype=torch.long)
+            n_val = max(1, round(len(ids) * val_fraction))
+            self.train.append(ids[: len(ids) - n_val])
+            self.val.append(ids[len(ids) - n_val :])
+
+    @classmethod
+    def from_sources(cls, sources, tokenizer="char", val_fraction=0.1, cache_dir=None):
+        """sources: specs (see parse_sources); tokenizer: 'char', 'bpe' or a tokenizer object."""
+        sources = parse_sources(sources)
+        texts = [read_text(s, cache_dir) for s in sources]
+        if isinstance(tokenizer, str):
+            tokenizer = make_tokenizer(tokenizer, texts)
+        tokens = [tokenizer.encode(t) for t in texts]
+        return cls([s.name for s in sources], tokens, tokenizer, val_fraction)
+
+    @property
+    def alphas(self):
+        return source_alphas(len(self.names))
+
+    def check_block_size(self, block_size):
+        for name, train, val in zip(self.names, self.train, self.val):
+            for split, ids in (("train", train), ("val", val)):
+                if len(ids) < block_size + 1:
+                    raise DataError(
+                        f"source {name!r}: its {split} split has {len(ids)} tokens, fewer than one "
+                        f"block of {block_size} + 1; use more text or a smaller block_size"
+                    )
+
+    def batch(self, split, sources, block_size, generator):
+        """One sequence per entry of sources (a tensor of source indices): inputs and targets."""
+        data = self.train if split == "train" else self.val
+        x = torch.empty(len(sources), block_size, dtype=torch.long)
+        y = torch.empty_like(x)
+        for k in sources.unique().tolist():
+            rows = (sources == k).nonzero().flatten()
+            starts = torch.randint(len(data[k]) - block_size, (len(rows),), generator=generator)
+            windows = data[k][starts[:, None] + torch.arange(block_size + 1)]
+            x[rows], y[rows] = windows[:, :-1], windows[:, 1:]
+        return x, y
+
+
+def draw_alphas(n, generator):
+    """n dials from Beta(0.5, 0.5), as sin(pi*u/2)**2 with u ~ U(0, 1)."""
+    u = torch.rand(n, generator=generator, dtype=torch.float64)
+    return torch.sin(0.5 * math.pi * u) ** 2
+
+
+def draw_sources(alphas, n_sources, generator):
+    """For each alpha, a source: the two neighbours on the dial, weighted by closeness.
+
+    With two sources this is the reference recipe: source 1 with probability alpha.
+    """
+    position = alphas * (n_sources - 1)
+    lower = position.floor().clamp(max=n_sources - 2)
+    upper_wins = torch.rand(len(alphas), generator=generator, dtype=torch.float64) < position - lower
+    return lower.long() + upper_wins.long()
+
+
+def training_batch(corpus, batch_size, block_size, generator, per_sequence=False):
+    """Inputs, targets and alpha for one training (micro-)batch.
+
+    per_sequence=False (the reference recipe): one alpha and one source for the whole
+    batch; alpha is a float. per_sequence=True: each sequence draws its own alpha and
+    source; alpha is a float32 tensor of shape (batch_size,).
+    """
+    n = batch_size if per_sequence else 1
+    alphas = draw_alphas(n, generator)
+    sources = draw_sources(alphas, len(corpus.names), generator)
+    if not per_sequence:
+        sources = sources.expand(batch_size)
+    x, y = corpus.batch("train", sources, block_size, generator)
+    alpha = alphas.float() if per_sequence else alphas.item()
+    return x, y, alpha

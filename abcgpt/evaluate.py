@@ -1,0 +1,81 @@
+"""The dial, measured: each source's held-out loss over a sweep of alpha (DESIGN.md section 5)."""
+import torch
+
+from .data import source_alphas
+
+SWEEP = tuple(round(0.1 * i, 1) for i in range(11))
+
+
+@torch.no_grad()
+def val_loss(model, ids, alpha, batch_size=32, max_windows=None, device="cpu"):
+    """Mean next-token loss over non-overlapping block_size windows of ids (evenly thinned
+    to max_windows if given), so every val token is scored once and the result is repeatable."""
+    block_size = model.config.block_size
+    n_windows = (len(ids) - 1) // block_size
+    if n_windows < 1:
+        raise ValueError(f"{len(ids)} val tokens are fewer than one block of {block_size} + 1")
+    starts = torch.arange(n_windows) * block_size
+    if max_windows is not None and max_windows < n_windows:
+        starts = starts[torch.linspace(0, n_windows - 1, max_windows).round().long()]
+    offsets = torch.arange(block_size + 1)
+    total, count = 0.0, 0
+    for batch_starts in starts.split(batch_size):
+        windows = ids[batch_starts[:, None] + offsets].to(device)
+        _, loss = model(windows[:, :-1], alpha, windows[:, 1:])
+        total += loss.item() * windows[:, 1:].numel()
+        count += windows[:, 1:].numel()
+    return total / count
+
+
+def sweep(model, corpus, alphas=SWEEP, batch_size=32, max_windows=None, device="cpu"):
+    """{source name: [val loss at each alpha]}; every source's own corner is included in alphas."""
+    model.eval()
+    alphas = sorted(set(alphas) | set(source_alphas(len(corpus.names))))
+    losses = {
+        name: [val_loss(model, ids, a, batch_size, max_windows, device) for a in alphas]
+        for name, ids in zip(corpus.names, corpus.val)
+    }
+    return alphas, losses
+
+
+def summarize(names, alphas, losses):
+    """The section 5 numbers from a sweep.
+
+    corner: each source's loss at its own alpha; diag: their sum (lower is better);
+    contrast: a source's mean loss at the other sources' corners minus at its own
+    (the higher, the more the dial controls); middle: mean loss over sources at
+    alpha 0.5; best_alpha: where each source's loss is lowest.
+    """
+    own = dict(zip(names, source_alphas(len(names))))
+    at = {name: dict(zip(alphas, losses[name])) for name in names}
+    corner = {name: at[name][own[name]] for name in names}
+    contrast = {
+        name: sum(at[name][own[other]] for other in names if other != name) / (len(names) - 1) - corner[name]
+        for name in names
+    }
+    summary = {
+        "corner_loss": corner,
+        "diag": sum(corner.values()),
+        "contrast": contrast,
+        "best_alpha": {name: min(alphas, key=lambda a: at[name][a]) for name in names},
+    }
+    if 0.5 in alphas:
+        summary["middle"] = sum(at[name][0.5] for name in names) / len(names)
+    return summary
+
+
+def format_table(names, alphas, losses, summary):
+    width = max(10, *(len(n) + 2 for n in names))
+    lines = ["alpha " + "".join(f"{n:>{width}}" for n in names)]
+    for i, a in enumerate(alphas):
+        lines.append(f"{a:5.2f} " + "".join(f"{losses[n][i]:>{width}.4f}" for n in names))
+    lines.append("")
+    for n in names:
+        lines.append(
+            f"{n}: corner loss {summary['corner_loss'][n]:.4f}, contrast {summary['contrast'][n]:+.4f}, "
+            f"best alpha {summary['best_alpha'][n]:g}"
+        )
+    lines.append(f"diag (sum of corner losses) {summary['diag']:.4f}")
+    if "middle" in summary:
+        lines.append(f"middle (mean loss at alpha 0.5) {summary['middle']:.4f}")
+    return "\n".join(lines)

@@ -1,0 +1,232 @@
+"""The gated GPT: nanoGPT's GPT with a dial (DESIGN.md section 1).
+
+With gated=False this is exactly nanoGPT's model: same modules, init and
+parameter count, and no gate operation in the forward. With gated=True every
+residual channel, attention head and MLP hidden unit carries a frozen specialty
+score (a buffer, never trained) and the dial alpha decides which of them fire.
+"""
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+from .gate import check_alpha, sample_scores, tent_gate
+
+GATE_BACKENDS = ("reference",)
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 256
+    vocab_size: int = 65
+    n_layer: int = 6
+    n_head: int = 6
+    n_embd: int = 384
+    dropout: float = 0.0
+    bias: bool = False  # nanoGPT's training default: no bias in Linears and LayerNorms
+    gated: bool = True
+    narrowness: float = 1.0  # w in the tent gate; below 1 each unit fires over a narrower range
+    mask_seed: int = 1337  # seeds the specialty scores, so one config gives one set of scores
+    gate_backend: str = "reference"
+
+    def __post_init__(self):
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
+        if not self.narrowness > 0:
+            raise ValueError(f"narrowness must be positive, got {self.narrowness}")
+        if self.gate_backend not in GATE_BACKENDS:
+            raise ValueError(f"gate_backend must be one of {GATE_BACKENDS}, got {self.gate_backend!r}")
+
+    def to_dict(self):
+        return asdict(self)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with an optional bias (PyTorch's has no bias=False before 2.1)."""
+
+    def __init__(self, ndim, bias):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(ndim))
+        self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
+
+    def forward(self, x):
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.n_head = config.n_head
+        self.n_embd = config.n_embd
+        self.dropout = config.dropout
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, head_gate=None):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        y = F.scaled_dot_product_attention(
+            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
+        )
+        if head_gate is not None:  # (nh,) or (B, nh): one gate per head
+            y = y * head_gate.unsqueeze(-1).unsqueeze(-1)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.gelu = nn.GELU()
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, hidden_gate=None):
+        h = self.gelu(self.c_fc(x))
+        if hidden_gate is not None:
+            h = h * hidden_gate
+        return self.dropout(self.c_proj(h))
+
+
+class Block(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, gates=None):
+        if gates is None:
+            x = x + self.attn(self.ln_1(x))
+            return x + self.mlp(self.ln_2(x))
+        embd_gate, head_gate, hidden_gate = gates
+        x = x + self.attn(self.ln_1(x), head_gate) * embd_gate
+        return x + self.mlp(self.ln_2(x), hidden_gate) * embd_gate
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        assert config.vocab_size is not None and config.block_size is not None
+        self.config = config
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.vocab_size, config.n_embd),
+                wpe=nn.Embedding(config.block_size, config.n_embd),
+                drop=nn.Dropout(config.dropout),
+                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+                ln_f=LayerNorm(config.n_embd, bias=config.bias),
+            )
+        )
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight  # weight tying, as in GPT-2
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # scaled init of the residual projections (GPT-2)
+            if name.endswith("c_proj.weight"):
+                torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        if config.gated:
+            self._register_scores()
+
+    def _register_scores(self):
+        # One generator, one fixed order: residual channels, then per layer heads and MLP units.
+        c = self.config
+        generator = torch.Generator().manual_seed(c.mask_seed)
+        self.register_buffer("embd_scores", sample_scores(c.n_embd, generator))
+        for block in self.transformer.h:
+            block.attn.register_buffer("head_scores", sample_scores(c.n_head, generator))
+            block.mlp.register_buffer("hidden_scores", sample_scores(4 * c.n_embd, generator))
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def get_num_params(self, non_embedding=True):
+        """Parameter count; position embeddings excluded by default, as nanoGPT counts."""
+        n_params = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n_params -= self.transformer.wpe.weight.numel()
+        return n_params
+
+    def gate(self, alpha, scores):
+        return tent_gate(alpha, scores, self.config.narrowness)
+
+    def forward(self, idx, alpha=None, targets=None):
+        """idx: (B, T) token ids. alpha: a float, or a tensor of one alpha per sequence.
+
+        Returns (logits, loss); logits cover only the last position when no targets are given.
+        """
+        B, T = idx.size()
+        if T > self.config.block_size:
+            raise ValueError(f"sequence of length {T} is longer than block_size {self.config.block_size}")
+        gated = self.config.gated
+        if gated:
+            alpha = self._prepare_alpha(alpha, B, idx.device)
+        elif alpha is not None:
+            raise ValueError("this model is not gated (gated=False): call it without alpha")
+
+        pos = torch.arange(0, T, dtype=torch.long, device=idx.device)
+        x = self.transformer.wte(idx) + self.transformer.wpe(pos)
+        if gated:
+            embd_gate = self._rows(self.gate(alpha, self.embd_scores))
+            x = x * embd_gate
+        x = self.transformer.drop(x)
+        for block in self.transformer.h:
+            if gated:
+                head_gate = self.gate(alpha, block.attn.head_scores)
+                hidden_gate = self._rows(self.gate(alpha, block.mlp.hidden_scores))
+                x = block(x, (embd_gate, head_gate, hidden_gate))
+            else:
+                x = block(x)
+        x = self.transformer.ln_f(x)
+        if gated:
+            x = x * embd_gate
+
+        if targets is not None:
+            logits = self.lm_head(x)
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        else:
+            logits = self.lm_head(x[:, [-1], :])  # only the last position is needed to sample
+            loss = None
+        return logits, loss
+
+    @staticmethod
+    def _prepare_alpha(alpha, batch_size, device):
+        if alpha is None:
+            raise ValueError("a gated model needs alpha: a float in [0, 1] or one per sequence")
+        check_alpha(alpha)
+        if isinstance(alpha, torch.Tensor):
+            if alpha.dim() == 0:
+                return alpha.item()
+            if alpha.numel() != batch_size:
+                raise ValueError(f"got {alpha.numel()} alphas for a batch of {batch_size} sequences")
+            return alpha.to(device=device, dtype=torch.float32)
+        return float(alpha)
+
+    @staticmethod
+    def _rows(gate):
+        """(B, n) per-sequence gates broadcast over time as (B, 1, n); (n,) stays as it is."""
+        return gate.unsqueeze(1) if gate.dim() == 2 else gate
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+        """AdamW with weight decay on matrices and embeddings only (not biases or LayerNorms)."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        groups = [
+            {"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+        fused = device_type == "cuda"
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)

@@ -1,0 +1,85 @@
+"""Tokenizers: characters (default; one vocabulary over all sources) or GPT-2 BPE via tiktoken.
+
+Both are saved into checkpoints as plain dicts (to_dict / tokenizer_from_dict), so a
+checkpoint decodes what it generates without the training data.
+"""
+
+
+class UnknownCharactersError(ValueError):
+    pass
+
+
+class CharTokenizer:
+    kind = "char"
+
+    def __init__(self, chars):
+        self.chars = list(chars)
+        self.stoi = {ch: i for i, ch in enumerate(self.chars)}
+        if len(self.stoi) != len(self.chars):
+            raise ValueError("character vocabulary has repeated characters")
+
+    @classmethod
+    def from_texts(cls, texts):
+        return cls(sorted(set().union(*(set(t) for t in texts))))
+
+    @property
+    def vocab_size(self):
+        return len(self.chars)
+
+    def encode(self, text):
+        try:
+            return [self.stoi[ch] for ch in text]
+        except KeyError:
+            missing = sorted(set(text) - self.stoi.keys())
+            shown = ", ".join(repr(ch) for ch in missing[:10]) + (", ..." if len(missing) > 10 else "")
+            raise UnknownCharactersError(
+                f"{len(missing)} character(s) not in the vocabulary: {shown}"
+            ) from None
+
+    def decode(self, ids):
+        return "".join(self.chars[i] for i in ids)
+
+    def to_dict(self):
+        return {"kind": self.kind, "chars": "".join(self.chars)}
+
+
+class BPETokenizer:
+    """GPT-2 byte-pair encoding; needs tiktoken (and its vocabulary files, cached or downloaded)."""
+
+    kind = "bpe"
+
+    def __init__(self, name="gpt2", encoding=None):
+        if encoding is None:
+            import tiktoken
+
+            try:
+                encoding = tiktoken.get_encoding(name)
+            except Exception as e:  # tiktoken fetches its files on first use
+                raise RuntimeError(
+                    f"could not load the {name!r} BPE vocabulary ({e}). Offline? Point "
+                    "TIKTOKEN_CACHE_DIR at a folder holding tiktoken's cached files, or use the "
+                    "character tokenizer."
+                ) from None
+        self.name = name
+        self.encoding = encoding
+
+    @property
+    def vocab_size(self):
+        return self.encoding.n_vocab
+
+    def encode(self, text):
+        return self.encoding.encode_ordinary(text)  # text is data: special tokens stay plain text
+
+    def decode(self, ids):
+        return self.encoding.decode(list(ids))
+
+    def to_dict(self):
+        return {"kind": self.kind, "name": self.name}
+
+
+def tokenizer_from_dict(d):
+    if d.get("kind") == "char":
+        return CharTokenizer(d["chars"])
+    if d.get("kind") == "bpe":
+        return BPETokenizer(d["name"])
+    raise ValueError(f"unknown tokenizer {d.get('kind')!r}")

@@ -1,0 +1,248 @@
+"""The training loop: the reference recipe (or per-sequence alpha) over a Corpus.
+
+Single process or DDP under torchrun, as nanoGPT does it. Every step reseeds
+its generators from (seed, rank, step): batches and dropout depend only on those,
+so a resumed run continues exactly as if it had never stopped.
+"""
+import json
+import math
+import os
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from torch.distributed import destroy_process_group, init_process_group
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .config import ARCHITECTURE, TrainConfig
+from .data import Corpus, training_batch
+from .model import GPT, GPTConfig
+from .tokenizer import tokenizer_from_dict
+
+EVAL_ALPHAS = (0.0, 0.5, 1.0)
+CHECKPOINT_NAME = "ckpt.pt"
+
+
+def learning_rate_at(step, config):
+    """Linear warm-up, then cosine decay to min_lr at decay_iters, then min_lr."""
+    if step < config.warmup_iters:
+        return config.learning_rate * (step + 1) / (config.warmup_iters + 1)
+    if step >= config.decay_iters:
+        return config.min_lr
+    progress = (step - config.warmup_iters) / max(1, config.decay_iters - config.warmup_iters)
+    return config.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (config.learning_rate - config.min_lr)
+
+
+def step_seed(seed, rank, step):
+    return hash((seed, rank, step)) & (2**63 - 1)  # hash of a tuple of ints is stable across runs
+
+
+def resolve_device(name):
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device {name!r} asked for, but CUDA is not available here")
+    return name
+
+
+def resolve_dtype(name, device_type):
+    if name == "auto":
+        if device_type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return getattr(torch, name)
+
+
+class Trainer:
+    """Trains a gated GPT as config says; resume=True continues the run in config.out_dir."""
+
+    def __init__(self, config: TrainConfig, resume=False, corpus=None, log=print):
+        self.config = config
+        self.log_line = log
+        self._setup_distributed()
+        self.out_dir = Path(config.out_dir)
+        state = load_checkpoint(self.out_dir / CHECKPOINT_NAME) if resume else None
+        if state is not None:
+            self._check_resumable(state)
+
+        tokenizer = tokenizer_from_dict(state["tokenizer"]) if state else config.tokenizer
+        cache_dir = config.cache_dir or None
+        self.corpus = corpus or Corpus.from_sources(config.sources, tokenizer, config.val_fraction, cache_dir)
+        self.corpus.check_block_size(config.block_size)
+
+        self.model_config = GPTConfig(
+            block_size=config.block_size, vocab_size=self.corpus.tokenizer.vocab_size, n_layer=config.n_layer,
+            n_head=config.n_head, n_embd=config.n_embd, dropout=config.dropout, bias=config.bias,
+            gated=config.gated, narrowness=config.narrowness, mask_seed=config.mask_seed,
+        )
+        torch.manual_seed(config.seed)  # weight init
+        self.model = GPT(self.model_config).to(self.device)
+        self.optimizer = self.model.configure_optimizers(
+            config.weight_decay, config.learning_rate, (config.beta1, config.beta2), self.device_type
+        )
+        self.step = 0
+        if state is not None:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.step = state["step"]
+
+        dtype = resolve_dtype(config.dtype, self.device_type)
+        self.autocast = (
+            nullcontext() if dtype == torch.float32 else torch.autocast(device_type=self.device_type, dtype=dtype)
+        )
+        self.scaler = torch.amp.GradScaler(self.device_type, enabled=dtype == torch.float16)
+        self.forward_model = torch.compile(self.model) if config.compile else self.model
+        if self.ddp:
+            self.forward_model = DDP(self.forward_model, device_ids=[self.local_rank] if self.device_type == "cuda" else None)
+
+    def _setup_distributed(self):
+        config = self.config
+        self.ddp = int(os.environ.get("RANK", -1)) != -1
+        if self.ddp:
+            self.rank = int(os.environ["RANK"])
+            self.local_rank = int(os.environ["LOCAL_RANK"])
+            self.world_size = int(os.environ["WORLD_SIZE"])
+            use_cuda = resolve_device(config.device).startswith("cuda")
+            init_process_group(backend="nccl" if use_cuda else "gloo")
+            self.device = f"cuda:{self.local_rank}" if use_cuda else "cpu"
+            if use_cuda:
+                torch.cuda.set_device(self.device)
+            if config.grad_accum % self.world_size:
+                raise ValueError(
+                    f"grad_accum ({config.grad_accum}) must be a multiple of the number of processes ({self.world_size})"
+                )
+            self.micro_steps = config.grad_accum // self.world_size
+        else:
+            self.rank, self.local_rank, self.world_size = 0, 0, 1
+            self.device = resolve_device(config.device)
+            self.micro_steps = config.grad_accum
+        self.device_type = "cuda" if self.device.startswith("cuda") else "cpu"
+        self.is_master = self.rank == 0
+
+    def _check_resumable(self, state):
+        saved = TrainConfig.from_dict(state["train_config"])
+        changed = [k for k in ARCHITECTURE if getattr(saved, k) != getattr(self.config, k)]
+        if changed:
+            raise CheckpointError(
+                f"cannot resume with a different {', '.join(changed)} than the checkpoint's "
+                f"({', '.join(f'{k}={getattr(saved, k)!r}' for k in changed)})"
+            )
+        if state["source_names"] != [s.partition("=")[0].strip() for s in self.config.sources]:
+            raise CheckpointError(f"cannot resume with other sources than the checkpoint's {state['source_names']}")
+
+    def log(self, record):
+        """Print one line and append the record to out_dir/log.jsonl (master process only)."""
+        if not self.is_master:
+            return
+        self.log_line(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.out_dir / "log.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    @torch.no_grad()
+    def evaluate(self):
+        """Each source's held-out loss at alpha 0, 0.5 and 1, on the same val batches every time."""
+        self.model.eval()
+        losses = {}
+        alphas = EVAL_ALPHAS if self.config.gated else (None,)
+        for k, name in enumerate(self.corpus.names):
+            generator = torch.Generator().manual_seed(self.config.seed)
+            batches = [
+                self.corpus.batch("val", torch.full((self.config.batch_size,), k), self.config.block_size, generator)
+                for _ in range(self.config.eval_iters)
+            ]
+            for alpha in alphas:
+                total = 0.0
+                for x, y in batches:
+                    with self.autocast:
+                        _, loss = self.model(x.to(self.device), alpha, y.to(self.device))
+                    total += loss.item()
+                key = f"val/{name}" if alpha is None else f"val/{name}@{alpha:g}"
+                losses[key] = total / len(batches)
+        self.model.train()
+        return losses
+
+    def checkpoint_state(self):
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "model_config": self.model_config.to_dict(),
+            "train_config": self.config.to_dict(),
+            "tokenizer": self.corpus.tokenizer.to_dict(),
+            "source_names": self.corpus.names,
+            "step": self.step,
+            "seed": self.config.seed,
+        }
+
+    def save(self):
+        if self.is_master:
+            save_checkpoint(self.checkpoint_state(), self.out_dir / CHECKPOINT_NAME)
+
+    def train_step(self):
+        """One optimizer step over grad_accum micro-batches; returns the mean loss (a tensor)."""
+        config = self.config
+        generator = torch.Generator().manual_seed(step_seed(config.seed, self.rank, self.step))
+        torch.manual_seed(step_seed(config.seed + 1, self.rank, self.step))  # dropout
+        lr = learning_rate_at(self.step, config)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        total = torch.zeros((), device=self.device)
+        for micro in range(self.micro_steps):
+            x, y, alpha = training_batch(
+                self.corpus, config.batch_size, config.block_size, generator, config.alpha_mode == "sequence"
+            )
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            if isinstance(alpha, torch.Tensor):
+                alpha = alpha.to(self.device)
+            if self.ddp:  # all-reduce gradients on the last micro-step only
+                self.forward_model.require_backward_grad_sync = micro == self.micro_steps - 1
+            with self.autocast:
+                _, loss = self.forward_model(x, alpha if config.gated else None, y)
+                loss = loss / self.micro_steps
+            self.scaler.scale(loss).backward()
+            total += loss.detach()
+        if config.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return total, lr
+
+    def train(self):
+        """Train up to max_iters; evaluate and checkpoint every eval_interval and at the end."""
+        config = self.config
+        if self.is_master and self.step == 0:
+            n = self.model.get_num_params()
+            self.log_line(
+                f"model: {n / 1e6:.2f}M parameters, {'gated' if config.gated else 'vanilla'}, "
+                f"gate backend {self.model_config.gate_backend}; device {self.device}; "
+                f"sources {', '.join(f'{name} (alpha {a:g})' for name, a in zip(self.corpus.names, self.corpus.alphas))}"
+            )
+        tokens_per_step = config.batch_size * config.block_size * config.grad_accum
+        last_losses = {}
+        timer, timed_steps = time.perf_counter(), 0
+        while self.step < config.max_iters:
+            loss, lr = self.train_step()
+            timed_steps += 1
+            if self.step % config.log_interval == 0 or self.step == config.max_iters:
+                if self.device_type == "cuda":
+                    torch.cuda.synchronize()
+                elapsed = time.perf_counter() - timer
+                record = {"step": self.step, "loss": loss.item(), "lr": lr,
+                          "tokens_per_s": round(tokens_per_step * timed_steps / elapsed)}
+                self.log(record)
+                timer, timed_steps = time.perf_counter(), 0
+            if self.step % config.eval_interval == 0 or self.step == config.max_iters:
+                last_losses = self.evaluate()
+                self.log({"step": self.step, **last_losses})
+                self.save()
+                timer, timed_steps = time.perf_counter(), 0  # evaluation is not training time
+        return last_losses
+
+    def close(self):
+        if self.ddp:
+            destroy_process_group()

@@ -1,0 +1,61 @@
+"""Sweep the dial over alpha = 0, 0.1, ..., 1 on each source's held-out val split.
+
+    python evaluate.py --ckpt out/ckpt.pt                # the sources the run trained on
+    python evaluate.py --ckpt out/ckpt.pt --sources tinystories=a.txt,tinyshakespeare=b.txt
+
+Prints the loss table with corner losses, contrast, middle and best alpha per
+source, and writes them as JSON (default: eval.json beside the checkpoint).
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from abcgpt.checkpoint import CheckpointError, load_model
+from abcgpt.data import Corpus, DataError, parse_sources
+from abcgpt.evaluate import SWEEP, format_table, summarize, sweep
+from abcgpt.tokenizer import UnknownCharactersError
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", default="out/ckpt.pt")
+    p.add_argument("--sources", help="NAME or NAME=PATH, comma-separated (default: the run's own)")
+    p.add_argument("--cache_dir", default=None)
+    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--max_windows", type=int, default=None, help="score at most this many val windows per source")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", default=None, help="JSON output (default: eval.json beside the checkpoint)")
+    args = p.parse_args(argv)
+    try:
+        model, tokenizer, state = load_model(args.ckpt, args.device)
+        if not model.config.gated:
+            raise CheckpointError(f"{args.ckpt} holds a vanilla (ungated) model: there is no dial to sweep")
+        config = state["train_config"]
+        sources = parse_sources(args.sources or config["sources"])
+        if [s.name for s in sources] != state["source_names"]:
+            raise DataError(f"the checkpoint was trained on {state['source_names']}, in that order; name the same sources")
+        try:
+            corpus = Corpus.from_sources(sources, tokenizer, config["val_fraction"], args.cache_dir or config["cache_dir"] or None)
+        except UnknownCharactersError as e:
+            raise DataError(f"the sources have text the checkpoint's tokenizer lacks: {e}") from None
+    except (CheckpointError, DataError) as e:
+        sys.exit(f"error: {e}")
+
+    alphas, losses = sweep(model, corpus, SWEEP, args.batch_size, args.max_windows, args.device)
+    summary = summarize(corpus.names, alphas, losses)
+    print(format_table(corpus.names, alphas, losses, summary))
+    out = Path(args.out) if args.out else Path(args.ckpt).with_name("eval.json")
+    result = {
+        "checkpoint": str(args.ckpt), "step": state["step"], "sources": corpus.names,
+        "val_tokens": {n: len(v) for n, v in zip(corpus.names, corpus.val)},
+        "alphas": alphas, "losses": losses, **summary,
+    }
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

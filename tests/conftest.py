@@ -1,0 +1,61 @@
+import random
+
+import pytest
+import torch
+
+from abcgpt.config import TrainConfig
+from abcgpt.trainer import Trainer
+
+torch.set_num_threads(2)
+
+
+def story_text(n_sentences, seed=0):
+    """Plain lowercase prose, in the manner of TinyStories."""
+    rng = random.Random(seed)
+    names = ["lily", "tom", "ben", "mia", "sam"]
+    things = ["ball", "cat", "tree", "cake", "dog", "box"]
+    verbs = ["saw", "liked", "found", "wanted", "made"]
+    return " ".join(
+        f"one day {rng.choice(names)} {rng.choice(verbs)} a big {rng.choice(things)}. it was happy."
+        for _ in range(n_sentences)
+    )
+
+
+def play_text(n_lines, seed=1):
+    """Upper-case speakers and verse, in the manner of tinyshakespeare."""
+    rng = random.Random(seed)
+    speakers = ["ROMEO", "JULIET", "KING HENRY", "GLOUCESTER"]
+    words = ["thou", "art", "my", "lord", "Wherefore", "O", "hence", "doth", "thy", "grace"]
+    return "\n\n".join(
+        f"{rng.choice(speakers)}:\n" + " ".join(rng.choice(words) for _ in range(rng.randint(4, 9))) + ";"
+        for _ in range(n_lines)
+    )
+
+
+@pytest.fixture(scope="session")
+def corpus_files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpora")
+    stories, plays = root / "stories.txt", root / "plays.txt"
+    stories.write_text(story_text(400))
+    plays.write_text(play_text(400))
+    return stories, plays
+
+
+def tiny_config(corpus_files, out_dir, **overrides):
+    stories, plays = corpus_files
+    values = dict(
+        sources=[f"stories={stories}", f"plays={plays}"], n_layer=2, n_head=2, n_embd=32, block_size=16,
+        batch_size=4, dropout=0.1, max_iters=6, warmup_iters=2, learning_rate=3e-3, min_lr=3e-4,
+        eval_interval=3, eval_iters=2, log_interval=3, out_dir=str(out_dir), device="cpu",
+    )
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+@pytest.fixture(scope="session")
+def trained_checkpoint(corpus_files, tmp_path_factory):
+    """A checkpoint of a tiny gated model trained for a few steps."""
+    out_dir = tmp_path_factory.mktemp("run")
+    trainer = Trainer(tiny_config(corpus_files, out_dir), log=lambda line: None)
+    trainer.train()
+    return out_dir / "ckpt.pt"

@@ -1,0 +1,85 @@
+"""The command-line entry points, run as a user runs them."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(script, *args):
+    return subprocess.run([sys.executable, script, *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_sample_at_several_alphas(trained_checkpoint):
+    result = run("sample.py", "--ckpt", trained_checkpoint, "--alpha", "0,0.5,1", "--start", "one day",
+                 "--num_samples", "2", "--max_new_tokens", "20")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("--- alpha") == 6
+    for alpha in ("0.0", "0.5", "1.0"):
+        assert f"--- alpha {alpha}" in result.stdout
+    samples = [s.strip("\n") for s in result.stdout.split("--- alpha")[1:]]
+    assert all(s.split("\n", 1)[1].startswith("one day") and len(s.split("\n", 1)[1]) == 27 for s in samples)
+
+
+def test_sample_is_reproducible_from_the_seed(trained_checkpoint):
+    args = ("--ckpt", trained_checkpoint, "--alpha", "0.3", "--max_new_tokens", "30")
+    assert run("sample.py", *args, "--seed", "1").stdout == run("sample.py", *args, "--seed", "1").stdout
+    assert run("sample.py", *args, "--seed", "1").stdout != run("sample.py", *args, "--seed", "2").stdout
+
+
+def test_prompt_from_file(trained_checkpoint, tmp_path):
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("ROMEO:\n")
+    result = run("sample.py", "--ckpt", trained_checkpoint, "--start", f"FILE:{prompt}", "--max_new_tokens", "5")
+    assert result.returncode == 0 and "ROMEO:\n" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--alpha", "high"], "--alpha: 'high' is not a number"),
+        (["--alpha", "1.5"], "--alpha: 1.5 is outside [0, 1]"),
+        (["--alpha", "-0.2"], "--alpha: -0.2 is outside [0, 1]"),
+        (["--alpha", "0.5,nan"], "--alpha: nan is outside [0, 1]"),
+        (["--start", "one Q day €"], "--start: the prompt has 2 character(s) not in the vocabulary: 'Q', '€'"),
+        (["--start", "FILE:/no/such/prompt.txt"], "--start: cannot read prompt file /no/such/prompt.txt"),
+        (["--ckpt", "/no/such/ckpt.pt"], "checkpoint not found: /no/such/ckpt.pt"),
+        (["--temperature", "0"], "--temperature and --top_k must be positive"),
+    ],
+)
+def test_bad_input_gets_one_line(trained_checkpoint, args, message):
+    base = ["--ckpt", trained_checkpoint] if "--ckpt" not in args else []
+    result = run("sample.py", *base, *args)
+    assert result.returncode != 0
+    assert result.stderr.startswith(f"error: {message}")
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_corrupt_checkpoint_gets_one_line(trained_checkpoint, tmp_path):
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(trained_checkpoint.read_bytes()[: trained_checkpoint.stat().st_size // 2])
+    result = run("sample.py", "--ckpt", broken)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert result.stderr.startswith(f"error: {broken} is not a readable checkpoint (truncated or corrupt?)")
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_train_command_then_resume(corpus_files, tmp_path):
+    stories, plays = corpus_files
+    common = ["--sources", f"stories={stories},plays={plays}", "--out_dir", tmp_path, "--n_layer", "1",
+              "--n_head", "2", "--n_embd", "16", "--block_size", "8", "--batch_size", "4", "--eval_iters", "1",
+              "--device", "cpu"]
+    first = run("train.py", "--preset", "cpu", *common, "--max_iters", "4", "--eval_interval", "2", "--log_interval", "2")
+    assert first.returncode == 0, first.stderr
+    assert "step 4 | val/stories@0" in first.stdout and (tmp_path / "ckpt.pt").exists()
+    second = run("train.py", "--resume", "--out_dir", tmp_path, "--max_iters", "6")
+    assert second.returncode == 0, second.stderr
+    assert "step 6 |" in second.stdout and "step 2 |" not in second.stdout
+
+
+def test_train_command_reports_bad_data_in_one_line(tmp_path):
+    result = run("train.py", "--sources", f"a={tmp_path / 'missing.txt'},b={tmp_path / 'missing2.txt'}", "--out_dir", tmp_path)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == f"error: source 'a': file not found: {tmp_path / 'missing.txt'}"

@@ -1,0 +1,46 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from abcgpt.evaluate import summarize
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_summary_by_hand():
+    alphas = [0.0, 0.5, 1.0]
+    losses = {"a": [1.0, 1.5, 2.5], "b": [3.0, 2.0, 2.2]}
+    s = summarize(["a", "b"], alphas, losses)
+    assert s["corner_loss"] == {"a": 1.0, "b": 2.2}
+    assert s["diag"] == pytest.approx(3.2)
+    assert s["contrast"]["a"] == pytest.approx(1.5)  # 2.5 at the wrong corner - 1.0 at its own
+    assert s["contrast"]["b"] == pytest.approx(0.8)  # 3.0 - 2.2
+    assert s["middle"] == pytest.approx(1.75)
+    assert s["best_alpha"] == {"a": 0.0, "b": 0.5}
+
+
+def test_summary_with_three_sources():
+    alphas = [0.0, 0.5, 1.0]
+    losses = {"a": [1.0, 2.0, 4.0], "b": [3.0, 1.0, 2.0], "c": [5.0, 3.0, 1.0]}
+    s = summarize(["a", "b", "c"], alphas, losses)
+    assert s["corner_loss"] == {"a": 1.0, "b": 1.0, "c": 1.0}
+    assert s["contrast"] == pytest.approx({"a": 2.0, "b": 1.5, "c": 3.0})  # mean over the other corners
+
+
+def test_evaluate_command_end_to_end(trained_checkpoint, tmp_path):
+    out = tmp_path / "eval.json"
+    run = subprocess.run(
+        [sys.executable, "evaluate.py", "--ckpt", str(trained_checkpoint), "--out", str(out), "--max_windows", "5"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 0, run.stderr
+    result = json.loads(out.read_text())
+    assert result["alphas"] == [round(0.1 * i, 1) for i in range(11)]
+    assert result["sources"] == ["stories", "plays"]
+    stories, plays = result["losses"]["stories"], result["losses"]["plays"]
+    assert result["corner_loss"] == {"stories": stories[0], "plays": plays[-1]}
+    assert result["contrast"]["stories"] == pytest.approx(stories[-1] - stories[0])
+    assert "contrast" in run.stdout and "corner loss" in run.stdout

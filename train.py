@@ -1,0 +1,54 @@
+"""Train a gated GPT. The reference recipe on CUDA, a small CPU preset elsewhere.
+
+    python train.py                                   # downloads TinyStories + tinyshakespeare
+    python train.py --sources tinystories=a.txt,tinyshakespeare=b.txt   # local files, offline
+    python train.py --preset cpu --max_iters 500 --out_dir out-small
+    python train.py --resume --out_dir out            # continue a run
+    torchrun --standalone --nproc_per_node=4 train.py --grad_accum 4
+
+Every field of abcgpt.config.TrainConfig is a flag (python train.py --help).
+"""
+import argparse
+import sys
+
+import torch
+
+from abcgpt.checkpoint import CheckpointError, load_checkpoint
+from abcgpt.config import PRESETS, add_config_flags, build_config, default_preset
+from abcgpt.data import DataError
+from abcgpt.trainer import CHECKPOINT_NAME, Trainer
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), help="default: reference on CUDA, cpu elsewhere")
+    parser.add_argument("--resume", action="store_true", help="continue the run saved in out_dir")
+    add_config_flags(parser)
+    args = vars(parser.parse_args(argv))
+    return args.pop("preset"), args.pop("resume"), args
+
+
+def main(argv=None):
+    preset, resume, overrides = parse_args(argv)
+    try:
+        base = None
+        if resume:  # the saved run's settings, with only the flags given now on top
+            out_dir = overrides.get("out_dir", "out")
+            base = load_checkpoint(f"{out_dir}/{CHECKPOINT_NAME}")["train_config"]
+        preset = preset or default_preset(torch.cuda.is_available())
+        config = build_config(preset, overrides, base)
+        if not resume:
+            print(f"preset: {preset}")
+        trainer = Trainer(config, resume=resume)
+        try:
+            losses = trainer.train()
+        finally:
+            trainer.close()
+    except (DataError, CheckpointError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    if trainer.is_master and losses:
+        print("final held-out losses: " + ", ".join(f"{k} {v:.4f}" for k, v in losses.items()))
+
+
+if __name__ == "__main__":
+    main()
