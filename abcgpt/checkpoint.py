@@ -3,8 +3,8 @@
 A checkpoint is a dict of tensors and plain Python values: model and optimizer
 state (the frozen scores are buffers in the model state), model and training
 configs, tokenizer, step and seed. Training reseeds its random generators from
-(seed, rank, step) at every step, so seed and step are the whole RNG state and a
-resumed run draws the same batches and dropout masks as one never stopped.
+(seed, step, micro-batch) for every micro-batch, so seed and step are the whole
+RNG state: a resumed run draws the batches and dropout masks it would have drawn.
 """
 import os
 from pathlib import Path

@@ -1,8 +1,9 @@
 """The training loop: the reference recipe (or per-sequence alpha) over a Corpus.
 
-Single process or DDP under torchrun, as nanoGPT does it. Every step reseeds
-its generators from (seed, rank, step): batches and dropout depend only on those,
-so a resumed run continues exactly as if it had never stopped.
+Single process or DDP under torchrun, as nanoGPT does it. Each micro-batch
+seeds its data and dropout from (seed, step, its index among all micro-batches
+of the step): a resumed run continues exactly as if it had never stopped, and N
+processes with grad_accum G see the same data as one process with the same G.
 """
 import json
 import math
@@ -35,8 +36,9 @@ def learning_rate_at(step, config):
     return config.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (config.learning_rate - config.min_lr)
 
 
-def step_seed(seed, rank, step):
-    return hash((seed, rank, step)) & (2**63 - 1)  # hash of a tuple of ints is stable across runs
+def micro_batch_seed(seed, step, index):
+    # distinct for every (step, index) with index < 2**20: no two micro-batches share a stream
+    return (seed * 2**40 + step * 2**20 + index) % 2**63
 
 
 def resolve_device(name):
@@ -183,13 +185,14 @@ class Trainer:
     def train_step(self):
         """One optimizer step over grad_accum micro-batches; returns the mean loss (a tensor)."""
         config = self.config
-        generator = torch.Generator().manual_seed(step_seed(config.seed, self.rank, self.step))
-        torch.manual_seed(step_seed(config.seed + 1, self.rank, self.step))  # dropout
         lr = learning_rate_at(self.step, config)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         total = torch.zeros((), device=self.device)
         for micro in range(self.micro_steps):
+            index = self.rank * self.micro_steps + micro
+            generator = torch.Generator().manual_seed(micro_batch_seed(config.seed, self.step, index))
+            torch.manual_seed(micro_batch_seed(config.seed + 1, self.step, index))  # dropout
             x, y, alpha = training_batch(
                 self.corpus, config.batch_size, config.block_size, generator, config.alpha_mode == "sequence"
             )
