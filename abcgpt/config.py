@@ -111,8 +111,9 @@ def add_config_flags(parser):
                                 help="comma-separated NAME or NAME=PATH, alpha 0 first (default: tinystories,tinyshakespeare)")
             continue
         kind = type(f.default)
+        defaults = ", ".join(f"{name} {values.get(f.name, f.default)!r}" for name, values in PRESETS.items())
         parser.add_argument(f"--{f.name}", type=_parse_bool if kind is bool else kind,
-                            default=argparse.SUPPRESS, metavar=kind.__name__.upper(), help=f"default: {f.default!r}")
+                            default=argparse.SUPPRESS, metavar=kind.__name__.upper(), help=f"presets: {defaults}")
 
 
 def build_config(preset, overrides, base=None):

@@ -283,8 +283,8 @@ def training_batch(corpus, batch_size, block_size, generator, per_sequence=False
     """Inputs, targets and alpha for one training (micro-)batch.
 
     per_sequence=False (the reference recipe): one alpha and one source for the whole
-    batch; alpha is a float. per_sequence=True: each sequence draws its own alpha and
-    source; alpha is a float32 tensor of shape (batch_size,).
+    batch; alpha is a 0-dim float32 tensor. per_sequence=True: each sequence draws its
+    own alpha and source; alpha is a float32 tensor of shape (batch_size,).
     """
     n = batch_size if per_sequence else 1
     alphas = draw_alphas(n, generator)
@@ -292,5 +292,5 @@ def training_batch(corpus, batch_size, block_size, generator, per_sequence=False
     if not per_sequence:
         sources = sources.expand(batch_size)
     x, y = corpus.batch("train", sources, block_size, generator)
-    alpha = alphas.float() if per_sequence else alphas.item()
+    alpha = alphas.float() if per_sequence else alphas[0].float()
     return x, y, alpha

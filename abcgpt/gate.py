@@ -28,11 +28,13 @@ def check_alpha(alpha):
 def tent_gate(alpha, scores, narrowness=1.0):
     """g(alpha, m) = cos^2(pi/2 * min(1, |alpha - m| / (w * max(m, 1 - m)))).
 
-    alpha: a float, or a tensor of shape (B,) (one dial per sequence).
-    scores: tensor of shape (n,). Returns (n,) for a float alpha, (B, n) for a tensor.
+    alpha: a float or 0-dim tensor, or a tensor of shape (B,) (one dial per sequence).
+    scores: tensor of shape (n,). Returns (n,) for one alpha, (B, n) for one per sequence.
     """
     if isinstance(alpha, torch.Tensor):
-        alpha = alpha.to(scores.dtype).unsqueeze(-1)
+        alpha = alpha.to(scores.dtype)
+        if alpha.dim() == 1:
+            alpha = alpha.unsqueeze(-1)
     reach = narrowness * torch.maximum(scores, 1.0 - scores)
     distance = torch.clamp((alpha - scores).abs() / reach, max=1.0)
     # cos^2(pi/2 * d) written as sin^2(pi/2 * (1 - d)) so that d = 1 gives exactly 0

@@ -163,7 +163,7 @@ class GPT(nn.Module):
         return tent_gate(alpha, scores, self.config.narrowness)
 
     def forward(self, idx, alpha=None, targets=None):
-        """idx: (B, T) token ids. alpha: a float, or a tensor of one alpha per sequence.
+        """idx: (B, T) token ids. alpha: a float or 0-dim tensor, or a (B,) tensor (one per sequence).
 
         Returns (logits, loss); logits cover only the last position when no targets are given.
         """
@@ -203,16 +203,19 @@ class GPT(nn.Module):
 
     @staticmethod
     def _prepare_alpha(alpha, batch_size, device):
+        """A float32 tensor on device: 0-dim for one alpha, (B,) for one per sequence.
+
+        A tensor (not a Python float) keeps torch.compile from specialising on each
+        value. Validation runs eagerly; pass a CPU tensor to keep it off the GPU.
+        """
         if alpha is None:
             raise ValueError("a gated model needs alpha: a float in [0, 1] or one per sequence")
-        check_alpha(alpha)
-        if isinstance(alpha, torch.Tensor):
-            if alpha.dim() == 0:
-                return alpha.item()
-            if alpha.numel() != batch_size:
-                raise ValueError(f"got {alpha.numel()} alphas for a batch of {batch_size} sequences")
-            return alpha.to(device=device, dtype=torch.float32)
-        return float(alpha)
+        if not torch.compiler.is_compiling():
+            check_alpha(alpha)
+        alpha = torch.as_tensor(alpha, dtype=torch.float32).to(device, non_blocking=True)
+        if alpha.dim() == 1 and alpha.numel() != batch_size:
+            raise ValueError(f"got {alpha.numel()} alphas for a batch of {batch_size} sequences")
+        return alpha
 
     @staticmethod
     def _rows(gate):

@@ -197,8 +197,6 @@ class Trainer:
                 self.corpus, config.batch_size, config.block_size, generator, config.alpha_mode == "sequence"
             )
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            if isinstance(alpha, torch.Tensor):
-                alpha = alpha.to(self.device)
             if self.ddp:  # all-reduce gradients on the last micro-step only
                 self.forward_model.require_backward_grad_sync = micro == self.micro_steps - 1
             with self.autocast:

@@ -66,7 +66,7 @@ def test_no_val_token_reaches_a_training_batch(per_sequence):
 def test_batches_are_next_token_windows_of_one_source():
     corpus, tok = marked_corpus()
     x, y, alpha = training_batch(corpus, 16, 12, torch.Generator().manual_seed(1))
-    assert isinstance(alpha, float) and 0 <= alpha <= 1
+    assert alpha.shape == () and alpha.dtype == torch.float32 and 0 <= alpha <= 1
     assert torch.equal(x[:, 1:], y[:, :-1])
     chars = set(tok.decode(torch.cat([x.flatten(), y[:, -1]]).tolist()))
     assert chars <= set("ab") or chars <= set("cd")
