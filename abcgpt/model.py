@@ -5,7 +5,9 @@ parameter count, and no gate operation in the forward. With gated=True every
 residual channel, attention head and MLP hidden unit carries a frozen specialty
 score (a buffer, never trained) and the dial alpha decides which of them fire.
 """
+import importlib.util
 import math
+import os
 from dataclasses import asdict, dataclass
 
 import torch
@@ -14,7 +16,14 @@ from torch.nn import functional as F
 
 from .gate import check_alpha, sample_scores, tent_gate
 
-GATE_BACKENDS = ("reference",)
+if importlib.util.find_spec("triton") is not None:
+    from kernels.ops import gated_mlp
+else:  # no triton on this platform: the reference backend serves
+    gated_mlp = None
+
+# auto: triton on CUDA, reference elsewhere. reference: plain elementwise multiplies (the
+# oracle). triton: the fused up-projection + GELU + gate kernel (kernels/), CUDA or interpreter.
+GATE_BACKENDS = ("auto", "reference", "triton")
 
 
 @dataclass
@@ -29,7 +38,7 @@ class GPTConfig:
     gated: bool = True
     narrowness: float = 1.0  # w in the tent gate; below 1 each unit fires over a narrower range
     mask_seed: int = 1337  # seeds the specialty scores, so one config gives one set of scores
-    gate_backend: str = "reference"
+    gate_backend: str = "auto"
 
     def __post_init__(self):
         if self.n_embd % self.n_head:
@@ -41,6 +50,11 @@ class GPTConfig:
 
     def to_dict(self):
         return asdict(self)
+
+
+def rows(gate):
+    """Per-sequence gates (B, n) broadcast over time as (B, 1, n); one gate vector (n,) stays."""
+    return gate.unsqueeze(1) if gate.dim() == 2 else gate
 
 
 class LayerNorm(nn.Module):
@@ -61,11 +75,12 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
         self.n_embd = config.n_embd
         self.dropout = config.dropout
+        self.narrowness = config.narrowness
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, head_gate=None):
+    def forward(self, x, alpha=None):
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
@@ -74,7 +89,8 @@ class CausalSelfAttention(nn.Module):
         y = F.scaled_dot_product_attention(
             q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
         )
-        if head_gate is not None:  # (nh,) or (B, nh): one gate per head
+        if alpha is not None:  # one gate per head: (nh,) or (B, nh)
+            head_gate = tent_gate(alpha, self.head_scores, self.narrowness)
             y = y * head_gate.unsqueeze(-1).unsqueeze(-1)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
@@ -87,12 +103,26 @@ class MLP(nn.Module):
         self.gelu = nn.GELU()
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
+        self.narrowness = config.narrowness
 
-    def forward(self, x, hidden_gate=None):
-        h = self.gelu(self.c_fc(x))
-        if hidden_gate is not None:
-            h = h * hidden_gate
-        return self.dropout(self.c_proj(h))
+    def forward(self, x, alpha=None, backend="reference"):
+        if alpha is None:
+            return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+        if backend == "triton":
+            return self.dropout(self._fused(x, alpha))
+        hidden_gate = rows(tent_gate(alpha, self.hidden_scores, self.narrowness))
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x)) * hidden_gate))
+
+    def _fused(self, x, alpha):
+        B, T, C = x.shape
+        if alpha.dim() == 1:  # one alpha per sequence becomes one per row
+            alpha = alpha.repeat_interleave(T)
+        params = (x, self.c_fc.weight, self.c_fc.bias, self.c_proj.weight, self.c_proj.bias)
+        if torch.is_autocast_enabled(x.device.type):  # a custom op is not autocast: cast as F.linear would
+            dtype = torch.get_autocast_dtype(x.device.type)
+            params = tuple(p.to(dtype) if p is not None else None for p in params)
+        out = gated_mlp(params[0].reshape(B * T, C), *params[1:], alpha, self.hidden_scores, self.narrowness)
+        return out.view(B, T, C)
 
 
 class Block(nn.Module):
@@ -103,13 +133,12 @@ class Block(nn.Module):
         self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, gates=None):
-        if gates is None:
+    def forward(self, x, alpha=None, embd_gate=None, backend="reference"):
+        if alpha is None:
             x = x + self.attn(self.ln_1(x))
             return x + self.mlp(self.ln_2(x))
-        embd_gate, head_gate, hidden_gate = gates
-        x = x + self.attn(self.ln_1(x), head_gate) * embd_gate
-        return x + self.mlp(self.ln_2(x), hidden_gate) * embd_gate
+        x = x + self.attn(self.ln_1(x), alpha) * embd_gate
+        return x + self.mlp(self.ln_2(x), alpha, backend) * embd_gate
 
 
 class GPT(nn.Module):
@@ -159,8 +188,18 @@ class GPT(nn.Module):
             n_params -= self.transformer.wpe.weight.numel()
         return n_params
 
-    def gate(self, alpha, scores):
-        return tent_gate(alpha, scores, self.config.narrowness)
+    def gate_backend(self, device):
+        """The backend a forward on device uses: 'auto' picks triton on CUDA, reference elsewhere."""
+        backend = self.config.gate_backend
+        if backend == "auto":
+            return "triton" if device.type == "cuda" and gated_mlp is not None else "reference"
+        if gated_mlp is None and backend == "triton":
+            raise RuntimeError("gate_backend='triton' needs the triton package")
+        if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise RuntimeError(
+                "gate_backend='triton' needs a CUDA device (or TRITON_INTERPRET=1 for Triton's CPU interpreter)"
+            )
+        return backend
 
     def forward(self, idx, alpha=None, targets=None):
         """idx: (B, T) token ids. alpha: a float or 0-dim tensor, or a (B,) tensor (one per sequence).
@@ -179,16 +218,12 @@ class GPT(nn.Module):
         pos = torch.arange(0, T, dtype=torch.long, device=idx.device)
         x = self.transformer.wte(idx) + self.transformer.wpe(pos)
         if gated:
-            embd_gate = self._rows(self.gate(alpha, self.embd_scores))
+            backend = self.gate_backend(idx.device)
+            embd_gate = rows(tent_gate(alpha, self.embd_scores, self.config.narrowness))
             x = x * embd_gate
         x = self.transformer.drop(x)
         for block in self.transformer.h:
-            if gated:
-                head_gate = self.gate(alpha, block.attn.head_scores)
-                hidden_gate = self._rows(self.gate(alpha, block.mlp.hidden_scores))
-                x = block(x, (embd_gate, head_gate, hidden_gate))
-            else:
-                x = block(x)
+            x = block(x, alpha, embd_gate, backend) if gated else block(x)
         x = self.transformer.ln_f(x)
         if gated:
             x = x * embd_gate
@@ -216,11 +251,6 @@ class GPT(nn.Module):
         if alpha.dim() == 1 and alpha.numel() != batch_size:
             raise ValueError(f"got {alpha.numel()} alphas for a batch of {batch_size} sequences")
         return alpha
-
-    @staticmethod
-    def _rows(gate):
-        """(B, n) per-sequence gates broadcast over time as (B, 1, n); (n,) stays as it is."""
-        return gate.unsqueeze(1) if gate.dim() == 2 else gate
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
         """AdamW with weight decay on matrices and embeddings only (not biases or LayerNorms)."""

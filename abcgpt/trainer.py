@@ -218,9 +218,12 @@ class Trainer:
         config = self.config
         if self.is_master and self.step == 0:
             n = self.model.get_num_params()
+            backend = self.model.gate_backend(torch.device(self.device)) if config.gated else "none"
+            if backend == "reference" and self.model_config.gate_backend == "auto":
+                backend += " (the fused triton backend needs CUDA)"
             self.log_line(
                 f"model: {n / 1e6:.2f}M parameters, {'gated' if config.gated else 'vanilla'}, "
-                f"gate backend {self.model_config.gate_backend}; device {self.device}; "
+                f"gate backend {backend}; device {self.device}; "
                 f"sources {', '.join(f'{name} (alpha {a:g})' for name, a in zip(self.corpus.names, self.corpus.alphas))}"
             )
         tokens_per_step = config.batch_size * config.block_size * config.grad_accum

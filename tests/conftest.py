@@ -1,10 +1,15 @@
+import os
 import random
 
-import pytest
 import torch
 
-from abcgpt.config import TrainConfig
-from abcgpt.trainer import Trainer
+if not torch.cuda.is_available():  # kernels run in Triton's CPU interpreter; set before triton.jit runs
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from abcgpt.config import TrainConfig  # noqa: E402
+from abcgpt.trainer import Trainer  # noqa: E402
 
 torch.set_num_threads(2)
 

@@ -1,0 +1,205 @@
+"""The fused gated-MLP kernels against the reference math.
+
+On a CPU they run in Triton's interpreter (TRITON_INTERPRET=1, set in conftest) in
+fp32 and fp16; on a GPU the same tests run compiled, bf16 included.
+"""
+from contextlib import contextmanager
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from abcgpt.gate import tent_gate
+from abcgpt.model import GPT, GPTConfig
+from kernels.ops import gated_linear_gelu, gated_mlp
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+SHAPES = [(1, 5, 7), (37, 29, 45), (50, 64, 33), (130, 17, 96)]  # (M, K, N): none a multiple of the tiles
+ALPHAS = ["0", "0.5", "1", "0.37", "rows", "rows-with-corners"]
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 2e-2}
+
+
+def make_alpha(kind, M, generator):
+    if kind == "rows":
+        return torch.rand(M, generator=generator).to(DEVICE)
+    if kind == "rows-with-corners":
+        return torch.tensor([0.0, 0.5, 1.0] * M)[:M].to(DEVICE)
+    return torch.tensor(float(kind), device=DEVICE)
+
+
+def inputs(M, K, N, dtype, seed, bias=True):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, K, generator=g).to(DEVICE, dtype)
+    w = (torch.randn(N, K, generator=g) / K**0.5).to(DEVICE, dtype)
+    b = torch.randn(N, generator=g).to(DEVICE, dtype) if bias else None
+    m = torch.rand(N, generator=g).to(DEVICE)
+    return x, w, b, m, g
+
+
+def reference_up(x, w, b, alpha, m, narrowness=1.0, approximate="none"):
+    """The math in fp32: GELU(x W^T + b) * g(alpha, m), per-row alpha as (M, 1) gates."""
+    z = F.linear(x.float(), w.float(), None if b is None else b.float())
+    g = tent_gate(alpha, m, narrowness)
+    return F.gelu(z, approximate=approximate) * g
+
+
+def assert_close(actual, expected, dtype):
+    tol = TOLERANCE[dtype]
+    scale = max(1.0, expected.detach().abs().max().item())  # absolute error relative to the tensor's scale
+    torch.testing.assert_close(actual.detach().float(), expected.detach().float(), rtol=tol, atol=tol * scale)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("M, K, N", SHAPES)
+@pytest.mark.parametrize("alpha_kind", ALPHAS)
+def test_up_projection_matches_reference(dtype, M, K, N, alpha_kind):
+    x, w, b, m, g = inputs(M, K, N, dtype, seed=M * 1000 + N)
+    alpha = make_alpha(alpha_kind, M, g)
+    h = gated_linear_gelu(x, w, b, alpha, m)
+    assert h.dtype == dtype and h.shape == (M, N)
+    assert_close(h, reference_up(x, w, b, alpha, m), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("narrowness", [0.3, 0.7])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_narrowness_bias_and_gelu_form(dtype, narrowness, bias, approximate):
+    x, w, b, m, g = inputs(33, 40, 70, dtype, seed=7, bias=bias)
+    for alpha in (torch.tensor(0.8, device=DEVICE), torch.rand(33, generator=g).to(DEVICE)):
+        h = gated_linear_gelu(x, w, b, alpha, m, narrowness, approximate)
+        assert_close(h, reference_up(x, w, b, alpha, m, narrowness, approximate), dtype)
+    silent = tent_gate(0.8, m, narrowness) == 0  # narrow gates silence whole columns, exactly
+    assert silent.any() and torch.all(gated_linear_gelu(x, w, b, torch.tensor(0.8, device=DEVICE), m, narrowness)[:, silent] == 0)
+
+
+def test_strided_inputs():
+    g = torch.Generator().manual_seed(3)
+    x_wide = torch.randn(41, 60, generator=g).to(DEVICE)
+    x = x_wide[:, ::2]  # column stride 2
+    w = torch.randn(23, 30, generator=g).to(DEVICE).t().contiguous().t()  # a transposed view of a (30, 23) tensor
+    wt = torch.randn(30, 23, generator=g).to(DEVICE).t()  # another layout: stride (1, 23)
+    m = torch.rand(23, generator=g).to(DEVICE)
+    for weight in (w, wt):
+        h = gated_linear_gelu(x, weight, None, torch.tensor(0.3, device=DEVICE), m)
+        assert_close(h, reference_up(x, weight, None, torch.tensor(0.3), m.cpu()).to(DEVICE), torch.float32)
+
+
+@contextmanager
+def poisoned_empty():
+    """Every floating tensor made by torch.empty starts as NaN, so an unwritten element shows."""
+    original = torch.empty
+
+    def empty(*args, **kwargs):
+        t = original(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch, "empty", empty)
+        yield
+
+
+@pytest.mark.parametrize("alpha_kind", ["0.37", "rows"])
+def test_every_output_element_is_written(alpha_kind):
+    x, w, b, m, g = inputs(45, 19, 77, torch.float32, seed=11)
+    alpha = make_alpha(alpha_kind, 45, g)
+    w2 = (torch.randn(21, 77, generator=g) / 9).to(DEVICE)
+    x.requires_grad_(), w.requires_grad_(), w2.requires_grad_()
+    expected_h = reference_up(x, w, b, alpha, m)
+    expected_out = F.linear(expected_h, w2)
+    dout = torch.randn(45, 21, generator=g).to(DEVICE)
+    expected_grads = torch.autograd.grad(expected_out, (x, w, w2), dout)
+    with poisoned_empty():
+        h = gated_linear_gelu(x, w, b, alpha, m)
+        (dh,) = torch.autograd.grad(h, x, torch.ones_like(h))
+        out = gated_mlp(x, w, b, w2, None, alpha, m)
+        grads = torch.autograd.grad(out, (x, w, w2), dout)
+    assert not h.isnan().any() and not dh.isnan().any() and not out.isnan().any()
+    assert_close(h, expected_h, torch.float32)
+    assert_close(out, expected_out, torch.float32)
+    for got, want in zip(grads, expected_grads):
+        assert_close(got, want, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("alpha_kind", ["0", "0.37", "rows"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_up_projection_gradients(dtype, alpha_kind, bias):
+    x, w, b, m, g = inputs(38, 27, 51, dtype, seed=5, bias=bias)
+    alpha = make_alpha(alpha_kind, 38, g)
+    params = [t.requires_grad_() for t in (x, w, b) if t is not None]
+    dh = torch.randn(38, 51, generator=g).to(DEVICE, dtype)
+    got = torch.autograd.grad(gated_linear_gelu(x, w, b, alpha, m, 0.8), params, dh)
+    expected = torch.autograd.grad(reference_up(x, w, b, alpha, m, 0.8), params, dh.float())
+    for a, e in zip(got, expected):
+        assert a.dtype == dtype
+        assert_close(a, e, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("alpha_kind", ["1", "0.37", "rows-with-corners"])
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_fused_mlp_forward_and_gradients(dtype, alpha_kind, approximate):
+    M, C, H = 29, 24, 70
+    x, w1, b1, m, g = inputs(M, C, H, dtype, seed=9)
+    w2 = (torch.randn(C, H, generator=g) / H**0.5).to(DEVICE, dtype)
+    b2 = torch.randn(C, generator=g).to(DEVICE, dtype)
+    alpha = make_alpha(alpha_kind, M, g)
+    params = [t.requires_grad_() for t in (x, w1, b1, w2, b2)]
+    out = gated_mlp(x, w1, b1, w2, b2, alpha, m, 0.9, approximate)
+    expected = F.linear(reference_up(x, w1, b1, alpha, m, 0.9, approximate), w2.float(), b2.float())
+    assert_close(out, expected, dtype)
+    dout = torch.randn(M, C, generator=g).to(DEVICE, dtype)
+    for a, e in zip(torch.autograd.grad(out, params, dout), torch.autograd.grad(expected, params, dout.float())):
+        assert_close(a, e, dtype)
+
+
+def test_bad_alpha_is_refused_before_launch():
+    x, w, b, m, _ = inputs(4, 8, 8, torch.float32, seed=0)
+    for alpha in (torch.tensor(1.5), torch.tensor(float("nan")), torch.tensor([0.1, 0.2, -0.1, 0.3])):
+        with pytest.raises(ValueError, match=r"\[0, 1\]"):
+            gated_linear_gelu(x, w, b, alpha.to(DEVICE), m)
+    with pytest.raises(ValueError, match="one per row"):
+        gated_mlp(x, w, b, w.t(), None, torch.rand(3, device=DEVICE), m)
+
+
+def test_compiles_without_graph_breaks():
+    x, w1, b1, m, g = inputs(16, 8, 32, torch.float32, seed=2)
+    w2 = torch.randn(8, 32, generator=g).to(DEVICE)
+    params = [t.requires_grad_() for t in (x, w1, w2)]
+
+    def step(x, w1, w2, alpha):
+        return gated_mlp(x, w1, b1, w2, None, alpha, m).square().sum()
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")  # fullgraph: a graph break raises
+    for alpha in (torch.tensor(0.2, device=DEVICE), torch.tensor(0.9, device=DEVICE)):
+        got = torch.autograd.grad(compiled(*params, alpha), params)
+        expected = torch.autograd.grad(step(*params, alpha), params)
+        for a, e in zip(got, expected):
+            assert_close(a, e, torch.float32)
+
+
+@pytest.mark.parametrize("alpha_kind", ["0.37", "1", "rows"])
+def test_model_triton_backend_matches_reference(alpha_kind):
+    config = dict(block_size=24, vocab_size=40, n_layer=2, n_head=2, n_embd=20, dropout=0.0, bias=True, narrowness=0.8)
+    torch.manual_seed(0)
+    fused = GPT(GPTConfig(**config, gate_backend="triton")).to(DEVICE)
+    reference = GPT(GPTConfig(**config, gate_backend="reference")).to(DEVICE)
+    reference.load_state_dict(fused.state_dict())
+    g = torch.Generator().manual_seed(1)
+    idx = torch.randint(0, 40, (3, 19), generator=g).to(DEVICE)
+    alpha = torch.rand(3, generator=g).to(DEVICE) if alpha_kind == "rows" else float(alpha_kind)
+    fused_logits, fused_loss = fused(idx, alpha, idx)
+    ref_logits, ref_loss = reference(idx, alpha, idx)
+    assert_close(fused_logits, ref_logits, torch.float32)
+    fused_loss.backward()
+    ref_loss.backward()
+    for (name, p), q in zip(fused.named_parameters(), reference.parameters()):
+        assert_close(p.grad, q.grad, torch.float32), name
+
+
+def test_auto_backend_is_triton_on_cuda_only():
+    model = GPT(GPTConfig(block_size=8, vocab_size=10, n_layer=1, n_head=1, n_embd=8))
+    assert model.gate_backend(torch.device("cpu")) == "reference"
+    assert model.gate_backend(torch.device("cuda")) == "triton"
