@@ -1,0 +1,57 @@
+"""Timing as DESIGN.md section 6 says: warm-up, rotating inputs, median of many repeats.
+
+CUDA work is timed with CUDA events around each call; CPU work with perf_counter.
+"""
+import platform
+import statistics
+import time
+from datetime import datetime, timezone
+
+import torch
+
+
+def time_calls(fn, inputs, repeats=50, warmup=10, device="cpu"):
+    """Seconds per call of fn(*inputs[i % len(inputs)]); inputs rotate so caches do not flatter."""
+    for i in range(warmup):
+        fn(*inputs[i % len(inputs)])
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeats)]
+        for i, (start, end) in enumerate(events):
+            start.record()
+            fn(*inputs[i % len(inputs)])
+            end.record()
+        torch.cuda.synchronize(device)
+        return [start.elapsed_time(end) / 1e3 for start, end in events]
+    times = []
+    for i in range(repeats):
+        start = time.perf_counter()
+        fn(*inputs[i % len(inputs)])
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def summary(times):
+    """Median and spread (interquartile range) of a list of seconds."""
+    q = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
+    return {"median_s": statistics.median(times), "iqr_s": q[2] - q[0], "min_s": min(times), "n": len(times)}
+
+
+def environment(device):
+    """What a result file records about where it was measured."""
+    import triton
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+    return {
+        "device": name,
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "python": platform.python_version(),
+        "cuda": torch.version.cuda,
+    }
