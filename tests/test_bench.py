@@ -25,3 +25,28 @@ def test_kernel_bench_quick(tmp_path):
     for r in record["results"]:
         assert r["median_s"] > 0 and math.isfinite(r["median_s"]) and r["tflops"] > 0
     assert "vs eager" in stdout
+
+
+def test_gate_throughput_quick(tmp_path):
+    record, stdout = run_json("bench/gate_throughput.py", "--quick", tmp_path=tmp_path)
+    assert {"device", "date", "torch", "triton", "threads"} <= set(record)
+    results = record["results"]
+    # promised: vanilla once, the reference backend at each alpha; training and generation for each
+    assert {(r["case"], r["alpha"], r["mode"]) for r in results} == (
+        {("vanilla", None, m) for m in ("train", "generate")}
+        | {("reference", a, m) for a in (0.0, 0.5, 1.0) for m in ("train", "generate")}
+    )
+    for r in results:
+        for key in ("tokens_per_s", "median_s", "ratio_to_vanilla"):
+            assert r[key] > 0 and math.isfinite(r[key]), (key, r)
+        assert r["iqr_s"] >= 0
+    assert all(r["ratio_to_vanilla"] == 1 for r in results if r["case"] == "vanilla")
+    assert "triton backend needs CUDA" in stdout and "vs vanilla" in stdout
+
+
+def test_readme_results_table_is_current():
+    sys.path.insert(0, str(ROOT))
+    from bench.results_table import readme_with_table
+
+    readme = (ROOT / "README.md").read_text()
+    assert readme_with_table(readme) == readme, "run: python bench/results_table.py --write"

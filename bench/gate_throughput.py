@@ -1,0 +1,233 @@
+"""Gated GPT against vanilla nanoGPT, every gate backend, side by side in one run.
+
+    python bench/gate_throughput.py                        # the full run for this machine
+    python bench/gate_throughput.py --quick                # seconds: checks the script (CI)
+    python bench/gate_throughput.py --out bench/results/gate_throughput-DEVICE-DATE.json
+    python bench/gate_throughput.py --shapes small --cases vanilla,reference --compile off --repeats 20
+
+For each shape it measures the training step (forward, backward, AdamW step) and
+generation, in tokens/s, with peak device memory, for the vanilla GPT
+(gated=False) and the gated GPT with each backend available here, eager and
+under torch.compile, at alpha 0, 0.5 and 1. Ratios are to vanilla in the same
+run. Timing: CUDA events (or perf_counter), warm-up, rotating batches, median.
+"""
+import argparse
+import json
+import sys
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from abcgpt.model import GPT, GPTConfig  # noqa: E402
+from abcgpt.sampling import generate  # noqa: E402
+from bench.timing import environment, summary, time_calls  # noqa: E402
+
+SHAPES = {  # name: (n_layer, n_head, n_embd, block_size, batch_size, vocab_size)
+    "reference": (6, 6, 384, 256, 64, 65),  # the reference recipe
+    "gpt2": (12, 12, 768, 1024, None, 50304),  # GPT-2 small; batch fitted to the device
+    "small": (4, 4, 128, 64, 16, 65),  # the CPU preset's shape
+    "tiny": (2, 2, 64, 32, 4, 65),  # --quick
+}
+# Dense bf16 tensor-core peaks from the vendors' data sheets, for the MFU estimate.
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12}
+
+
+def peak_flops(device_name):
+    for name, flops in PEAK_BF16_FLOPS.items():  # the longer names come first where they overlap
+        if name in device_name:
+            return flops
+    return None
+
+
+def available_backends(device):
+    backends = ["reference"]
+    if device == "cuda":
+        backends.append("triton")
+    return backends
+
+
+def build_model(shape, case, device):
+    n_layer, n_head, n_embd, block_size, _, vocab_size = shape
+    config = GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, vocab_size=vocab_size,
+                       dropout=0.0, gated=case != "vanilla", gate_backend="reference" if case == "vanilla" else case)
+    torch.manual_seed(0)
+    return GPT(config).to(device)
+
+
+class TrainStep:
+    """One optimizer step on a batch, as the trainer takes it (AdamW, clip, bf16 autocast on CUDA)."""
+
+    def __init__(self, model, compiled, device):
+        self.model = model
+        self.forward = torch.compile(model) if compiled else model
+        self.optimizer = model.configure_optimizers(0.1, 1e-4, (0.9, 0.99), torch.device(device).type)
+        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else nullcontext()
+
+    def __call__(self, x, y, alpha):
+        with self.autocast:
+            _, loss = self.forward(x, alpha, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+def batches(shape, batch_size, device, n=4):
+    _, _, _, block_size, _, vocab_size = shape
+    g = torch.Generator().manual_seed(1)
+    return [
+        tuple(torch.randint(vocab_size, (batch_size, block_size), generator=g).to(device) for _ in range(2))
+        for _ in range(n)
+    ]
+
+
+def fit_batch(shape, device, case, start=64):
+    """The largest power-of-two batch (up to start) at which case, eager, takes a training step."""
+    def try_step(batch_size):
+        step = TrainStep(build_model(shape, case, device), False, device)
+        x, y = batches(shape, batch_size, device, n=1)[0]
+        step(x, y, torch.tensor(0.5) if case != "vanilla" else None)
+        torch.cuda.synchronize()
+
+    batch_size = start
+    while batch_size >= 1:
+        try:
+            try_step(batch_size)
+            return batch_size
+        except torch.cuda.OutOfMemoryError:
+            batch_size //= 2
+        finally:
+            torch.cuda.empty_cache()
+    raise RuntimeError(f"not even batch 1 of shape {shape} fits this device")
+
+
+def measure(fn, inputs, args, device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    times = time_calls(fn, inputs, args.repeats, args.warmup, device)
+    peak = torch.cuda.max_memory_allocated() if device == "cuda" else None
+    return {**summary(times), "peak_memory_bytes": peak}
+
+
+def run_shape(name, args, device, cases, alphas, compile_modes):
+    shape = SHAPES[name]
+    n_layer, n_head, n_embd, block_size, batch_size, vocab_size = shape
+    if batch_size is None:
+        hungriest = "reference" if "reference" in cases else cases[0]  # elementwise gates keep the most activations
+        batch_size = fit_batch(shape, device, hungriest) if device == "cuda" else 8
+    train_batches = batches(shape, batch_size, device)
+    gen_batch = min(args.gen_batch, batch_size)
+    prompts = [(torch.randint(vocab_size, (gen_batch, 1), generator=torch.Generator().manual_seed(i)).to(device),)
+               for i in range(2)]
+    results = []
+    for compiled in compile_modes:
+        for case in cases:
+            model = build_model(shape, case, device)
+            step = TrainStep(model, compiled, device)
+            gen_model = torch.compile(model, dynamic=True) if compiled else model  # the context grows
+            for alpha in (alphas if case != "vanilla" else [None]):
+                alpha_arg = None if alpha is None else torch.tensor(alpha)
+                row = {"shape": name, "n_layer": n_layer, "n_head": n_head, "n_embd": n_embd, "block_size": block_size,
+                       "vocab_size": vocab_size, "n_params": model.get_num_params(), "case": case,
+                       "compiled": compiled, "alpha": alpha}
+                model.train()
+                train = measure(lambda x, y: step(x, y, alpha_arg), train_batches, args, device)
+                tokens = batch_size * block_size
+                results.append({**row, "mode": "train", "batch_size": batch_size,
+                                "tokens_per_s": tokens / train["median_s"], **train})
+                model.eval()
+                gen = measure(lambda p: generate(gen_model, p, args.gen_tokens, alpha_arg), prompts, args, device)
+                results.append({**row, "mode": "generate", "batch_size": gen_batch, "new_tokens": args.gen_tokens,
+                                "tokens_per_s": gen_batch * args.gen_tokens / gen["median_s"], **gen})
+                print(f"  {name} {case:>9} {'compiled' if compiled else 'eager':>8} alpha {alpha}: "
+                      f"train {results[-2]['tokens_per_s']:,.0f} tok/s, generate {results[-1]['tokens_per_s']:,.0f} tok/s",
+                      flush=True)
+            del model, step, gen_model
+            if device == "cuda":
+                torch.cuda.empty_cache()
+    return results
+
+
+def add_ratios_and_mfu(results, peak):
+    vanilla = {(r["shape"], r["mode"], r["compiled"]): r["tokens_per_s"] for r in results if r["case"] == "vanilla"}
+    for r in results:
+        base = vanilla.get((r["shape"], r["mode"], r["compiled"]))
+        r["ratio_to_vanilla"] = r["tokens_per_s"] / base if base else None
+        r["mfu"] = None
+        if peak and r["mode"] == "train":  # 6N + 12LHQT FLOPs per token (PaLM, appendix B)
+            q = r["n_embd"] // r["n_head"]
+            flops_per_token = 6 * r["n_params"] + 12 * r["n_layer"] * r["n_head"] * q * r["block_size"]
+            r["mfu"] = flops_per_token * r["tokens_per_s"] / peak
+
+
+def format_table(results):
+    lines = [f"{'shape':>9} {'mode':>8} {'case':>9} {'compile':>8} {'alpha':>5} {'tokens/s':>12} "
+             f"{'vs vanilla':>10} {'spread':>7} {'peak MiB':>9} {'MFU':>6}"]
+    for r in results:
+        peak = f"{r['peak_memory_bytes'] / 2**20:,.0f}" if r["peak_memory_bytes"] else "n/a"
+        mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
+        ratio = f"{r['ratio_to_vanilla']:.3f}" if r["ratio_to_vanilla"] else "n/a"
+        alpha = "-" if r["alpha"] is None else f"{r['alpha']:g}"
+        spread = f"{r['iqr_s'] / r['median_s']:.1%}"  # IQR relative to the median
+        lines.append(f"{r['shape']:>9} {r['mode']:>8} {r['case']:>9} {'yes' if r['compiled'] else 'no':>8} {alpha:>5} "
+                     f"{r['tokens_per_s']:>12,.0f} {ratio:>10} {spread:>7} {peak:>9} {mfu:>6}")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="tiny shape, eager, few repeats: finishes in seconds")
+    p.add_argument("--shapes", help=f"comma-separated, of {', '.join(SHAPES)} (default: reference,gpt2 on CUDA, small on CPU)")
+    p.add_argument("--cases", help="comma-separated: vanilla and gate backends (default: vanilla and all available)")
+    p.add_argument("--alphas", default="0,0.5,1")
+    p.add_argument("--compile", choices=["both", "on", "off"], default="both")
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--gen_tokens", type=int, default=64, help="new tokens per generation call")
+    p.add_argument("--gen_batch", type=int, default=8, help="sequences generated at once")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    p.add_argument("--out", help="write the results as JSON here")
+    args = p.parse_args(argv)
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    backends = available_backends(device)
+    if device != "cuda":
+        print("no CUDA device: the triton backend needs CUDA and is left out; peak memory and MFU are not measured")
+    if args.quick:
+        args.repeats, args.warmup, args.gen_tokens, args.gen_batch = 3, 1, 4, 2
+        args.compile = "off" if args.compile == "both" else args.compile
+    shapes = (args.shapes or ("tiny" if args.quick else "reference,gpt2" if device == "cuda" else "small")).split(",")
+    cases = (args.cases or ",".join(["vanilla", *backends])).split(",")
+    for case in cases:
+        if case not in ("vanilla", *backends):
+            p.error(f"case {case!r} is not available here (have: vanilla, {', '.join(backends)})")
+    for shape in shapes:
+        if shape not in SHAPES:
+            p.error(f"unknown shape {shape!r} (have: {', '.join(SHAPES)})")
+    alphas = [float(a) for a in args.alphas.split(",")]
+    compile_modes = {"both": [False, True], "on": [True], "off": [False]}[args.compile]
+
+    env = environment(device)
+    print(f"{env['device']}, torch {env['torch']}, triton {env['triton']}")
+    results = []
+    for shape in shapes:
+        results += run_shape(shape, args, device, cases, alphas, compile_modes)
+    add_ratios_and_mfu(results, peak_flops(env["device"]) if device == "cuda" else None)
+    print(format_table(results))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        record = {**env, "dtype": "bfloat16 autocast" if device == "cuda" else "float32", "quick": args.quick,
+                  "repeats": args.repeats, "warmup": args.warmup, "threads": torch.get_num_threads(),
+                  "results": results}
+        Path(args.out).write_text(json.dumps(record, indent=1) + "\n")
+        print(f"wrote {args.out}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
