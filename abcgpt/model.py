@@ -9,21 +9,27 @@ import importlib.util
 import math
 import os
 from dataclasses import asdict, dataclass
+from functools import partial
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
+from .attention import attend
+from .folded import FoldedGPT
 from .gate import check_alpha, sample_scores, tent_gate
+from .permute import sort_units
 
 if importlib.util.find_spec("triton") is not None:
     from kernels.ops import gated_mlp
 else:  # no triton on this platform: the reference backend serves
     gated_mlp = None
 
-# auto: triton on CUDA, reference elsewhere. reference: plain elementwise multiplies (the
-# oracle). triton: the fused up-projection + GELU + gate kernel (kernels/), CUDA or interpreter.
-GATE_BACKENDS = ("auto", "reference", "triton")
+# reference: elementwise multiplies where DESIGN.md says (the oracle; any alpha).
+# folded: gates folded into the weights, silent units skipped (one alpha per batch; folded.py).
+# triton: the fused up-projection + GELU + gate kernel (kernels/; CUDA, or the interpreter).
+# auto: folded for one alpha, triton for per-sequence alphas on CUDA, reference otherwise.
+GATE_BACKENDS = ("auto", "reference", "folded", "triton")
 
 
 @dataclass
@@ -39,6 +45,7 @@ class GPTConfig:
     narrowness: float = 1.0  # w in the tent gate; below 1 each unit fires over a narrower range
     mask_seed: int = 1337  # seeds the specialty scores, so one config gives one set of scores
     gate_backend: str = "auto"
+    sort_units: bool = True  # relabel units in score order at init (function unchanged; see permute.py)
 
     def __post_init__(self):
         if self.n_embd % self.n_head:
@@ -80,15 +87,13 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, alpha=None):
+    def forward(self, x, alpha=None, kv=None):
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        y = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
-        )
+        y = attend(q, k, v, kv, self.dropout if self.training else 0.0)
         if alpha is not None:  # one gate per head: (nh,) or (B, nh)
             head_gate = tent_gate(alpha, self.head_scores, self.narrowness)
             y = y * head_gate.unsqueeze(-1).unsqueeze(-1)
@@ -133,11 +138,11 @@ class Block(nn.Module):
         self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, alpha=None, embd_gate=None, backend="reference"):
+    def forward(self, x, alpha=None, embd_gate=None, backend="reference", kv=None):
         if alpha is None:
-            x = x + self.attn(self.ln_1(x))
+            x = x + self.attn(self.ln_1(x), kv=kv)
             return x + self.mlp(self.ln_2(x))
-        x = x + self.attn(self.ln_1(x), alpha) * embd_gate
+        x = x + self.attn(self.ln_1(x), alpha, kv) * embd_gate
         return x + self.mlp(self.ln_2(x), alpha, backend) * embd_gate
 
 
@@ -163,6 +168,8 @@ class GPT(nn.Module):
                 torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
         if config.gated:
             self._register_scores()
+            if config.sort_units:
+                sort_units(self)
 
     def _register_scores(self):
         # One generator, one fixed order: residual channels, then per layer heads and MLP units.
@@ -188,11 +195,16 @@ class GPT(nn.Module):
             n_params -= self.transformer.wpe.weight.numel()
         return n_params
 
-    def gate_backend(self, device):
-        """The backend a forward on device uses: 'auto' picks triton on CUDA, reference elsewhere."""
+    def gate_backend(self, device, per_row=False):
+        """The backend a forward on device uses, with one alpha (per_row=False) or one per sequence."""
         backend = self.config.gate_backend
         if backend == "auto":
+            if not per_row:
+                return "folded"
             return "triton" if device.type == "cuda" and gated_mlp is not None else "reference"
+        if backend == "folded" and per_row:
+            raise ValueError("gate_backend='folded' takes one alpha per batch; per-sequence alphas need "
+                             "'reference', 'triton' or 'auto'")
         if gated_mlp is None and backend == "triton":
             raise RuntimeError("gate_backend='triton' needs the triton package")
         if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -201,29 +213,36 @@ class GPT(nn.Module):
             )
         return backend
 
-    def forward(self, idx, alpha=None, targets=None):
+    def forward(self, idx, alpha=None, targets=None, cache=None):
         """idx: (B, T) token ids. alpha: a float or 0-dim tensor, or a (B,) tensor (one per sequence).
+        cache: a KVCache when generating; idx then holds only the positions not yet cached.
 
         Returns (logits, loss); logits cover only the last position when no targets are given.
         """
         B, T = idx.size()
-        if T > self.config.block_size:
-            raise ValueError(f"sequence of length {T} is longer than block_size {self.config.block_size}")
+        start = cache.pos if cache is not None else 0
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of length {start + T} is longer than block_size {self.config.block_size}")
         gated = self.config.gated
         if gated:
             alpha = self._prepare_alpha(alpha, B, idx.device)
+            backend = self.gate_backend(idx.device, per_row=alpha.dim() == 1)
+            if backend == "folded":  # skipping needs concrete ranges: off while torch.compile traces
+                return FoldedGPT(self, alpha, skip=not torch.compiler.is_compiling())(idx, targets, cache)
         elif alpha is not None:
             raise ValueError("this model is not gated (gated=False): call it without alpha")
 
-        pos = torch.arange(0, T, dtype=torch.long, device=idx.device)
+        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
         x = self.transformer.wte(idx) + self.transformer.wpe(pos)
         if gated:
-            backend = self.gate_backend(idx.device)
             embd_gate = rows(tent_gate(alpha, self.embd_scores, self.config.narrowness))
             x = x * embd_gate
         x = self.transformer.drop(x)
-        for block in self.transformer.h:
-            x = block(x, alpha, embd_gate, backend) if gated else block(x)
+        for layer, block in enumerate(self.transformer.h):
+            kv = cache.layer(layer) if cache is not None else None
+            x = block(x, alpha, embd_gate, backend, kv) if gated else block(x, kv=kv)
+        if cache is not None:
+            cache.pos += T
         x = self.transformer.ln_f(x)
         if gated:
             x = x * embd_gate
@@ -252,11 +271,31 @@ class GPT(nn.Module):
             raise ValueError(f"got {alpha.numel()} alphas for a batch of {batch_size} sequences")
         return alpha
 
+    @torch.no_grad()
+    def at(self, alpha=None):
+        """The model fixed at one dial setting, for inference: call it as f(idx, cache=...).
+
+        Where the folded backend serves, the gates are folded into the weights once here,
+        not at every call: what makes generation at one alpha fast.
+        """
+        device = self.lm_head.weight.device
+        if self.config.gated:
+            alpha = self._prepare_alpha(alpha, torch.as_tensor(alpha).numel(), device)
+            if self.gate_backend(device, per_row=alpha.dim() == 1) == "folded":
+                return FoldedGPT(self, alpha)
+        return partial(self, alpha=alpha)
+
+    def optimizer_param_names(self):
+        """Parameter names in the order configure_optimizers hands them to AdamW."""
+        named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+        return [n for n, p in named if p.dim() >= 2] + [n for n, p in named if p.dim() < 2]
+
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
         """AdamW with weight decay on matrices and embeddings only (not biases or LayerNorms)."""
-        params = [p for p in self.parameters() if p.requires_grad]
-        decay = [p for p in params if p.dim() >= 2]
-        no_decay = [p for p in params if p.dim() < 2]
+        params = dict(self.named_parameters())
+        names = self.optimizer_param_names()
+        decay = [params[n] for n in names if params[n].dim() >= 2]
+        no_decay = [params[n] for n in names if params[n].dim() < 2]
         groups = [
             {"params": decay, "weight_decay": weight_decay},
             {"params": no_decay, "weight_decay": 0.0},

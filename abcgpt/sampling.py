@@ -1,21 +1,29 @@
-"""Autoregressive sampling at a chosen dial setting."""
+"""Autoregressive sampling at a chosen dial setting, with a key/value cache."""
 import torch
 from torch.nn import functional as F
 
+from .attention import KVCache
+
 
 @torch.no_grad()
-def generate(model, idx, max_new_tokens, alpha=None, temperature=1.0, top_k=None, generator=None):
+def generate(model, idx, max_new_tokens, alpha=None, temperature=1.0, top_k=None, generator=None, use_cache=True):
     """Extend idx (B, T) by max_new_tokens tokens sampled at alpha (None for a vanilla model).
 
-    temperature > 0 scales the logits; top_k keeps only the k likeliest tokens. The
-    context is cropped to the model's block_size as it grows.
+    temperature > 0 scales the logits; top_k keeps only the k likeliest tokens. With
+    use_cache, each step feeds only the new token and reuses past keys and values;
+    once the sequence outgrows block_size the context is cropped and recomputed every
+    step, as without the cache (positions shift, so cached keys no longer apply).
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
     block_size = model.config.block_size
+    decode = model.at(alpha)  # gates folded once for the whole generation where possible
+    cache = KVCache(block_size) if use_cache else None
     for _ in range(max_new_tokens):
-        context = idx if idx.size(1) <= block_size else idx[:, -block_size:]
-        logits, _ = model(context, alpha)
+        if cache is not None and idx.size(1) <= block_size:
+            logits, _ = decode(idx[:, cache.pos:], cache=cache)
+        else:
+            logits, _ = decode(idx[:, -block_size:])
         logits = logits[:, -1, :] / temperature
         if top_k is not None:
             kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]

@@ -218,9 +218,10 @@ class Trainer:
         config = self.config
         if self.is_master and self.step == 0:
             n = self.model.get_num_params()
-            backend = self.model.gate_backend(torch.device(self.device)) if config.gated else "none"
+            per_row = config.alpha_mode == "sequence"
+            backend = self.model.gate_backend(torch.device(self.device), per_row) if config.gated else "none"
             if backend == "reference" and self.model_config.gate_backend == "auto":
-                backend += " (the fused triton backend needs CUDA)"
+                backend += " (per-sequence alphas: the fused triton backend needs CUDA)"
             self.log_line(
                 f"model: {n / 1e6:.2f}M parameters, {'gated' if config.gated else 'vanilla'}, "
                 f"gate backend {backend}; device {self.device}; "

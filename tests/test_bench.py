@@ -31,10 +31,10 @@ def test_gate_throughput_quick(tmp_path):
     record, stdout = run_json("bench/gate_throughput.py", "--quick", tmp_path=tmp_path)
     assert {"device", "date", "torch", "triton", "threads"} <= set(record)
     results = record["results"]
-    # promised: vanilla once, the reference backend at each alpha; training and generation for each
+    # promised: vanilla once, each CPU backend at each alpha; training and generation for each
     assert {(r["case"], r["alpha"], r["mode"]) for r in results} == (
         {("vanilla", None, m) for m in ("train", "generate")}
-        | {("reference", a, m) for a in (0.0, 0.5, 1.0) for m in ("train", "generate")}
+        | {(b, a, m) for b in ("reference", "folded") for a in (0.0, 0.5, 1.0) for m in ("train", "generate")}
     )
     for r in results:
         for key in ("tokens_per_s", "median_s", "ratio_to_vanilla"):

@@ -197,9 +197,3 @@ def test_model_triton_backend_matches_reference(alpha_kind):
     ref_loss.backward()
     for (name, p), q in zip(fused.named_parameters(), reference.parameters()):
         assert_close(p.grad, q.grad, torch.float32), name
-
-
-def test_auto_backend_is_triton_on_cuda_only():
-    model = GPT(GPTConfig(block_size=8, vocab_size=10, n_layer=1, n_head=1, n_embd=8))
-    assert model.gate_backend(torch.device("cpu")) == "reference"
-    assert model.gate_backend(torch.device("cuda")) == "triton"

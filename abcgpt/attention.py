@@ -1,0 +1,50 @@
+"""Causal attention over the new positions and, when generating, a cache of past keys and values."""
+import torch
+from torch.nn import functional as F
+
+
+class KVCache:
+    """Past keys and values of every attention layer, filled as generation goes.
+
+    pos counts the positions cached so far; the model advances it after each forward.
+    """
+
+    def __init__(self, max_len):
+        self.max_len = max_len
+        self.pos = 0
+        self.layers = []
+
+    def layer(self, index):
+        while len(self.layers) <= index:
+            self.layers.append(LayerKV(self))
+        return self.layers[index]
+
+
+class LayerKV:
+    def __init__(self, cache):
+        self.cache = cache
+        self.k = self.v = None
+
+    def extend(self, k, v):
+        """Store k, v (B, nh, T, hs) at the next positions; return keys and values of all so far."""
+        start, end = self.cache.pos, self.cache.pos + k.size(2)
+        if end > self.cache.max_len:
+            raise ValueError(f"the cache holds {self.cache.max_len} positions, {end} asked for")
+        if self.k is None:
+            shape = (k.size(0), k.size(1), self.cache.max_len, k.size(3))
+            self.k, self.v = k.new_empty(shape), v.new_empty(shape)
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+def attend(q, k, v, kv=None, dropout_p=0.0):
+    """Causal attention of q over k, v, and over the cached past when kv (a LayerKV) is given."""
+    if kv is not None:
+        k, v = kv.extend(k, v)
+    t_q, t_k = q.size(2), k.size(2)
+    if t_q == t_k:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+    # the new queries are the last t_q positions: each sees all the past and the new keys up to itself
+    mask = torch.ones(t_q, t_k, dtype=torch.bool, device=q.device).tril(diagonal=t_k - t_q)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
