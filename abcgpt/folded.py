@@ -37,9 +37,24 @@ def _norm(x, ln):
     return F.layer_norm(x, ln.weight.shape, ln.weight, ln.bias, 1e-5)
 
 
+def _cut(t, *ranges):
+    """t[ranges], or t itself where the ranges cover it all (a full slice still costs a
+    zero-fill and a copy in the backward)."""
+    if all(r.start == 0 and r.stop == n for r, n in zip(ranges, t.shape)):
+        return t
+    return t[ranges]
+
+
 def _rows_cols(w, rows, cols, row_gate, col_gate):
-    """diag(row_gate) W[rows, cols] diag(col_gate); the gates already cut to the same ranges."""
-    return w[rows, cols] * row_gate[:, None] * col_gate[None, :]
+    """diag(row_gate) W[rows, cols] diag(col_gate), in one pass over the matrix."""
+    return _cut(w, rows, cols) * torch.outer(row_gate, col_gate)
+
+
+def _head_rows(t, heads, c):
+    """The active heads' rows of c_attn's q, k and v parts (no copy when every head is active)."""
+    if heads.stop - heads.start == c.n_embd:
+        return t
+    return torch.cat([t[part * c.n_embd + heads.start : part * c.n_embd + heads.stop] for part in range(3)])
 
 
 @dataclass
@@ -76,7 +91,7 @@ class FoldedGPT:
         wte = model.transformer.wte.weight
         self.wte = wte * g_embd  # embedding columns; the silent ones become exact zeros
         self.wpe = model.transformer.wpe.weight * g_embd
-        self.lm_head = wte[:, self.embd] * ge  # tied: the ln_f output's gate on the lm_head input columns
+        self.lm_head = _cut(wte, slice(0, wte.size(0)), self.embd) * ge  # tied: the ln_f output's gate on the lm_head input columns
         self.ln_f = model.transformer.ln_f
         hs = c.n_embd // c.n_head
         self.head_size = hs
@@ -86,24 +101,25 @@ class FoldedGPT:
         ):
             attn, mlp = block.attn, block.mlp
             heads = slice(h_lo * hs, h_hi * hs)  # the active heads' rows in each of q, k and v
-            qkv_rows = [slice(part * c.n_embd + heads.start, part * c.n_embd + heads.stop) for part in range(3)]
             units = slice(u_lo, u_hi)
             self.blocks.append(FoldedBlock(
                 ln_1=block.ln_1,
-                qkv_w=torch.cat([attn.c_attn.weight[r] for r in qkv_rows]),
-                qkv_b=None if attn.c_attn.bias is None else torch.cat([attn.c_attn.bias[r] for r in qkv_rows]),
+                qkv_w=_head_rows(attn.c_attn.weight, heads, c),
+                qkv_b=None if attn.c_attn.bias is None else _head_rows(attn.c_attn.bias, heads, c),
                 n_heads=h_hi - h_lo,
                 attn_w=_rows_cols(attn.c_proj.weight, self.embd, heads, ge, g_head[h_lo:h_hi].repeat_interleave(hs)),
-                attn_b=None if attn.c_proj.bias is None else attn.c_proj.bias[self.embd] * ge,
+                attn_b=None if attn.c_proj.bias is None else _cut(attn.c_proj.bias, self.embd) * ge,
                 ln_2=block.ln_2,
-                fc_w=mlp.c_fc.weight[units],
-                fc_b=None if mlp.c_fc.bias is None else mlp.c_fc.bias[units],
+                fc_w=_cut(mlp.c_fc.weight, units),
+                fc_b=None if mlp.c_fc.bias is None else _cut(mlp.c_fc.bias, units),
                 mlp_w=_rows_cols(mlp.c_proj.weight, self.embd, units, ge, g_unit[units]),
-                mlp_b=None if mlp.c_proj.bias is None else mlp.c_proj.bias[self.embd] * ge,
+                mlp_b=None if mlp.c_proj.bias is None else _cut(mlp.c_proj.bias, self.embd) * ge,
             ))
 
     def _residual(self, out):
         """A write to the active channels, as a full-width residual update."""
+        if out.size(-1) == self.config.n_embd:
+            return out
         return F.pad(out, (self.embd.start, self.config.n_embd - self.embd.stop))
 
     def _dropout(self, x):
@@ -118,15 +134,14 @@ class FoldedGPT:
         x = self._dropout(F.embedding(idx, self.wte) + F.embedding(pos, self.wpe))
         for layer, b in enumerate(self.blocks):
             qkv = F.linear(_norm(x, b.ln_1), b.qkv_w, b.qkv_b)
-            width = b.n_heads * self.head_size
-            q, k, v = (qkv[..., i * width : (i + 1) * width].view(B, T, b.n_heads, self.head_size).transpose(1, 2)
-                       for i in range(3))
-            kv = cache.layer(layer) if cache is not None else None
-            if b.n_heads:
+            if b.n_heads:  # split, not slicing: its backward concatenates instead of zero-filling
+                q, k, v = (t.view(B, T, b.n_heads, self.head_size).transpose(1, 2)
+                           for t in qkv.split(b.n_heads * self.head_size, dim=2))
+                kv = cache.layer(layer) if cache is not None else None
                 y = attend(q, k, v, kv, self.config.dropout if self.training else 0.0)
+                y = y.transpose(1, 2).reshape(B, T, b.n_heads * self.head_size)
             else:
-                y = v  # no head is active: an empty (B, 0, T, hs) output
-            y = y.transpose(1, 2).reshape(B, T, b.n_heads * self.head_size)
+                y = qkv  # no head is active: an empty (B, T, 0) output
             x = x + self._residual(self._dropout(F.linear(y, b.attn_w, b.attn_b)))
             h = F.gelu(F.linear(_norm(x, b.ln_2), b.fc_w, b.fc_b))
             x = x + self._residual(self._dropout(F.linear(h, b.mlp_w, b.mlp_b)))

@@ -15,6 +15,7 @@ batches, median.
 """
 import argparse
 import json
+import statistics
 import sys
 from contextlib import nullcontext
 from pathlib import Path
@@ -105,27 +106,51 @@ def fit_batch(shape, device, case, start=64):
     raise RuntimeError(f"not even batch 1 of shape {shape} fits this device")
 
 
-def measure(fn, inputs, args, device):
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    times = time_calls(fn, inputs, args.repeats, args.warmup, device)
-    peak = torch.cuda.max_memory_allocated() if device == "cuda" else None
-    return {**summary(times), "peak_memory_bytes": peak}
+class Case:
+    """One measured configuration: what to call, on which rotating inputs, and what it gave."""
+
+    def __init__(self, row, fn, inputs, tokens_per_call):
+        self.row, self.fn, self.inputs, self.tokens_per_call = row, fn, inputs, tokens_per_call
+        self.times, self.peak = [], 0
+
+
+def interleave(cases, args, device):
+    """Time all cases round-robin, a few calls each per round, so that drift in the
+    machine's speed falls on every case alike instead of on whichever ran last."""
+    cuda = device == "cuda"
+    for case in cases:
+        for i in range(args.warmup):
+            case.fn(*case.inputs[i % len(case.inputs)])
+    per_round = max(1, args.repeats // args.rounds)
+    for _ in range(args.rounds):
+        for case in cases:
+            if cuda:
+                torch.cuda.synchronize()
+                before = torch.cuda.memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
+            case.times += time_calls(case.fn, case.inputs, per_round, 0, device)
+            if cuda:  # what a call needs above the models held resident
+                case.peak = max(case.peak, torch.cuda.max_memory_allocated() - before)
+    return [
+        {**case.row, **summary(case.times), "peak_memory_bytes": case.peak if cuda else None,
+         "tokens_per_s": case.tokens_per_call / statistics.median(case.times)}
+        for case in cases
+    ]
 
 
 def run_shape(name, args, device, cases, alphas, compile_modes):
     shape = SHAPES[name]
     n_layer, n_head, n_embd, block_size, batch_size, vocab_size = shape
-    if batch_size is None:
+    if batch_size is None:  # half the largest that fits alone: the group's other models stay resident
         hungriest = "reference" if "reference" in cases else cases[0]  # elementwise gates keep the most activations
-        batch_size = fit_batch(shape, device, hungriest) if device == "cuda" else 8
+        batch_size = max(1, fit_batch(shape, device, hungriest) // 2) if device == "cuda" else 8
     train_batches = batches(shape, batch_size, device)
     gen_batch = min(args.gen_batch, batch_size)
     prompts = [(torch.randint(vocab_size, (gen_batch, 1), generator=torch.Generator().manual_seed(i)).to(device),)
                for i in range(2)]
     results = []
     for compiled in compile_modes:
+        group = []
         for case in cases:
             model = build_model(shape, case, device)
             step = TrainStep(model, compiled, device)
@@ -134,22 +159,25 @@ def run_shape(name, args, device, cases, alphas, compile_modes):
                 row = {"shape": name, "n_layer": n_layer, "n_head": n_head, "n_embd": n_embd, "block_size": block_size,
                        "vocab_size": vocab_size, "n_params": model.get_num_params(), "case": case,
                        "compiled": compiled, "alpha": alpha}
-                model.train()
-                train = measure(lambda x, y: step(x, y, alpha_arg), train_batches, args, device)
-                tokens = batch_size * block_size
-                results.append({**row, "mode": "train", "batch_size": batch_size,
-                                "tokens_per_s": tokens / train["median_s"], **train})
-                line = f"train {results[-1]['tokens_per_s']:,.0f} tok/s"
+
+                def train(x, y, model=model, step=step, alpha=alpha_arg):
+                    model.train()
+                    step(x, y, alpha)
+
+                group.append(Case({**row, "mode": "train", "batch_size": batch_size}, train, train_batches,
+                                  batch_size * block_size))
                 if not compiled:
-                    model.eval()
-                    gen = measure(lambda p: generate(model, p, args.gen_tokens, alpha_arg), prompts, args, device)
-                    results.append({**row, "mode": "generate", "batch_size": gen_batch, "new_tokens": args.gen_tokens,
-                                    "kv_cache": True, "tokens_per_s": gen_batch * args.gen_tokens / gen["median_s"], **gen})
-                    line += f", generate {results[-1]['tokens_per_s']:,.0f} tok/s"
-                print(f"  {name} {case:>9} {'compiled' if compiled else 'eager':>8} alpha {alpha}: {line}", flush=True)
-            del model, step
-            if device == "cuda":
-                torch.cuda.empty_cache()
+                    def gen(p, model=model, alpha=alpha_arg):
+                        model.eval()
+                        generate(model, p, args.gen_tokens, alpha)
+
+                    group.append(Case({**row, "mode": "generate", "batch_size": gen_batch, "new_tokens": args.gen_tokens,
+                                       "kv_cache": True}, gen, prompts, gen_batch * args.gen_tokens))
+        print(f"  {name}, {'compiled' if compiled else 'eager'}: {len(group)} cases, {args.rounds} rounds", flush=True)
+        results += interleave(group, args, device)
+        del group
+        if device == "cuda":
+            torch.cuda.empty_cache()
     return results
 
 
@@ -167,7 +195,7 @@ def add_ratios_and_mfu(results, peak):
 
 def format_table(results):
     lines = [f"{'shape':>9} {'mode':>8} {'case':>9} {'compile':>8} {'alpha':>5} {'tokens/s':>12} "
-             f"{'vs vanilla':>10} {'spread':>7} {'peak MiB':>9} {'MFU':>6}"]
+             f"{'vs vanilla':>10} {'spread':>7} {'step MiB':>9} {'MFU':>6}"]
     for r in results:
         peak = f"{r['peak_memory_bytes'] / 2**20:,.0f}" if r["peak_memory_bytes"] else "n/a"
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
@@ -186,7 +214,8 @@ def main(argv=None):
     p.add_argument("--cases", help="comma-separated: vanilla and gate backends (default: vanilla and all available)")
     p.add_argument("--alphas", default="0,0.5,1")
     p.add_argument("--compile", choices=["both", "on", "off"], default="both")
-    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--repeats", type=int, default=30, help="timed calls per case, spread over the rounds")
+    p.add_argument("--rounds", type=int, default=6, help="round-robin passes over all cases")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--gen_tokens", type=int, default=64, help="new tokens per generation call")
     p.add_argument("--gen_batch", type=int, default=8, help="sequences generated at once")
@@ -201,7 +230,7 @@ def main(argv=None):
     if device != "cuda":
         print("no CUDA device: the triton backend needs CUDA and is left out; peak memory and MFU are not measured")
     if args.quick:
-        args.repeats, args.warmup, args.gen_tokens, args.gen_batch = 3, 1, 4, 2
+        args.repeats, args.rounds, args.warmup, args.gen_tokens, args.gen_batch = 3, 3, 1, 4, 2
         args.compile = "off" if args.compile == "both" else args.compile
     shapes = (args.shapes or ("tiny" if args.quick else "reference,gpt2" if device == "cuda" else "small")).split(",")
     cases = (args.cases or ",".join(["vanilla", *backends])).split(",")
@@ -224,7 +253,8 @@ def main(argv=None):
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         record = {**env, "dtype": "bfloat16 autocast" if device == "cuda" else "float32", "quick": args.quick,
-                  "repeats": args.repeats, "warmup": args.warmup, "threads": torch.get_num_threads(),
+                  "repeats": args.repeats, "rounds": args.rounds, "warmup": args.warmup,
+                  "threads": torch.get_num_threads(),
                   "results": results}
         Path(args.out).write_text(json.dumps(record, indent=1) + "\n")
         print(f"wrote {args.out}")

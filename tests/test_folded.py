@@ -179,3 +179,17 @@ def test_auto_backend_picks_by_alpha_and_device():
     assert model.gate_backend(torch.device("cuda")) == "folded"
     assert model.gate_backend(torch.device("cpu"), per_row=True) == "reference"
     assert model.gate_backend(torch.device("cuda"), per_row=True) == "triton"
+
+
+def test_a_layer_with_no_active_head_or_unit():
+    """Very narrow gates can silence whole groups: folded still equals reference, cached or not."""
+    folded, reference = twin_models(narrowness=0.05)
+    alpha = torch.tensor(0.5)
+    active = FoldedGPT(folded, alpha).active_units()
+    assert 0 in active["heads"]  # the case under test does occur
+    idx = batch()
+    torch.testing.assert_close(folded(idx, alpha, idx)[0], reference(idx, alpha, idx)[0], rtol=1e-5, atol=1e-5)
+    prompt = idx[:, :3]
+    runs = [generate(m.double().eval(), prompt, 10, 0.5, generator=torch.Generator().manual_seed(0))
+            for m in (folded, reference)]
+    assert torch.equal(runs[0], runs[1])
