@@ -25,6 +25,7 @@ class TrainConfig:
     gated: bool = True
     narrowness: float = 1.0
     mask_seed: int = 1337
+    gate_backend: str = "auto"  # auto, reference, folded or triton (abcgpt/model.py)
     # the dial during training: one alpha per batch (the reference recipe) or per sequence
     alpha_mode: str = "batch"
     # optimisation

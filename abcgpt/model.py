@@ -206,9 +206,9 @@ class GPT(nn.Module):
             raise ValueError("gate_backend='folded' takes one alpha per batch; per-sequence alphas need "
                              "'reference', 'triton' or 'auto'")
         if gated_mlp is None and backend == "triton":
-            raise RuntimeError("gate_backend='triton' needs the triton package")
+            raise ValueError("gate_backend='triton' needs the triton package")
         if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-            raise RuntimeError(
+            raise ValueError(
                 "gate_backend='triton' needs a CUDA device (or TRITON_INTERPRET=1 for Triton's CPU interpreter)"
             )
         return backend

@@ -45,7 +45,7 @@ def resolve_device(name):
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} asked for, but CUDA is not available here")
+        raise ValueError(f"device {name!r} asked for, but CUDA is not available here")
     return name
 
 
@@ -78,6 +78,7 @@ class Trainer:
             block_size=config.block_size, vocab_size=self.corpus.tokenizer.vocab_size, n_layer=config.n_layer,
             n_head=config.n_head, n_embd=config.n_embd, dropout=config.dropout, bias=config.bias,
             gated=config.gated, narrowness=config.narrowness, mask_seed=config.mask_seed,
+            gate_backend=config.gate_backend,
         )
         torch.manual_seed(config.seed)  # weight init
         self.model = GPT(self.model_config).to(self.device)

@@ -79,6 +79,19 @@ def test_train_command_then_resume(corpus_files, tmp_path):
     assert "step 6 |" in second.stdout and "step 2 |" not in second.stdout
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--gate_backend", "folded", "--alpha_mode", "sequence"], "gate_backend='folded' takes one alpha per batch"),
+    (["--gate_backend", "tpu"], "gate_backend must be one of"),
+    (["--alpha_mode", "token"], "alpha_mode must be 'batch' or 'sequence'"),
+])
+def test_train_command_reports_bad_settings_in_one_line(corpus_files, tmp_path, args, message):
+    stories, plays = corpus_files
+    result = run("train.py", "--sources", f"stories={stories},plays={plays}", "--out_dir", tmp_path, "--n_layer", "1",
+                 "--n_embd", "16", "--n_head", "2", "--block_size", "8", "--max_iters", "1", "--device", "cpu", *args)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert result.stderr.startswith(f"error: {message}")
+
+
 def test_train_command_reports_bad_data_in_one_line(tmp_path):
     result = run("train.py", "--sources", f"a={tmp_path / 'missing.txt'},b={tmp_path / 'missing2.txt'}", "--out_dir", tmp_path)
     assert result.returncode != 0 and "Traceback" not in result.stderr
