@@ -14,9 +14,8 @@ from pathlib import Path
 import torch
 
 from abcgpt.checkpoint import CheckpointError, load_model
-from abcgpt.data import Corpus, DataError, parse_sources
-from abcgpt.evaluate import SWEEP, format_table, summarize, sweep
-from abcgpt.tokenizer import UnknownCharactersError
+from abcgpt.data import DataError
+from abcgpt.evaluate import SWEEP, corpus_for, format_table, require_gated, summarize, sweep
 
 
 def main(argv=None):
@@ -31,16 +30,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     try:
         model, tokenizer, state = load_model(args.ckpt, args.device)
-        if not model.config.gated:
-            raise CheckpointError(f"{args.ckpt} holds a vanilla (ungated) model: there is no dial to sweep")
-        config = state["train_config"]
-        sources = parse_sources(args.sources or config["sources"])
-        if [s.name for s in sources] != state["source_names"]:
-            raise DataError(f"the checkpoint was trained on {state['source_names']}, in that order; name the same sources")
-        try:
-            corpus = Corpus.from_sources(sources, tokenizer, config["val_fraction"], args.cache_dir or config["cache_dir"] or None)
-        except UnknownCharactersError as e:
-            raise DataError(f"the sources have text the checkpoint's tokenizer lacks: {e}") from None
+        require_gated(model, args.ckpt)
+        corpus = corpus_for(state, tokenizer, args.sources, args.cache_dir)
     except (CheckpointError, DataError) as e:
         sys.exit(f"error: {e}")
 

@@ -1,6 +1,8 @@
 """Training configuration, its presets, and the command-line flags made from it."""
 import argparse
-from dataclasses import asdict, dataclass, field, fields
+import math
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
 
 from .data import DEFAULT_SOURCES
 
@@ -28,6 +30,7 @@ class TrainConfig:
     gate_backend: str = "auto"  # auto, reference, folded or triton (abcgpt/model.py)
     # the dial during training: one alpha per batch (the reference recipe) or per sequence
     alpha_mode: str = "batch"
+    only_source: str = ""  # train on this source alone (the single-source baselines; needs gated=false)
     # optimisation
     batch_size: int = 64
     grad_accum: int = 1
@@ -62,6 +65,7 @@ class TrainConfig:
             (self.max_iters >= 0 and self.warmup_iters >= 0, "max_iters and warmup_iters must not be negative"),
             (self.eval_interval > 0 and self.eval_iters > 0 and self.log_interval > 0, "intervals must be positive"),
             (0.0 <= self.dropout < 1.0, "dropout must be in [0, 1)"),
+            (not (self.only_source and self.gated), "only_source trains a vanilla baseline: set gated=false"),
         ]
         for ok, message in checks:
             if not ok:
@@ -115,6 +119,17 @@ def add_config_flags(parser):
         defaults = ", ".join(f"{name} {values.get(f.name, f.default)!r}" for name, values in PRESETS.items())
         parser.add_argument(f"--{f.name}", type=_parse_bool if kind is bool else kind,
                             default=argparse.SUPPRESS, metavar=kind.__name__.upper(), help=f"presets: {defaults}")
+
+
+def baseline_config(config, source, tokens):
+    """A vanilla GPT trained on one source alone, on as many of its tokens as the gated run saw
+    (DESIGN.md section 5: the cost of the dial). Same shape and optimiser; its own schedule."""
+    tokens_per_step = config.batch_size * config.block_size * config.grad_accum
+    return replace(
+        config, gated=False, only_source=source, lr_decay_iters=0,
+        max_iters=max(1, math.ceil(tokens / tokens_per_step)),
+        out_dir=str(Path(config.out_dir) / f"baseline-{source}"),
+    )
 
 
 def build_config(preset, overrides, base=None):

@@ -280,7 +280,7 @@ def draw_sources(alphas, n_sources, generator):
 
 
 def training_batch(corpus, batch_size, block_size, generator, per_sequence=False):
-    """Inputs, targets and alpha for one training (micro-)batch.
+    """Inputs, targets, alpha and each row's source for one training (micro-)batch.
 
     per_sequence=False (the reference recipe): one alpha and one source for the whole
     batch; alpha is a 0-dim float32 tensor. per_sequence=True: each sequence draws its
@@ -293,4 +293,4 @@ def training_batch(corpus, batch_size, block_size, generator, per_sequence=False
         sources = sources.expand(batch_size)
     x, y = corpus.batch("train", sources, block_size, generator)
     alpha = alphas.float() if per_sequence else alphas[0].float()
-    return x, y, alpha
+    return x, y, alpha, sources

@@ -1,9 +1,28 @@
 """The dial, measured: each source's held-out loss over a sweep of alpha (DESIGN.md section 5)."""
 import torch
 
-from .data import source_alphas
+from .checkpoint import CheckpointError
+from .data import Corpus, DataError, parse_sources, source_alphas
+from .tokenizer import UnknownCharactersError
 
 SWEEP = tuple(round(0.1 * i, 1) for i in range(11))
+
+
+def corpus_for(state, tokenizer, sources=None, cache_dir=None):
+    """The run's sources (or local copies named alike), split and tokenized as the run had them."""
+    config = state["train_config"]
+    sources = parse_sources(sources or config["sources"])
+    if [s.name for s in sources] != state["source_names"]:
+        raise DataError(f"the checkpoint was trained on {state['source_names']}, in that order; name the same sources")
+    try:
+        return Corpus.from_sources(sources, tokenizer, config["val_fraction"], cache_dir or config["cache_dir"] or None)
+    except UnknownCharactersError as e:
+        raise DataError(f"the sources have text the checkpoint's tokenizer lacks: {e}") from None
+
+
+def require_gated(model, path):
+    if not model.config.gated:
+        raise CheckpointError(f"{path} holds a vanilla (ungated) model: there is no dial to sweep")
 
 
 @torch.no_grad()

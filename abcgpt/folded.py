@@ -21,10 +21,8 @@ from .attention import attend
 from .gate import tent_gate
 
 
-def active_ranges(gates, skip=True):
-    """For each gate vector, the [lo, hi) range holding all its nonzero entries (one host sync)."""
-    if not skip:
-        return [(0, len(g)) for g in gates]
+def active_ranges(gates):
+    """For each gate vector, the [lo, hi) range holding all its nonzero entries."""
     bounds = []
     for g in gates:
         index = torch.arange(len(g), device=g.device)
@@ -75,7 +73,8 @@ class FoldedBlock:
 class FoldedGPT:
     """A gated GPT at one alpha, with its gates folded into (and silent units cut from) its weights."""
 
-    def __init__(self, model, alpha, skip=True):
+    def __init__(self, model, alpha, skip=True, host_alpha=None):
+        """alpha: a 0-dim tensor on the model's device; host_alpha: the same on the CPU, if at hand."""
         c = model.config
         self.config, self.training = c, model.training
         w = c.narrowness
@@ -83,7 +82,11 @@ class FoldedGPT:
         g_embd = tent_gate(alpha, model.embd_scores, w)
         g_heads = [tent_gate(alpha, b.attn.head_scores, w) for b in blocks]
         g_hidden = [tent_gate(alpha, b.mlp.hidden_scores, w) for b in blocks]
-        ranges = active_ranges([g_embd, *g_heads, *g_hidden], skip)
+        if skip:  # found on the host from CPU copies of the scores: no device sync
+            host_alpha = torch.as_tensor(alpha.cpu() if host_alpha is None else host_alpha, dtype=torch.float32)
+            ranges = active_ranges([tent_gate(host_alpha, s, w) for s in model.host_scores()])
+        else:
+            ranges = [(0, len(g)) for g in (g_embd, *g_heads, *g_hidden)]
         lo, hi = ranges[0]
         self.embd = slice(lo, hi)
         ge = g_embd[self.embd]

@@ -126,7 +126,8 @@ class MLP(nn.Module):
         if torch.is_autocast_enabled(x.device.type):  # a custom op is not autocast: cast as F.linear would
             dtype = torch.get_autocast_dtype(x.device.type)
             params = tuple(p.to(dtype) if p is not None else None for p in params)
-        out = gated_mlp(params[0].reshape(B * T, C), *params[1:], alpha, self.hidden_scores, self.narrowness)
+        out = gated_mlp(params[0].reshape(B * T, C), *params[1:], alpha, self.hidden_scores, self.narrowness,
+                        check_alpha=False)  # GPT.forward checked alpha on the host
         return out.view(B, T, C)
 
 
@@ -180,6 +181,17 @@ class GPT(nn.Module):
             block.attn.register_buffer("head_scores", sample_scores(c.n_head, generator))
             block.mlp.register_buffer("hidden_scores", sample_scores(4 * c.n_embd, generator))
 
+    def host_scores(self):
+        """CPU copies of the score buffers (residual, then heads and hidden units per layer),
+        made again only when a buffer changes (a load, a sort or a move)."""
+        blocks = self.transformer.h
+        buffers = [self.embd_scores, *(b.attn.head_scores for b in blocks), *(b.mlp.hidden_scores for b in blocks)]
+        key = tuple((t.data_ptr(), t._version) for t in buffers)
+        if getattr(self, "_host_scores_key", None) != key:
+            self._host_scores = [t.detach().to("cpu", copy=True) for t in buffers]  # a copy even on the CPU
+            self._host_scores_key = key
+        return self._host_scores
+
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
@@ -225,10 +237,12 @@ class GPT(nn.Module):
             raise ValueError(f"sequence of length {start + T} is longer than block_size {self.config.block_size}")
         gated = self.config.gated
         if gated:
+            host_alpha = None if isinstance(alpha, torch.Tensor) and alpha.device.type != "cpu" else alpha
             alpha = self._prepare_alpha(alpha, B, idx.device)
             backend = self.gate_backend(idx.device, per_row=alpha.dim() == 1)
             if backend == "folded":  # skipping needs concrete ranges: off while torch.compile traces
-                return FoldedGPT(self, alpha, skip=not torch.compiler.is_compiling())(idx, targets, cache)
+                folded = FoldedGPT(self, alpha, skip=not torch.compiler.is_compiling(), host_alpha=host_alpha)
+                return folded(idx, targets, cache)
         elif alpha is not None:
             raise ValueError("this model is not gated (gated=False): call it without alpha")
 

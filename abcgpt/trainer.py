@@ -86,10 +86,15 @@ class Trainer:
             config.weight_decay, config.learning_rate, (config.beta1, config.beta2), self.device_type
         )
         self.step = 0
+        self.local_tokens = [0] * len(self.corpus.names)  # per source, this process (+ a resumed total on rank 0)
         if state is not None:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
             self.step = state["step"]
+            if self.is_master:
+                self.local_tokens = list(state.get("tokens_seen", self.local_tokens))
+        if config.only_source and config.only_source not in self.corpus.names:
+            raise ValueError(f"only_source {config.only_source!r} is not one of the sources {self.corpus.names}")
 
         dtype = resolve_dtype(config.dtype, self.device_type)
         self.autocast = (
@@ -151,6 +156,8 @@ class Trainer:
         losses = {}
         alphas = EVAL_ALPHAS if self.config.gated else (None,)
         for k, name in enumerate(self.corpus.names):
+            if self.config.only_source and name != self.config.only_source:
+                continue
             generator = torch.Generator().manual_seed(self.config.seed)
             batches = [
                 self.corpus.batch("val", torch.full((self.config.batch_size,), k), self.config.block_size, generator)
@@ -167,6 +174,13 @@ class Trainer:
         self.model.train()
         return losses
 
+    def tokens_seen(self):
+        """Training tokens drawn from each source so far, over all processes (all must call this)."""
+        counts = torch.tensor(self.local_tokens, dtype=torch.long, device=self.device)
+        if self.ddp:
+            torch.distributed.all_reduce(counts)
+        return counts.tolist()
+
     def checkpoint_state(self):
         return {
             "model": self.model.state_dict(),
@@ -177,11 +191,13 @@ class Trainer:
             "source_names": self.corpus.names,
             "step": self.step,
             "seed": self.config.seed,
+            "tokens_seen": self.tokens_seen(),
         }
 
     def save(self):
+        state = self.checkpoint_state()  # on every process: tokens_seen gathers from all
         if self.is_master:
-            save_checkpoint(self.checkpoint_state(), self.out_dir / CHECKPOINT_NAME)
+            save_checkpoint(state, self.out_dir / CHECKPOINT_NAME)
 
     def train_step(self):
         """One optimizer step over grad_accum micro-batches; returns the mean loss (a tensor)."""
@@ -194,9 +210,15 @@ class Trainer:
             index = self.rank * self.micro_steps + micro
             generator = torch.Generator().manual_seed(micro_batch_seed(config.seed, self.step, index))
             torch.manual_seed(micro_batch_seed(config.seed + 1, self.step, index))  # dropout
-            x, y, alpha = training_batch(
-                self.corpus, config.batch_size, config.block_size, generator, config.alpha_mode == "sequence"
-            )
+            if config.only_source:
+                sources = torch.full((config.batch_size,), self.corpus.names.index(config.only_source))
+                x, y = self.corpus.batch("train", sources, config.block_size, generator)
+            else:
+                x, y, alpha, sources = training_batch(
+                    self.corpus, config.batch_size, config.block_size, generator, config.alpha_mode == "sequence"
+                )
+            counts = torch.bincount(sources, minlength=len(self.corpus.names)) * config.block_size
+            self.local_tokens = [seen + n for seen, n in zip(self.local_tokens, counts.tolist())]
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             if self.ddp:  # all-reduce gradients on the last micro-step only
                 self.forward_model.require_backward_grad_sync = micro == self.micro_steps - 1
@@ -226,7 +248,8 @@ class Trainer:
             self.log_line(
                 f"model: {n / 1e6:.2f}M parameters, {'gated' if config.gated else 'vanilla'}, "
                 f"gate backend {backend}; device {self.device}; "
-                f"sources {', '.join(f'{name} (alpha {a:g})' for name, a in zip(self.corpus.names, self.corpus.alphas))}"
+                + (f"source {config.only_source} alone" if config.only_source else
+                   f"sources {', '.join(f'{name} (alpha {a:g})' for name, a in zip(self.corpus.names, self.corpus.alphas))}")
             )
         tokens_per_step = config.batch_size * config.block_size * config.grad_accum
         last_losses = {}

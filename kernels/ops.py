@@ -167,7 +167,7 @@ def _needs_grad(*tensors):
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def _check(x, alpha, scores, narrowness, approximate):
+def _check(x, alpha, scores, narrowness, approximate, check_alpha):
     if x.dim() != 2:
         raise ValueError(f"x must be 2-D (rows, features), got shape {tuple(x.shape)}")
     if approximate not in GELU_FORMS:
@@ -176,23 +176,26 @@ def _check(x, alpha, scores, narrowness, approximate):
         raise ValueError(f"narrowness must be positive, got {narrowness}")
     if alpha.dim() > 1 or (alpha.dim() == 1 and alpha.numel() != x.shape[0]):
         raise ValueError(f"alpha must be 0-dim or one per row ({x.shape[0]}), got shape {tuple(alpha.shape)}")
-    if not torch.compiler.is_compiling():  # refuse NaN or out-of-range alpha before launching
+    if check_alpha and not torch.compiler.is_compiling():  # refuse NaN or out-of-range alpha before launching
         bad = ~((alpha >= 0) & (alpha <= 1))
         if bad.any():
             raise ValueError(f"alpha must be in [0, 1], got {alpha[bad].flatten()[0].item()}")
 
 
-def gated_linear_gelu(x, weight, bias, alpha, scores, narrowness=1.0, approximate="none"):
-    """GELU(x @ weight.T + bias) * g(alpha, scores) in one kernel; x is (M, K), weight (N, K)."""
-    _check(x, alpha, scores, narrowness, approximate)
+def gated_linear_gelu(x, weight, bias, alpha, scores, narrowness=1.0, approximate="none", check_alpha=True):
+    """GELU(x @ weight.T + bias) * g(alpha, scores) in one kernel; x is (M, K), weight (N, K).
+
+    check_alpha=False skips the range check (a host sync for a CUDA alpha) for callers that checked it.
+    """
+    _check(x, alpha, scores, narrowness, approximate, check_alpha)
     h, _ = gated_up(x, weight, bias, alpha.float(), scores, float(narrowness), approximate == "tanh",
                     _needs_grad(x, weight, bias))
     return h
 
 
-def gated_mlp(x, w1, b1, w2, b2, alpha, scores, narrowness=1.0, approximate="none"):
+def gated_mlp(x, w1, b1, w2, b2, alpha, scores, narrowness=1.0, approximate="none", check_alpha=True):
     """The gated MLP: (GELU(x @ w1.T + b1) * g(alpha, scores)) @ w2.T + b2."""
-    _check(x, alpha, scores, narrowness, approximate)
+    _check(x, alpha, scores, narrowness, approximate, check_alpha)
     out, _, _ = gated_mlp_op(x, w1, b1, w2, b2, alpha.float(), scores, float(narrowness), approximate == "tanh",
                              _needs_grad(x, w1, b1, w2, b2))
     return out

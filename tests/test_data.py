@@ -56,7 +56,7 @@ def test_no_val_token_reaches_a_training_batch(per_sequence):
     generator = torch.Generator().manual_seed(0)
     seen = torch.zeros(tok.vocab_size, dtype=torch.bool)
     for _ in range(300):
-        x, y, _ = training_batch(corpus, 8, 16, generator, per_sequence)
+        x, y, _, _ = training_batch(corpus, 8, 16, generator, per_sequence)
         seen[x.flatten()] = True
         seen[y.flatten()] = True
     assert not seen[val_ids].any()
@@ -65,7 +65,7 @@ def test_no_val_token_reaches_a_training_batch(per_sequence):
 
 def test_batches_are_next_token_windows_of_one_source():
     corpus, tok = marked_corpus()
-    x, y, alpha = training_batch(corpus, 16, 12, torch.Generator().manual_seed(1))
+    x, y, alpha, sources = training_batch(corpus, 16, 12, torch.Generator().manual_seed(1))
     assert alpha.shape == () and alpha.dtype == torch.float32 and 0 <= alpha <= 1
     assert torch.equal(x[:, 1:], y[:, :-1])
     chars = set(tok.decode(torch.cat([x.flatten(), y[:, -1]]).tolist()))
@@ -74,9 +74,10 @@ def test_batches_are_next_token_windows_of_one_source():
 
 def test_per_sequence_batches_draw_alpha_and_source_per_row():
     corpus, tok = marked_corpus()
-    x, y, alpha = training_batch(corpus, 64, 8, torch.Generator().manual_seed(2), per_sequence=True)
+    x, y, alpha, sources = training_batch(corpus, 64, 8, torch.Generator().manual_seed(2), per_sequence=True)
     assert alpha.shape == (64,) and alpha.dtype == torch.float32
     from_second = torch.tensor([set(tok.decode(row.tolist())) <= set("cd") for row in x])
+    assert torch.equal(from_second, sources == 1)  # the reported sources are the rows' real ones
     assert 0 < from_second.sum() < 64
     # rows from the second source have a higher alpha on average (source 1 with probability alpha)
     assert alpha[from_second].mean() > alpha[~from_second].mean()

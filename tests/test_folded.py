@@ -193,3 +193,16 @@ def test_a_layer_with_no_active_head_or_unit():
     runs = [generate(m.double().eval(), prompt, 10, 0.5, generator=torch.Generator().manual_seed(0))
             for m in (folded, reference)]
     assert torch.equal(runs[0], runs[1])
+
+
+def test_skipping_follows_scores_loaded_later():
+    """The host copies of the scores used to find silent units are refreshed when the buffers change."""
+    folded, _ = twin_models()
+    idx = batch()
+    folded(idx, 1.0, idx)  # fills the host copies
+    torch.manual_seed(9)
+    other = GPT(GPTConfig(**CONFIG, mask_seed=99, sort_units=False, gate_backend="reference"))
+    folded.load_state_dict(other.state_dict())
+    assert torch.equal(folded.host_scores()[0], other.embd_scores)
+    for alpha in (0.0, 1.0):
+        torch.testing.assert_close(folded(idx, alpha, idx)[0], other(idx, alpha, idx)[0], rtol=1e-5, atol=1e-5)

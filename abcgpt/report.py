@@ -1,0 +1,184 @@
+"""The dial, measured and written up (DESIGN.md section 5).
+
+A report holds the held-out sweep (corner losses, contrast, middle, best alpha),
+the cost of the dial (each corner against a vanilla GPT trained on that source
+alone with as many of its tokens), the calibration of generated text (character
+n-gram models fitted on the train splits score samples at each alpha as
+P(source 1 | text)), samples at five alphas and, with matplotlib, two plots.
+"""
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .evaluate import SWEEP, format_table, summarize, sweep, val_loss
+from .ngram import SourceClassifier, spearman
+from .sampling import generate
+
+SAMPLE_ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def dial_cost(corner_loss, baseline_loss):
+    """Each source's corner loss against its single-source baseline: excess in nats and relative."""
+    return {
+        name: {
+            "corner_loss": corner_loss[name],
+            "baseline_loss": baseline_loss[name],
+            "excess": corner_loss[name] - baseline_loss[name],
+            "relative": corner_loss[name] / baseline_loss[name] - 1.0,
+        }
+        for name in corner_loss
+        if name in baseline_loss
+    }
+
+
+def calibration_summary(alphas, scores):
+    """scores: {alpha: [P(source 1 | sample), ...]}. The mean curve, its rank correlation with
+    alpha over all samples, its endpoints, and whether the mean curve never falls."""
+    curve = [float(np.mean(scores[a])) for a in alphas]
+    flat_alphas = [a for a in alphas for _ in scores[a]]
+    flat_scores = [p for a in alphas for p in scores[a]]
+    return {
+        "alphas": list(alphas),
+        "mean_p_source_1": curve,
+        "spearman": spearman(flat_alphas, flat_scores),
+        "at_alpha_0": curve[0],
+        "at_alpha_1": curve[-1],
+        "monotone": all(b >= a for a, b in zip(curve, curve[1:])),
+    }
+
+
+def prompt_ids(tokenizer):
+    """A neutral start: a newline where the vocabulary has one."""
+    try:
+        return tokenizer.encode("\n")
+    except ValueError:
+        return [0]
+
+
+def sample_texts(model, tokenizer, alpha, n, tokens, seed, device, temperature=1.0):
+    start = prompt_ids(tokenizer)
+    idx = torch.tensor([start] * n, dtype=torch.long, device=device)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    out = generate(model, idx, tokens, alpha, temperature=temperature, generator=generator)
+    return [tokenizer.decode(row[len(start):]) for row in out.tolist()]
+
+
+def build_report(model, tokenizer, state, corpus, baselines=None, n_samples=8, sample_tokens=200,
+                 max_windows=None, device="cpu", seed=1337):
+    """Everything the report shows, as plain data. baselines: {source name: vanilla model}."""
+    alphas, losses = sweep(model, corpus, SWEEP, max_windows=max_windows, device=device)
+    summary = summarize(corpus.names, alphas, losses)
+    report = {
+        "checkpoint_step": state["step"], "sources": corpus.names, "tokens_seen": state.get("tokens_seen"),
+        "val_tokens": {n: len(v) for n, v in zip(corpus.names, corpus.val)},
+        "alphas": alphas, "losses": losses, **summary,
+    }
+    baseline_loss = {}
+    for name, baseline in (baselines or {}).items():
+        k = corpus.names.index(name)
+        baseline_loss[name] = val_loss(baseline.eval(), corpus.val[k], None, max_windows=max_windows, device=device)
+    report["dial_cost"] = dial_cost(summary["corner_loss"], baseline_loss)
+
+    if len(corpus.names) == 2:
+        train_texts = [tokenizer.decode(ids.tolist()) for ids in corpus.train]
+        classifier = SourceClassifier(*train_texts)
+        scores = {
+            a: [classifier.p_source_1(t) for t in sample_texts(model, tokenizer, a, n_samples, sample_tokens,
+                                                                seed + i, device)]
+            for i, a in enumerate(SWEEP)
+        }
+        report["calibration"] = {**calibration_summary(SWEEP, scores), "samples_per_alpha": n_samples,
+                                 "sample_tokens": sample_tokens, "scores": {str(a): s for a, s in scores.items()}}
+    report["samples"] = {
+        str(a): sample_texts(model, tokenizer, a, 1, sample_tokens, seed, device, temperature=0.8)[0]
+        for a in SAMPLE_ALPHAS
+    }
+    return report
+
+
+def plot(report, out_dir):
+    """val loss against alpha per source, and the calibration curve, as PNGs (needs matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    written = []
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name in report["sources"]:
+        line = ax.plot(report["alphas"], report["losses"][name], marker="o", label=name)[0]
+        if name in report["dial_cost"]:
+            ax.axhline(report["dial_cost"][name]["baseline_loss"], color=line.get_color(), linestyle="--",
+                       label=f"{name}: vanilla on {name} alone")
+    ax.set(xlabel="alpha", ylabel="held-out val loss (nats/token)", title="Loss along the dial")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_dir / "val_loss.png", dpi=120)
+    written.append("val_loss.png")
+    if "calibration" in report:
+        cal = report["calibration"]
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for a, s in cal["scores"].items():
+            ax.scatter([float(a)] * len(s), s, color="0.7", s=10)
+        ax.plot(cal["alphas"], cal["mean_p_source_1"], marker="o", color="C0", label="mean over samples")
+        ax.plot([0, 1], [0, 1], linestyle=":", color="0.5", label="y = alpha")
+        ax.set(xlabel="alpha", ylabel=f"P({report['sources'][1]} | sample)", title="Calibration of generated text",
+               ylim=(-0.05, 1.05))
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out_dir / "calibration.png", dpi=120)
+        written.append("calibration.png")
+    plt.close("all")
+    return written
+
+
+def _fmt(x, spec=".4f"):
+    return "not measured" if x is None else format(x, spec)
+
+
+def render_markdown(report, title, plots):
+    names = report["sources"]
+    lines = [f"# {title}", "", f"Checkpoint step {report['checkpoint_step']}; held-out val tokens: "
+             + ", ".join(f"{n} {report['val_tokens'][n]:,}" for n in names) + "."]
+    if report.get("tokens_seen"):
+        lines[-1] += " Training tokens seen: " + ", ".join(f"{n} {t:,}" for n, t in zip(names, report["tokens_seen"])) + "."
+    lines += ["", "## Held-out loss along the dial", "", "```", format_table(names, report["alphas"], report["losses"], report), "```", ""]
+    if "val_loss.png" in plots:
+        lines += ["![val loss against alpha](val_loss.png)", ""]
+    lines += ["## Cost of the dial", "", "Each source's loss at its own corner against a vanilla GPT trained on that "
+              "source alone with as many of its tokens.", "",
+              "| source | corner loss | single-source baseline | excess (nats) | relative |", "| --- | ---: | ---: | ---: | ---: |"]
+    for n in names:
+        c = report["dial_cost"].get(n)
+        lines.append(f"| {n} | {report['corner_loss'][n]:.4f} | {_fmt(c and c['baseline_loss'])} | "
+                     f"{_fmt(c and c['excess'], '+.4f')} | {_fmt(c and c['relative'], '+.1%')} |")
+    lines.append("")
+    if "calibration" in report:
+        cal = report["calibration"]
+        lines += ["## Calibration of generated text", "",
+                  f"{cal['samples_per_alpha']} samples of {cal['sample_tokens']} tokens at each alpha (temperature 1), "
+                  f"scored by character 4-gram models fitted on the train splits as P({names[1]} | text).", "",
+                  "| alpha | " + " | ".join(f"{a:g}" for a in cal["alphas"]) + " |",
+                  "| --- |" + " ---: |" * len(cal["alphas"]),
+                  "| mean P | " + " | ".join(f"{p:.3f}" for p in cal["mean_p_source_1"]) + " |", "",
+                  f"Spearman rank correlation with alpha: {cal['spearman']:.3f}; at alpha 0: {cal['at_alpha_0']:.3f}; "
+                  f"at alpha 1: {cal['at_alpha_1']:.3f}; mean curve {'rises monotonically' if cal['monotone'] else 'is not monotone'}.", ""]
+        if "calibration.png" in plots:
+            lines += ["![calibration curve](calibration.png)", ""]
+    lines += ["## Samples", ""]
+    for a, text in report["samples"].items():
+        lines += [f"alpha {a} (temperature 0.8):", "", "```", text.strip("\n"), "```", ""]
+    return "\n".join(lines)
+
+
+def write_report(report, out_dir, title):
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plots = plot(report, out_dir)
+    (out_dir / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+    (out_dir / "report.md").write_text(render_markdown(report, title, plots) + "\n")
+    return out_dir / "report.md"
