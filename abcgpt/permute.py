@@ -87,7 +87,7 @@ def sort_units(model, optimizer_state=None):
 
 
 def main(argv=None):
-    from .checkpoint import CheckpointError, load_checkpoint, load_model, save_checkpoint
+    from .checkpoint import CheckpointError, load_model, save_checkpoint
 
     p = argparse.ArgumentParser(description="Sort a checkpoint's units by score (function unchanged).")
     p.add_argument("source")

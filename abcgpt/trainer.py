@@ -213,6 +213,7 @@ class Trainer:
             if config.only_source:
                 sources = torch.full((config.batch_size,), self.corpus.names.index(config.only_source))
                 x, y = self.corpus.batch("train", sources, config.block_size, generator)
+                alpha = None  # a single-source baseline is vanilla
             else:
                 x, y, alpha, sources = training_batch(
                     self.corpus, config.batch_size, config.block_size, generator, config.alpha_mode == "sequence"
