@@ -17,7 +17,7 @@ import torch
 from abcgpt.checkpoint import CheckpointError, load_checkpoint
 from abcgpt.config import PRESETS, add_config_flags, baseline_config, build_config, default_preset
 from abcgpt.data import DataError
-from abcgpt.trainer import CHECKPOINT_NAME, Trainer
+from abcgpt.trainer import CHECKPOINT_NAME, Trainer, TrainingDiverged
 
 
 def parse_args(argv=None):
@@ -44,11 +44,13 @@ def main(argv=None):
         if not resume:
             print(f"preset: {preset}")
         losses, tokens_seen, names = run(config, resume)
+        if losses is None:
+            sys.exit(130)
         if baselines:
             for name, tokens in zip(names, tokens_seen):
                 print(f"baseline: vanilla GPT on {name} alone, {tokens:,} tokens")
                 run(baseline_config(config, name, tokens), resume=False)
-    except (DataError, CheckpointError, ValueError) as e:
+    except (DataError, CheckpointError, ValueError, TrainingDiverged) as e:
         sys.exit(f"error: {e}")
 
 
@@ -59,6 +61,11 @@ def run(config, resume):
         tokens_seen = trainer.tokens_seen()
     finally:
         trainer.close()
+    if trainer.interrupted:
+        if trainer.is_master:
+            print(f"interrupted: saved {config.out_dir}/{CHECKPOINT_NAME} at step {trainer.step}; "
+                  f"continue with: python train.py --resume --out_dir {config.out_dir}", file=sys.stderr)
+        return None, tokens_seen, trainer.corpus.names
     if trainer.is_master and losses:
         print("final held-out losses: " + ", ".join(f"{k} {v:.4f}" for k, v in losses.items()))
     return losses, tokens_seen, trainer.corpus.names

@@ -8,8 +8,10 @@ processes with grad_accum G see the same data as one process with the same G.
 import json
 import math
 import os
+import signal
+import threading
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -23,7 +25,12 @@ from .model import GPT, GPTConfig
 from .tokenizer import tokenizer_from_dict
 
 EVAL_ALPHAS = (0.0, 0.5, 1.0)
-CHECKPOINT_NAME = "ckpt.pt"
+CHECKPOINT_NAME = "ckpt.pt"  # the latest state, written at every evaluation
+BEST_NAME = "best.pt"  # the state with the lowest held-out loss so far
+
+
+class TrainingDiverged(RuntimeError):
+    pass
 
 
 def learning_rate_at(step, config):
@@ -87,7 +94,13 @@ class Trainer:
         )
         self.step = 0
         self.local_tokens = [0] * len(self.corpus.names)  # per source, this process (+ a resumed total on rank 0)
+        self.best_val_loss = math.inf
+        self.saved_step = None  # the step of the last checkpoint written by this run
+        self.first_bad_step = torch.tensor(-1, device=self.device)  # first step with a NaN/inf loss or gradient
+        self.stop_requested = self.interrupted = False
         if state is not None:
+            self.best_val_loss = state.get("best_val_loss", math.inf)
+            self.saved_step = state["step"]
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
             self.step = state["step"]
@@ -192,12 +205,36 @@ class Trainer:
             "step": self.step,
             "seed": self.config.seed,
             "tokens_seen": self.tokens_seen(),
+            "best_val_loss": self.best_val_loss,
         }
 
-    def save(self):
+    def save(self, best=False):
+        """The latest checkpoint, and the best one too when best; never a state that went non-finite."""
+        self.check_finite()
         state = self.checkpoint_state()  # on every process: tokens_seen gathers from all
         if self.is_master:
             save_checkpoint(state, self.out_dir / CHECKPOINT_NAME)
+            if best:
+                save_checkpoint(state, self.out_dir / BEST_NAME)
+        self.saved_step = self.step
+
+    def check_finite(self):
+        """Stop the run, naming the step, if any loss or gradient so far was NaN or infinite."""
+        bad_step = int(self.first_bad_step.item())
+        if bad_step >= 0:
+            kept = (f"the last good checkpoint is {self.out_dir / CHECKPOINT_NAME} (step {self.saved_step})"
+                    if self.saved_step is not None else "no checkpoint had been written")
+            raise TrainingDiverged(
+                f"training diverged at step {bad_step}: the loss or a gradient is not finite (NaN or inf); "
+                f"nothing after it was saved and {kept}. Try a lower learning_rate, or grad_clip"
+            )
+
+    def held_out_score(self, losses):
+        """One number to pick the best checkpoint by: the mean loss of each source at its own corner."""
+        own = [losses.get(f"val/{name}@{alpha:g}", losses.get(f"val/{name}"))
+               for name, alpha in zip(self.corpus.names, self.corpus.alphas)]
+        own = [v for v in own if v is not None]
+        return sum(own) / len(own) if own else sum(losses.values()) / len(losses)
 
     def train_step(self):
         """One optimizer step over grad_accum micro-batches; returns the mean loss (a tensor)."""
@@ -228,9 +265,13 @@ class Trainer:
                 loss = loss / self.micro_steps
             self.scaler.scale(loss).backward()
             total += loss.detach()
-        if config.grad_clip > 0:
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip)
+        self.scaler.unscale_(self.optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip if config.grad_clip > 0 else math.inf)
+        bad = ~torch.isfinite(total)
+        if not self.scaler.is_enabled():  # with fp16 loss scaling, inf gradients are expected and skipped
+            bad |= ~torch.isfinite(norm)
+        # remembered on the device (no sync per step), read where the loop syncs anyway
+        self.first_bad_step = torch.where(bad & (self.first_bad_step < 0), self.step + 1, self.first_bad_step)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
@@ -255,23 +296,60 @@ class Trainer:
         tokens_per_step = config.batch_size * config.block_size * config.grad_accum
         last_losses = {}
         timer, timed_steps = time.perf_counter(), 0
-        while self.step < config.max_iters:
-            loss, lr = self.train_step()
-            timed_steps += 1
-            if self.step % config.log_interval == 0 or self.step == config.max_iters:
-                if self.device_type == "cuda":
-                    torch.cuda.synchronize()
-                elapsed = time.perf_counter() - timer
-                record = {"step": self.step, "loss": loss.item(), "lr": lr,
-                          "tokens_per_s": round(tokens_per_step * timed_steps / elapsed)}
-                self.log(record)
-                timer, timed_steps = time.perf_counter(), 0
-            if self.step % config.eval_interval == 0 or self.step == config.max_iters:
-                last_losses = self.evaluate()
-                self.log({"step": self.step, **last_losses})
-                self.save()
-                timer, timed_steps = time.perf_counter(), 0  # evaluation is not training time
+        with self._ctrl_c_saves():
+            while self.step < config.max_iters:
+                loss, lr = self.train_step()
+                timed_steps += 1
+                at_log = self.step % config.log_interval == 0 or self.step == config.max_iters
+                if at_log:
+                    self.check_finite()
+                    elapsed = time.perf_counter() - timer
+                    record = {"step": self.step, "loss": loss.item(), "lr": lr,
+                              "tokens_per_s": round(tokens_per_step * timed_steps / elapsed)}
+                    self.log(record)
+                    timer, timed_steps = time.perf_counter(), 0
+                if self.step % config.eval_interval == 0 or self.step == config.max_iters:
+                    self.check_finite()
+                    last_losses = self.evaluate()
+                    self.log({"step": self.step, **last_losses})
+                    score = self.held_out_score(last_losses)
+                    improved = score < self.best_val_loss
+                    self.best_val_loss = min(score, self.best_val_loss)
+                    self.save(best=improved)
+                    timer, timed_steps = time.perf_counter(), 0  # evaluation is not training time
+                if self._stop_now(at_log):
+                    self.save()
+                    self.interrupted = True
+                    break
         return last_losses
+
+    def _stop_now(self, at_log):
+        """Ctrl-C was pressed: with DDP, every process agrees at a log step, where they sync anyway."""
+        if not self.ddp:
+            return self.stop_requested
+        if not at_log:
+            return False
+        flag = torch.tensor(int(self.stop_requested), device=self.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
+
+    @contextmanager
+    def _ctrl_c_saves(self):
+        """While training, the first Ctrl-C asks for a checkpoint and a clean stop after the
+        current step; a second one interrupts at once."""
+        if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+            yield
+            return
+
+        def handle(signum, frame):
+            self.stop_requested = True
+            signal.signal(signal.SIGINT, previous)
+
+        previous = signal.signal(signal.SIGINT, handle)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
 
     def close(self):
         if self.ddp:

@@ -131,10 +131,16 @@ def test_optimizer_decays_matrices_only():
     assert sum(map(len, (decay["params"], no_decay["params"]))) == len(list(model.parameters()))
 
 
-@pytest.mark.parametrize("alpha", [None, 1.2, -0.5, float("nan"), torch.tensor([0.1, 0.2, 0.3])])
-def test_bad_alpha_is_refused_by_the_model(alpha):
+@pytest.mark.parametrize("alpha, message", [
+    (None, "a gated model needs alpha"),
+    (1.2, r"alpha must be in \[0, 1\], got 1.2"),
+    (-0.5, r"alpha must be in \[0, 1\], got -0.5"),
+    (float("nan"), r"alpha must be in \[0, 1\], got nan"),
+    (torch.tensor([0.1, 0.2, 0.3]), "got 3 alphas for a batch of 2 sequences"),
+])
+def test_bad_alpha_is_refused_by_the_model(alpha, message):
     model = GPT(GPTConfig(**SMALL))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=message):
         model(torch.zeros(2, 4, dtype=torch.long), alpha)
 
 

@@ -56,3 +56,12 @@ def test_bpe_gpt2_round_trip_when_its_files_are_at_hand():
 def test_unknown_tokenizer_kind_is_refused():
     with pytest.raises(ValueError, match="unknown tokenizer"):
         tokenizer_from_dict({"kind": "wordpiece"})
+
+
+def test_bpe_files_out_of_reach_name_the_offline_way(monkeypatch):
+    def offline(name):
+        raise ConnectionError("network is unreachable")
+
+    monkeypatch.setattr(tiktoken, "get_encoding", offline)
+    with pytest.raises(RuntimeError, match=r"could not load the 'gpt2' BPE vocabulary .*TIKTOKEN_CACHE_DIR"):
+        BPETokenizer("gpt2")

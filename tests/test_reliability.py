@@ -1,0 +1,82 @@
+"""Guarded training: divergence stops the run and keeps the last good checkpoint; Ctrl-C saves;
+the best and the latest checkpoints are kept apart."""
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from abcgpt.checkpoint import load_checkpoint
+from abcgpt.trainer import Trainer, TrainingDiverged
+from conftest import tiny_config
+
+ROOT = Path(__file__).resolve().parents[1]
+quiet = dict(log=lambda line: None)
+
+
+@pytest.mark.parametrize("where", ["loss", "gradient"])
+def test_non_finite_stops_the_run_naming_the_step(corpus_files, tmp_path, where):
+    # the reference backend calls lm_head as a module, where the hook below can poison it
+    config = tiny_config(corpus_files, tmp_path, max_iters=10, eval_interval=2, log_interval=1, gate_backend="reference")
+    trainer = Trainer(config, **quiet)
+    poison_at = 5  # the 5th step, counting from 1 as the logs do
+
+    def poison(module, inputs, output):
+        return output * float("nan") if trainer.step == poison_at - 1 else output
+
+    if where == "loss":
+        trainer.model.lm_head.register_forward_hook(poison)
+    else:  # a finite loss whose gradient is not
+        trainer.model.transformer.h[0].mlp.c_fc.weight.register_hook(
+            lambda g: g * float("nan") if trainer.step == poison_at - 1 else g)
+    with pytest.raises(TrainingDiverged, match=rf"diverged at step {poison_at}: .*last good checkpoint .*step 4"):
+        trainer.train()
+    kept = load_checkpoint(tmp_path / "ckpt.pt")
+    assert kept["step"] == 4
+    assert all(torch.isfinite(t).all() for t in kept["model"].values())
+
+
+def test_best_and_latest_are_kept_apart(corpus_files, tmp_path):
+    trainer = Trainer(tiny_config(corpus_files, tmp_path, max_iters=6, eval_interval=2, learning_rate=3e-2), **quiet)
+    scores = iter([2.0, 1.0, 3.0])  # held-out scores at steps 2, 4, 6: the best is step 4
+    trainer.held_out_score = lambda losses: next(scores)
+    trainer.train()
+    assert load_checkpoint(tmp_path / "ckpt.pt")["step"] == 6
+    best = load_checkpoint(tmp_path / "best.pt")
+    assert best["step"] == 4 and best["best_val_loss"] == 1.0
+
+
+def test_held_out_score_is_the_mean_own_corner_loss(corpus_files, tmp_path):
+    trainer = Trainer(tiny_config(corpus_files, tmp_path), **quiet)
+    losses = {"val/stories@0": 1.0, "val/stories@1": 9.0, "val/plays@0": 9.0, "val/plays@1": 2.0, "val/plays@0.5": 5.0}
+    assert trainer.held_out_score(losses) == pytest.approx(1.5)
+
+
+def test_ctrl_c_saves_a_checkpoint_to_resume_from(corpus_files, tmp_path):
+    stories, plays = corpus_files
+    args = ["--sources", f"stories={stories},plays={plays}", "--out_dir", str(tmp_path), "--n_layer", "1",
+            "--n_head", "2", "--n_embd", "16", "--block_size", "8", "--batch_size", "4", "--eval_iters", "1",
+            "--device", "cpu", "--log_interval", "1"]
+    process = subprocess.Popen([sys.executable, "train.py", *args, "--max_iters", "100000", "--eval_interval", "100000"],
+                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "log.jsonl"
+    deadline = time.time() + 120
+    while not (log.exists() and len(log.read_text().splitlines()) >= 3):  # training is under way
+        assert time.time() < deadline and process.poll() is None, process.communicate()
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr and "interrupted: saved" in stderr and "--resume" in stderr
+    step = load_checkpoint(tmp_path / "ckpt.pt")["step"]
+    assert step >= 3
+    last_logged = json.loads(log.read_text().splitlines()[-1])["step"]
+    assert step == last_logged or step == last_logged + 1  # nothing trained is lost
+    resumed = subprocess.run([sys.executable, "train.py", "--resume", "--out_dir", str(tmp_path),
+                              "--max_iters", str(step + 2)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert resumed.returncode == 0, resumed.stderr
+    assert load_checkpoint(tmp_path / "ckpt.pt")["step"] == step + 2
