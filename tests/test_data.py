@@ -161,3 +161,12 @@ def test_checksum_mismatch_leaves_no_file(tmp_path):
     with pytest.raises(DataError, match="checksum"):
         download(remote.as_uri(), dest, sha256="0" * 64)
     assert list(dest.parent.iterdir()) == []
+
+
+def test_unreadable_source_is_a_clear_error(tmp_path):
+    good = tmp_path / "good.txt"
+    good.write_text("hello there " * 50)
+    folder = tmp_path / "folder.txt"
+    folder.mkdir()  # exists but cannot be read as a file (root ignores file permissions)
+    with pytest.raises(DataError, match=r"source 'b': cannot read .*folder.txt"):
+        Corpus.from_sources([f"a={good}", f"b={folder}"])

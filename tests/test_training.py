@@ -60,6 +60,7 @@ def test_resume_continues_as_if_never_stopped(corpus_files, tmp_path, alpha_mode
     assert resumed.step == 3
     resumed.train()
 
+    assert straight.tokens_seen() == resumed.tokens_seen()  # the same sources drawn, in all
     for (name, p), q in zip(straight.model.named_parameters(), resumed.model.parameters()):
         assert torch.equal(p, q), name
     s, r = straight.optimizer.state_dict()["state"], resumed.optimizer.state_dict()["state"]
@@ -124,3 +125,13 @@ def test_vanilla_training_runs_without_a_dial(corpus_files, tmp_path):
     trainer = Trainer(tiny_config(corpus_files, tmp_path, gated=False, max_iters=3), **quiet)
     losses = trainer.train()
     assert set(losses) == {"val/stories", "val/plays"} and all(math.isfinite(v) for v in losses.values())
+
+
+def test_checkpoint_whose_config_does_not_match_its_weights(trained_checkpoint, tmp_path):
+    state = load_checkpoint(trained_checkpoint)
+    state["model_config"]["n_embd"] = 48  # the weights are 32 wide
+    edited = tmp_path / "edited.pt"
+    save_checkpoint({k: v for k, v in state.items() if k != "format"}, edited)
+    with pytest.raises(CheckpointError, match="does not hold a usable model"):
+        load_model(edited)
+    assert load_checkpoint(trained_checkpoint)["model_config"]["n_embd"] == 32  # the original is untouched
