@@ -31,10 +31,6 @@ def active_ranges(gates):
     return [(lo, max(lo, hi)) for lo, hi in torch.stack(bounds).tolist()]
 
 
-def _norm(x, ln):
-    return F.layer_norm(x, ln.weight.shape, ln.weight, ln.bias, 1e-5)
-
-
 def _cut(t, *ranges):
     """t[ranges], or t itself where the ranges cover it all (a full slice still costs a
     zero-fill and a copy in the backward)."""
@@ -136,7 +132,7 @@ class FoldedGPT:
         pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
         x = self._dropout(F.embedding(idx, self.wte) + F.embedding(pos, self.wpe))
         for layer, b in enumerate(self.blocks):
-            qkv = F.linear(_norm(x, b.ln_1), b.qkv_w, b.qkv_b)
+            qkv = F.linear(b.ln_1(x), b.qkv_w, b.qkv_b)
             if b.n_heads:  # split, not slicing: its backward concatenates instead of zero-filling
                 q, k, v = (t.view(B, T, b.n_heads, self.head_size).transpose(1, 2)
                            for t in qkv.split(b.n_heads * self.head_size, dim=2))
@@ -146,11 +142,11 @@ class FoldedGPT:
             else:
                 y = qkv  # no head is active: an empty (B, T, 0) output
             x = x + self._residual(self._dropout(F.linear(y, b.attn_w, b.attn_b)))
-            h = F.gelu(F.linear(_norm(x, b.ln_2), b.fc_w, b.fc_b))
+            h = F.gelu(F.linear(b.ln_2(x), b.fc_w, b.fc_b))
             x = x + self._residual(self._dropout(F.linear(h, b.mlp_w, b.mlp_b)))
         if cache is not None:
             cache.pos += T
-        x = _norm(x, self.ln_f)[..., self.embd]
+        x = self.ln_f(x)[..., self.embd]
         if targets is not None:
             logits = F.linear(x, self.lm_head)
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)

@@ -299,20 +299,22 @@ class GPT(nn.Module):
                 return FoldedGPT(self, alpha)
         return partial(self, alpha=alpha)
 
+    def _decay_groups(self):
+        """(name, parameter) pairs with weight decay (matrices, embeddings) and without (the rest)."""
+        named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+        return [(n, p) for n, p in named if p.dim() >= 2], [(n, p) for n, p in named if p.dim() < 2]
+
     def optimizer_param_names(self):
         """Parameter names in the order configure_optimizers hands them to AdamW."""
-        named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
-        return [n for n, p in named if p.dim() >= 2] + [n for n, p in named if p.dim() < 2]
+        decay, no_decay = self._decay_groups()
+        return [n for n, _ in decay + no_decay]
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
         """AdamW with weight decay on matrices and embeddings only (not biases or LayerNorms)."""
-        params = dict(self.named_parameters())
-        names = self.optimizer_param_names()
-        decay = [params[n] for n in names if params[n].dim() >= 2]
-        no_decay = [params[n] for n in names if params[n].dim() < 2]
+        decay, no_decay = self._decay_groups()
         groups = [
-            {"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
+            {"params": [p for _, p in decay], "weight_decay": weight_decay},
+            {"params": [p for _, p in no_decay], "weight_decay": 0.0},
         ]
         fused = device_type == "cuda"
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)

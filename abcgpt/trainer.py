@@ -318,7 +318,8 @@ class Trainer:
                     self.save(best=improved)
                     timer, timed_steps = time.perf_counter(), 0  # evaluation is not training time
                 if self._stop_now(at_log):
-                    self.save()
+                    if self.saved_step != self.step:  # an evaluation may have just saved this step
+                        self.save()
                     self.interrupted = True
                     break
         return last_losses
