@@ -49,7 +49,8 @@ def main(argv=None):
         if baselines:
             for name, tokens in zip(names, tokens_seen):
                 print(f"baseline: vanilla GPT on {name} alone, {tokens:,} tokens")
-                run(baseline_config(config, name, tokens), resume=False)
+                if run(baseline_config(config, name, tokens), resume=False)[0] is None:
+                    sys.exit(130)  # interrupted: the next baseline would start with no one asking
     except (DataError, CheckpointError, ValueError, TrainingDiverged) as e:
         sys.exit(f"error: {e}")
 
