@@ -11,10 +11,9 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
 from abcgpt.checkpoint import CheckpointError, load_model
 from abcgpt.data import DataError
+from abcgpt.device import resolve_device
 from abcgpt.evaluate import SWEEP, corpus_for, format_table, require_gated, summarize, sweep
 
 
@@ -25,14 +24,15 @@ def main(argv=None):
     p.add_argument("--cache_dir", default=None)
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--max_windows", type=int, default=None, help="score at most this many val windows per source")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="auto", help="auto (CUDA if there is one), cpu, cuda or cuda:N")
     p.add_argument("--out", default=None, help="JSON output (default: eval.json beside the checkpoint)")
     args = p.parse_args(argv)
     try:
+        args.device = resolve_device(args.device)
         model, tokenizer, state = load_model(args.ckpt, args.device)
         require_gated(model, args.ckpt)
         corpus = corpus_for(state, tokenizer, args.sources, args.cache_dir)
-    except (CheckpointError, DataError) as e:
+    except (CheckpointError, DataError, ValueError) as e:
         sys.exit(f"error: {e}")
 
     alphas, losses = sweep(model, corpus, SWEEP, args.batch_size, args.max_windows, args.device)

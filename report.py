@@ -11,10 +11,9 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-
 from abcgpt.checkpoint import CheckpointError, load_model
 from abcgpt.data import DataError
+from abcgpt.device import resolve_device
 from abcgpt.evaluate import corpus_for, require_gated
 from abcgpt.report import build_report, write_report
 
@@ -42,14 +41,15 @@ def main(argv=None):
     p.add_argument("--sample_tokens", type=int, default=200)
     p.add_argument("--max_windows", type=int, default=None, help="score at most this many val windows per source")
     p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="auto", help="auto (CUDA if there is one), cpu, cuda or cuda:N")
     args = p.parse_args(argv)
     try:
+        args.device = resolve_device(args.device)
         model, tokenizer, state = load_model(args.ckpt, args.device)
         require_gated(model, args.ckpt)
         corpus = corpus_for(state, tokenizer, args.sources, args.cache_dir)
         baselines = load_baselines(args.ckpt, corpus.names, args.device)
-    except (CheckpointError, DataError) as e:
+    except (CheckpointError, DataError, ValueError) as e:
         sys.exit(f"error: {e}")
     report = build_report(model, tokenizer, state, corpus, baselines, args.samples, args.sample_tokens,
                           args.max_windows, args.device, args.seed)

@@ -11,6 +11,7 @@ import sys
 import torch
 
 from abcgpt.checkpoint import CheckpointError, load_model
+from abcgpt.device import resolve_device
 from abcgpt.sampling import generate
 from abcgpt.tokenizer import UnknownCharactersError
 
@@ -54,13 +55,14 @@ def parse_args(argv=None):
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--top_k", type=int, default=200)
     p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="auto", help="auto (CUDA if there is one), cpu, cuda or cuda:N")
     return p.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
     try:
+        args.device = resolve_device(args.device)
         alphas = parse_alphas(args.alpha)
         if args.temperature <= 0 or args.num_samples < 1 or args.max_new_tokens < 0 or args.top_k < 1:
             raise InputError("--temperature and --top_k must be positive, --num_samples at least 1, --max_new_tokens not negative")
@@ -72,7 +74,7 @@ def main(argv=None):
             raise InputError(f"--start: the prompt has {e}") from None
         if not start_ids:
             raise InputError("--start: the prompt is empty")
-    except (InputError, CheckpointError) as e:
+    except (ValueError, CheckpointError) as e:
         sys.exit(f"error: {e}")
 
     gated = model.config.gated

@@ -12,11 +12,10 @@ Every field of abcgpt.config.TrainConfig is a flag (python train.py --help).
 import argparse
 import sys
 
-import torch
-
 from abcgpt.checkpoint import CheckpointError, load_checkpoint
 from abcgpt.config import PRESETS, add_config_flags, baseline_config, build_config, default_preset
 from abcgpt.data import DataError
+from abcgpt.device import default_device
 from abcgpt.trainer import CHECKPOINT_NAME, Trainer, TrainingDiverged
 
 
@@ -39,7 +38,7 @@ def main(argv=None):
         if resume:  # the saved run's settings, with only the flags given now on top
             out_dir = overrides.get("out_dir", "out")
             base = load_checkpoint(f"{out_dir}/{CHECKPOINT_NAME}")["train_config"]
-        preset = preset or default_preset(torch.cuda.is_available())
+        preset = preset or default_preset(default_device() == "cuda")
         config = build_config(preset, overrides, base)
         if not resume:
             print(f"preset: {preset}")

@@ -11,6 +11,9 @@ from pathlib import Path
 
 import torch
 
+from .model import GPT, GPTConfig
+from .tokenizer import tokenizer_from_dict
+
 FORMAT = "abcgpt-checkpoint-v1"
 
 
@@ -48,17 +51,14 @@ def load_checkpoint(path, map_location="cpu"):
     return state
 
 
-def load_model(path, device="cpu"):
-    """The model and tokenizer stored in a checkpoint, ready for inference."""
-    from .model import GPT, GPTConfig
-    from .tokenizer import tokenizer_from_dict
-
+def load_model(path, device="cpu", backend="auto"):
+    """The model and tokenizer stored in a checkpoint, ready for inference with the given gate backend."""
     state = load_checkpoint(path)
     try:
-        model = GPT(GPTConfig(**state["model_config"]))
+        model = GPT(GPTConfig.from_dict(state["model_config"]), backend)
         model.load_state_dict(state["model"])
         tokenizer = tokenizer_from_dict(state["tokenizer"])
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
-        reason = str(e).strip().splitlines()[0]
+        reason = " ".join(line.strip() for line in str(e).strip().splitlines())
         raise CheckpointError(f"{path} does not hold a usable model: {reason}") from None
     return model.to(device).eval(), tokenizer, state

@@ -4,30 +4,24 @@ import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
+from .backends import check_backend
 from .data import DEFAULT_SOURCES
+from .model import GPTConfig
 
 # Fields that shape the model; fixed once a run has started.
-ARCHITECTURE = ("n_layer", "n_head", "n_embd", "block_size", "bias", "gated", "narrowness", "mask_seed", "tokenizer")
+ARCHITECTURE = tuple(f.name for f in fields(GPTConfig) if f.name not in ("dropout", "vocab_size")) + ("tokenizer",)
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(GPTConfig):
+    """A run's settings. The model's fields are GPTConfig's, inherited (vocab_size comes from the tokenizer)."""
+
     # data
     sources: list = field(default_factory=lambda: list(DEFAULT_SOURCES))  # NAME or NAME=PATH; order sets the dial
     tokenizer: str = "char"  # char or bpe (GPT-2, through tiktoken)
     val_fraction: float = 0.1
     cache_dir: str = ""  # where built-in sources are downloaded; empty: ~/.cache/abcgpt
-    # model
-    n_layer: int = 6
-    n_head: int = 6
-    n_embd: int = 384
-    block_size: int = 256
-    dropout: float = 0.2
-    bias: bool = False
-    gated: bool = True
-    narrowness: float = 1.0
-    mask_seed: int = 1337
-    gate_backend: str = "auto"  # auto, reference, folded or triton (abcgpt/model.py)
+    gate_backend: str = "auto"  # auto, reference, folded or triton (abcgpt/backends.py); not saved with the model
     # the dial during training: one alpha per batch (the reference recipe) or per sequence
     alpha_mode: str = "batch"
     only_source: str = ""  # train on this source alone (the single-source baselines; needs gated=false)
@@ -55,6 +49,8 @@ class TrainConfig:
     seed: int = 1337
 
     def __post_init__(self):
+        super().__post_init__()
+        check_backend(self.gate_backend)
         if isinstance(self.sources, str):
             self.sources = [s for s in self.sources.split(",") if s.strip()]
         checks = [
@@ -64,29 +60,24 @@ class TrainConfig:
             (self.batch_size > 0 and self.grad_accum > 0, "batch_size and grad_accum must be positive"),
             (self.max_iters >= 0 and self.warmup_iters >= 0, "max_iters and warmup_iters must not be negative"),
             (self.eval_interval > 0 and self.eval_iters > 0 and self.log_interval > 0, "intervals must be positive"),
-            (0.0 <= self.dropout < 1.0, "dropout must be in [0, 1)"),
             (not (self.only_source and self.gated), "only_source trains a vanilla baseline: set gated=false"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
 
+    def model_config(self, vocab_size):
+        """The GPTConfig of the model this run trains."""
+        return GPTConfig(**{f.name: getattr(self, f.name) for f in fields(GPTConfig)} | {"vocab_size": vocab_size})
+
     @property
     def decay_iters(self):
         return self.lr_decay_iters or self.max_iters
 
-    def to_dict(self):
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d):
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
-
 
 PRESETS = {
     # The reference abcGPT recipe; the default on CUDA.
-    "reference": {},
+    "reference": dict(dropout=0.2),
     # Shows the dial within 10 minutes on 2 CPU cores; the default elsewhere.
     "cpu": dict(
         n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=32, dropout=0.0,
@@ -111,6 +102,8 @@ def _parse_bool(text):
 def add_config_flags(parser):
     """One --flag per TrainConfig field; a flag left out stays absent from the parsed namespace."""
     for f in fields(TrainConfig):
+        if f.name == "vocab_size":  # set by the tokenizer
+            continue
         if f.name == "sources":
             parser.add_argument("--sources", default=argparse.SUPPRESS, metavar="A,B",
                                 help="comma-separated NAME or NAME=PATH, alpha 0 first (default: tinystories,tinyshakespeare)")
@@ -123,7 +116,7 @@ def add_config_flags(parser):
 
 def baseline_config(config, source, tokens):
     """A vanilla GPT trained on one source alone, on as many of its tokens as the gated run saw
-    (DESIGN.md section 5: the cost of the dial). Same shape and optimiser; its own schedule."""
+    (docs/design.md, section 5: the cost of the dial). Same shape and optimiser; its own schedule."""
     tokens_per_step = config.batch_size * config.block_size * config.grad_accum
     return replace(
         config, gated=False, only_source=source, lr_decay_iters=0,

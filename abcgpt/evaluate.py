@@ -1,4 +1,7 @@
-"""The dial, measured: each source's held-out loss over a sweep of alpha (DESIGN.md section 5)."""
+"""The dial, measured: each source's held-out loss over a sweep of alpha (docs/design.md, section 5).
+
+val_loss is the one definition of held-out loss: the trainer's evaluations and
+evaluate.py both call it, so on the same windows they give the same number."""
 import torch
 
 from .checkpoint import CheckpointError
@@ -37,13 +40,13 @@ def val_loss(model, ids, alpha, batch_size=32, max_windows=None, device="cpu"):
     if max_windows is not None and max_windows < n_windows:
         starts = starts[torch.linspace(0, n_windows - 1, max_windows).round().long()]
     offsets = torch.arange(block_size + 1)
-    total, count = 0.0, 0
+    total, count = torch.zeros((), dtype=torch.float64, device=device), 0
     for batch_starts in starts.split(batch_size):
         windows = ids[batch_starts[:, None] + offsets].to(device)
         _, loss = model(windows[:, :-1], alpha, windows[:, 1:])
-        total += loss.item() * windows[:, 1:].numel()
+        total += loss.double() * windows[:, 1:].numel()  # summed on the device: one sync, at the end
         count += windows[:, 1:].numel()
-    return total / count
+    return total.item() / count
 
 
 def sweep(model, corpus, alphas=SWEEP, batch_size=32, max_windows=None, device="cpu"):

@@ -1,5 +1,10 @@
-"""The dial: frozen specialty scores and the tent gate (DESIGN.md section 1)."""
+"""The dial: frozen specialty scores, the tent gate, and every gate of one forward (docs/design.md, section 1).
+
+The tent formula lives here and nowhere else: the backends and the Triton kernel
+all consume the Gates that gates_for() computes once per forward.
+"""
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -11,13 +16,21 @@ def sample_scores(n, generator):
 
 
 def check_alpha(alpha):
-    """Refuse an alpha that is not a number in [0, 1] before it reaches any math."""
+    """Refuse an alpha that is not a number in [0, 1] before it reaches any math.
+
+    A Python number or a CPU tensor is checked on the host. A tensor on an
+    accelerator is checked there, by an assert that fails the next time the device
+    is synchronised: no host sync, so a training step never stalls on it.
+    """
     if isinstance(alpha, torch.Tensor):
         if alpha.dim() > 1:
             raise ValueError(f"alpha must be a scalar or one value per sequence, got shape {tuple(alpha.shape)}")
-        bad = ~((alpha >= 0) & (alpha <= 1))  # also catches NaN
-        if bad.any():
-            raise ValueError(f"alpha must be in [0, 1], got {alpha[bad][0].item()}")
+        in_range = (alpha >= 0) & (alpha <= 1)  # False for NaN too
+        if alpha.device.type != "cpu":
+            torch._assert_async(in_range.all(), "alpha must be in [0, 1]")
+            return
+        if not in_range.all():
+            raise ValueError(f"alpha must be in [0, 1], got {alpha[~in_range][0].item()}")
         return
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
         raise TypeError(f"alpha must be a float or a tensor, got {type(alpha).__name__}")
@@ -39,3 +52,55 @@ def tent_gate(alpha, scores, narrowness=1.0):
     distance = torch.clamp((alpha - scores).abs() / reach, max=1.0)
     # cos^2(pi/2 * d) written as sin^2(pi/2 * (1 - d)) so that d = 1 gives exactly 0
     return torch.sin(0.5 * math.pi * (1.0 - distance)) ** 2
+
+
+@dataclass
+class Gates:
+    """Every gate one forward needs, each (n,) for one alpha or (B, n) for one per sequence.
+
+    embd: the residual channels; heads[l], hidden[l]: layer l's attention heads and MLP hidden units.
+    """
+
+    embd: torch.Tensor
+    heads: list
+    hidden: list
+
+    @property
+    def per_row(self):
+        return self.embd.dim() == 2
+
+    def groups(self):
+        """The gate vectors in the order of Scores.groups()."""
+        return [self.embd, *self.heads, *self.hidden]
+
+
+@dataclass
+class Scores:
+    """A model's specialty scores: residual channels, then per layer its heads and hidden units."""
+
+    embd: torch.Tensor
+    heads: list
+    hidden: list
+
+    def groups(self):
+        return [self.embd, *self.heads, *self.hidden]
+
+
+def gates_for(alpha, scores, narrowness=1.0):
+    """Every gate of a forward in one tent evaluation over all the scores at once."""
+    groups = scores.groups()
+    flat = tent_gate(alpha, torch.cat(groups), narrowness)
+    pieces = list(flat.split([len(s) for s in groups], dim=-1))
+    n_layer = len(scores.heads)
+    return Gates(pieces[0], pieces[1 : 1 + n_layer], pieces[1 + n_layer :])
+
+
+def active_range(gate):
+    """[lo, hi): the span holding every nonzero entry of a gate vector on the host (empty if none).
+
+    With units sorted by score the nonzero gates are one interval, so this span is tight.
+    """
+    on = torch.nonzero(gate > 0).flatten()
+    if len(on) == 0:
+        return 0, 0
+    return int(on[0]), int(on[-1]) + 1

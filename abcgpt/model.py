@@ -1,35 +1,25 @@
-"""The gated GPT: nanoGPT's GPT with a dial (DESIGN.md section 1).
+"""The gated GPT: nanoGPT's GPT with a dial (docs/design.md, section 1).
 
 With gated=False this is exactly nanoGPT's model: same modules, init and
 parameter count, and no gate operation in the forward. With gated=True every
 residual channel, attention head and MLP hidden unit carries a frozen specialty
 score (a buffer, never trained) and the dial alpha decides which of them fire.
+
+The forward is written once. Each forward computes its gates once (gate.py) and
+hands them to an executor (backends.py, folded.py) that runs the gated layers.
 """
-import importlib.util
 import math
-import os
-from dataclasses import asdict, dataclass
-from functools import partial
+from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
 from .attention import attend
-from .folded import FoldedGPT
-from .gate import check_alpha, sample_scores, tent_gate
-from .permute import sort_units
-
-if importlib.util.find_spec("triton") is not None:
-    from kernels.ops import gated_mlp
-else:  # no triton on this platform: the reference backend serves
-    gated_mlp = None
-
-# reference: elementwise multiplies where DESIGN.md says (the oracle; any alpha).
-# folded: gates folded into the weights, silent units skipped (one alpha per batch; folded.py).
-# triton: the fused up-projection + GELU + gate kernel (kernels/; CUDA, or the interpreter).
-# auto: folded for one alpha, triton for per-sequence alphas on CUDA, reference otherwise.
-GATE_BACKENDS = ("auto", "reference", "folded", "triton")
+from .backends import Fused, Reference, Ungated, check_backend, choose_backend
+from .folded import Folded
+from .gate import Scores, active_range, check_alpha, gates_for, sample_scores
+from .units import sort_units
 
 
 @dataclass
@@ -44,121 +34,88 @@ class GPTConfig:
     gated: bool = True
     narrowness: float = 1.0  # w in the tent gate; below 1 each unit fires over a narrower range
     mask_seed: int = 1337  # seeds the specialty scores, so one config gives one set of scores
-    gate_backend: str = "auto"
-    sort_units: bool = True  # relabel units in score order at init (function unchanged; see permute.py)
+    sort_units: bool = True  # relabel units in score order at init (function unchanged; see units.py)
 
     def __post_init__(self):
+        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
         if not self.narrowness > 0:
             raise ValueError(f"narrowness must be positive, got {self.narrowness}")
-        if self.gate_backend not in GATE_BACKENDS:
-            raise ValueError(f"gate_backend must be one of {GATE_BACKENDS}, got {self.gate_backend!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
 
     def to_dict(self):
         return asdict(self)
 
-
-def rows(gate):
-    """Per-sequence gates (B, n) broadcast over time as (B, 1, n); one gate vector (n,) stays."""
-    return gate.unsqueeze(1) if gate.dim() == 2 else gate
-
-
-class LayerNorm(nn.Module):
-    """LayerNorm with an optional bias (PyTorch's has no bias=False before 2.1)."""
-
-    def __init__(self, ndim, bias):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(ndim))
-        self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
-
-    def forward(self, x):
-        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
+    @classmethod
+    def from_dict(cls, d):
+        """A config from a saved dict; keys of older versions (such as gate_backend) are ignored."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config, layer):
         super().__init__()
-        self.n_head = config.n_head
-        self.n_embd = config.n_embd
+        self.layer = layer
+        self.head_size = config.n_embd // config.n_head
         self.dropout = config.dropout
-        self.narrowness = config.narrowness
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, alpha=None, kv=None):
-        B, T, C = x.size()
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
-        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+    def forward(self, x, run, kv=None):
+        B, T, _ = x.size()
+        qkv = run.qkv(self, x)  # the folded backend keeps only the active heads
+        n_heads = qkv.size(-1) // (3 * self.head_size)
+        q, k, v = (t.view(B, T, n_heads, self.head_size).transpose(1, 2) for t in qkv.tensor_split(3, dim=2))
         y = attend(q, k, v, kv, self.dropout if self.training else 0.0)
-        if alpha is not None:  # one gate per head: (nh,) or (B, nh)
-            head_gate = tent_gate(alpha, self.head_scores, self.narrowness)
-            y = y * head_gate.unsqueeze(-1).unsqueeze(-1)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
-        return self.resid_dropout(self.c_proj(y))
+        return self.resid_dropout(run.attn_proj(self, y))
 
 
 class MLP(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config, layer):
         super().__init__()
+        self.layer = layer
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.gelu = nn.GELU()
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
-        self.narrowness = config.narrowness
 
-    def forward(self, x, alpha=None, backend="reference"):
-        if alpha is None:
-            return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
-        if backend == "triton":
-            return self.dropout(self._fused(x, alpha))
-        hidden_gate = rows(tent_gate(alpha, self.hidden_scores, self.narrowness))
-        return self.dropout(self.c_proj(self.gelu(self.c_fc(x)) * hidden_gate))
-
-    def _fused(self, x, alpha):
-        B, T, C = x.shape
-        if alpha.dim() == 1:  # one alpha per sequence becomes one per row
-            alpha = alpha.repeat_interleave(T)
-        params = (x, self.c_fc.weight, self.c_fc.bias, self.c_proj.weight, self.c_proj.bias)
-        if torch.is_autocast_enabled(x.device.type):  # a custom op is not autocast: cast as F.linear would
-            dtype = torch.get_autocast_dtype(x.device.type)
-            params = tuple(p.to(dtype) if p is not None else None for p in params)
-        out = gated_mlp(params[0].reshape(B * T, C), *params[1:], alpha, self.hidden_scores, self.narrowness,
-                        check_alpha=False)  # GPT.forward checked alpha on the host
-        return out.view(B, T, C)
+    def forward(self, x, run):
+        return self.dropout(run.mlp(self, x))
 
 
 class Block(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config, layer):
         super().__init__()
-        self.ln_1 = LayerNorm(config.n_embd, bias=config.bias)
-        self.attn = CausalSelfAttention(config)
-        self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
-        self.mlp = MLP(config)
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config, layer)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config, layer)
 
-    def forward(self, x, alpha=None, embd_gate=None, backend="reference", kv=None):
-        if alpha is None:
-            x = x + self.attn(self.ln_1(x), kv=kv)
-            return x + self.mlp(self.ln_2(x))
-        x = x + self.attn(self.ln_1(x), alpha, kv) * embd_gate
-        return x + self.mlp(self.ln_2(x), alpha, backend) * embd_gate
+    def forward(self, x, run, kv=None):
+        x = run.add(x, self.attn(self.ln_1(x), run, kv))
+        return run.add(x, self.mlp(self.ln_2(x), run))
 
 
 class GPT(nn.Module):
-    def __init__(self, config):
+    """backend: how gated layers run (backends.BACKENDS); a runtime choice, not part of the model."""
+
+    def __init__(self, config, backend="auto"):
         super().__init__()
-        assert config.vocab_size is not None and config.block_size is not None
         self.config = config
+        self.backend = check_backend(backend)
         self.transformer = nn.ModuleDict(
             dict(
                 wte=nn.Embedding(config.vocab_size, config.n_embd),
                 wpe=nn.Embedding(config.block_size, config.n_embd),
                 drop=nn.Dropout(config.dropout),
-                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-                ln_f=LayerNorm(config.n_embd, bias=config.bias),
+                h=nn.ModuleList([Block(config, layer) for layer in range(config.n_layer)]),
+                ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
             )
         )
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
@@ -181,14 +138,19 @@ class GPT(nn.Module):
             block.attn.register_buffer("head_scores", sample_scores(c.n_head, generator))
             block.mlp.register_buffer("hidden_scores", sample_scores(4 * c.n_embd, generator))
 
-    def host_scores(self):
-        """CPU copies of the score buffers (residual, then heads and hidden units per layer),
-        made again only when a buffer changes (a load, a sort or a move)."""
+    def scores(self):
         blocks = self.transformer.h
-        buffers = [self.embd_scores, *(b.attn.head_scores for b in blocks), *(b.mlp.hidden_scores for b in blocks)]
-        key = tuple((t.data_ptr(), t._version) for t in buffers)
+        return Scores(self.embd_scores, [b.attn.head_scores for b in blocks], [b.mlp.hidden_scores for b in blocks])
+
+    def host_scores(self):
+        """CPU copies of the scores, made again only when a buffer changes (a load, a sort or a move):
+        the folded backend finds silent units from them without touching the device."""
+        scores = self.scores()
+        key = tuple((t.data_ptr(), t._version) for t in scores.groups())
         if getattr(self, "_host_scores_key", None) != key:
-            self._host_scores = [t.detach().to("cpu", copy=True) for t in buffers]  # a copy even on the CPU
+            copy = lambda t: t.detach().to("cpu", copy=True)
+            self._host_scores = Scores(copy(scores.embd), [copy(t) for t in scores.heads],
+                                       [copy(t) for t in scores.hidden])
             self._host_scores_key = key
         return self._host_scores
 
@@ -209,25 +171,39 @@ class GPT(nn.Module):
 
     def gate_backend(self, device, per_row=False):
         """The backend a forward on device uses, with one alpha (per_row=False) or one per sequence."""
-        backend = self.config.gate_backend
-        if backend == "auto":
-            if not per_row:
-                return "folded"
-            return "triton" if device.type == "cuda" and gated_mlp is not None else "reference"
-        if backend == "folded" and per_row:
-            raise ValueError("gate_backend='folded' takes one alpha per batch; per-sequence alphas need "
-                             "'reference', 'triton' or 'auto'")
-        if gated_mlp is None and backend == "triton":
-            raise ValueError("gate_backend='triton' needs the triton package")
-        if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-            raise ValueError(
-                "gate_backend='triton' needs a CUDA device (or TRITON_INTERPRET=1 for Triton's CPU interpreter)"
-            )
-        return backend
+        return choose_backend(self.backend, device, per_row)
 
-    def forward(self, idx, alpha=None, targets=None, cache=None):
+    def executor(self, alpha, batch_size, device):
+        """What runs the gated layers of a forward at alpha, with its gates computed once."""
+        if not self.config.gated:
+            if alpha is not None:
+                raise ValueError("this model is not gated (gated=False): call it without alpha")
+            return Ungated()
+        host_alpha = alpha if not (isinstance(alpha, torch.Tensor) and alpha.device.type != "cpu") else None
+        alpha = self._prepare_alpha(alpha, batch_size, device)
+        backend = self.gate_backend(device, per_row=alpha.dim() == 1)
+        gates = gates_for(alpha, self.scores(), self.config.narrowness)
+        if backend == "triton":
+            return Fused(gates)
+        if backend == "reference":
+            return Reference(gates)
+        return Folded(self, gates, self._active_ranges(host_alpha))
+
+    def _active_ranges(self, host_alpha):
+        """Each group's span of units with a nonzero gate, found on the host; every unit where
+        alpha is only on the device (finding them would be a sync) or while torch.compile traces
+        (shapes must not depend on alpha)."""
+        if host_alpha is None or torch.compiler.is_compiling():
+            s = self.scores()
+            return Scores((0, len(s.embd)), [(0, len(t)) for t in s.heads], [(0, len(t)) for t in s.hidden])
+        host = gates_for(torch.as_tensor(host_alpha, dtype=torch.float32), self.host_scores(), self.config.narrowness)
+        return Scores(active_range(host.embd), [active_range(g) for g in host.heads],
+                      [active_range(g) for g in host.hidden])
+
+    def forward(self, idx, alpha=None, targets=None, cache=None, run=None):
         """idx: (B, T) token ids. alpha: a float or 0-dim tensor, or a (B,) tensor (one per sequence).
         cache: a KVCache when generating; idx then holds only the positions not yet cached.
+        run: an executor made beforehand (see at()); alpha is then not given.
 
         Returns (logits, loss); logits cover only the last position when no targets are given.
         """
@@ -235,37 +211,23 @@ class GPT(nn.Module):
         start = cache.pos if cache is not None else 0
         if start + T > self.config.block_size:
             raise ValueError(f"sequence of length {start + T} is longer than block_size {self.config.block_size}")
-        gated = self.config.gated
-        if gated:
-            host_alpha = None if isinstance(alpha, torch.Tensor) and alpha.device.type != "cpu" else alpha
-            alpha = self._prepare_alpha(alpha, B, idx.device)
-            backend = self.gate_backend(idx.device, per_row=alpha.dim() == 1)
-            if backend == "folded":  # skipping needs concrete ranges: off while torch.compile traces
-                folded = FoldedGPT(self, alpha, skip=not torch.compiler.is_compiling(), host_alpha=host_alpha)
-                return folded(idx, targets, cache)
-        elif alpha is not None:
-            raise ValueError("this model is not gated (gated=False): call it without alpha")
+        if run is None:
+            run = self.executor(alpha, B, idx.device)
 
         pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
-        x = self.transformer.wte(idx) + self.transformer.wpe(pos)
-        if gated:
-            embd_gate = rows(tent_gate(alpha, self.embd_scores, self.config.narrowness))
-            x = x * embd_gate
+        x = run.embed(self.transformer.wte(idx) + self.transformer.wpe(pos))
         x = self.transformer.drop(x)
         for layer, block in enumerate(self.transformer.h):
-            kv = cache.layer(layer) if cache is not None else None
-            x = block(x, alpha, embd_gate, backend, kv) if gated else block(x, kv=kv)
+            x = block(x, run, cache.layer(layer) if cache is not None else None)
         if cache is not None:
             cache.pos += T
         x = self.transformer.ln_f(x)
-        if gated:
-            x = x * embd_gate
 
         if targets is not None:
-            logits = self.lm_head(x)
+            logits = run.lm_head(self, x)
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         else:
-            logits = self.lm_head(x[:, [-1], :])  # only the last position is needed to sample
+            logits = run.lm_head(self, x[:, [-1], :])  # only the last position is needed to sample
             loss = None
         return logits, loss
 
@@ -274,7 +236,7 @@ class GPT(nn.Module):
         """A float32 tensor on device: 0-dim for one alpha, (B,) for one per sequence.
 
         A tensor (not a Python float) keeps torch.compile from specialising on each
-        value. Validation runs eagerly; pass a CPU tensor to keep it off the GPU.
+        value. Validation never waits for the device (gate.check_alpha).
         """
         if alpha is None:
             raise ValueError("a gated model needs alpha: a float in [0, 1] or one per sequence")
@@ -289,15 +251,16 @@ class GPT(nn.Module):
     def at(self, alpha=None):
         """The model fixed at one dial setting, for inference: call it as f(idx, cache=...).
 
-        Where the folded backend serves, the gates are folded into the weights once here,
-        not at every call: what makes generation at one alpha fast.
+        The gates are computed (and, where the folded backend serves, folded into the
+        weights) once here, not at every call: what makes generation at one alpha fast.
         """
-        device = self.lm_head.weight.device
-        if self.config.gated:
-            alpha = self._prepare_alpha(alpha, torch.as_tensor(alpha).numel(), device)
-            if self.gate_backend(device, per_row=alpha.dim() == 1) == "folded":
-                return FoldedGPT(self, alpha)
-        return partial(self, alpha=alpha)
+        batch = torch.as_tensor(alpha).numel() if alpha is not None else 1
+        run = self.executor(alpha, batch, self.lm_head.weight.device)
+
+        def dialed(idx, targets=None, cache=None):
+            return self(idx, targets=targets, cache=cache, run=run)
+
+        return dialed
 
     def _decay_groups(self):
         """(name, parameter) pairs with weight decay (matrices, embeddings) and without (the rest)."""

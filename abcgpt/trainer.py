@@ -21,7 +21,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import ARCHITECTURE, TrainConfig
 from .data import Corpus, training_batch
-from .model import GPT, GPTConfig
+from .device import resolve_device
+from .evaluate import val_loss
+from .model import GPT
 from .tokenizer import tokenizer_from_dict
 
 EVAL_ALPHAS = (0.0, 0.5, 1.0)
@@ -46,14 +48,6 @@ def learning_rate_at(step, config):
 def micro_batch_seed(seed, step, index):
     # distinct for every (step, index) with index < 2**20: no two micro-batches share a stream
     return (seed * 2**40 + step * 2**20 + index) % 2**63
-
-
-def resolve_device(name):
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} asked for, but CUDA is not available here")
-    return name
 
 
 def resolve_dtype(name, device_type):
@@ -81,14 +75,9 @@ class Trainer:
         self.corpus = corpus or Corpus.from_sources(config.sources, tokenizer, config.val_fraction, cache_dir)
         self.corpus.check_block_size(config.block_size)
 
-        self.model_config = GPTConfig(
-            block_size=config.block_size, vocab_size=self.corpus.tokenizer.vocab_size, n_layer=config.n_layer,
-            n_head=config.n_head, n_embd=config.n_embd, dropout=config.dropout, bias=config.bias,
-            gated=config.gated, narrowness=config.narrowness, mask_seed=config.mask_seed,
-            gate_backend=config.gate_backend,
-        )
+        self.model_config = config.model_config(self.corpus.tokenizer.vocab_size)
         torch.manual_seed(config.seed)  # weight init
-        self.model = GPT(self.model_config).to(self.device)
+        self.model = GPT(self.model_config, config.gate_backend).to(self.device)
         self.optimizer = self.model.configure_optimizers(
             config.weight_decay, config.learning_rate, (config.beta1, config.beta2), self.device_type
         )
@@ -164,26 +153,19 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self):
-        """Each source's held-out loss at alpha 0, 0.5 and 1, on the same val batches every time."""
+        """Each source's held-out loss at alpha 0, 0.5 and 1: evaluate.val_loss on the same
+        eval_iters * batch_size windows of the val split every time."""
         self.model.eval()
         losses = {}
         alphas = EVAL_ALPHAS if self.config.gated else (None,)
-        for k, name in enumerate(self.corpus.names):
+        windows = self.config.eval_iters * self.config.batch_size
+        for name, ids in zip(self.corpus.names, self.corpus.val):
             if self.config.only_source and name != self.config.only_source:
                 continue
-            generator = torch.Generator().manual_seed(self.config.seed)
-            batches = [
-                self.corpus.batch("val", torch.full((self.config.batch_size,), k), self.config.block_size, generator)
-                for _ in range(self.config.eval_iters)
-            ]
             for alpha in alphas:
-                total = 0.0
-                for x, y in batches:
-                    with self.autocast:
-                        _, loss = self.model(x.to(self.device), alpha, y.to(self.device))
-                    total += loss.item()
-                key = f"val/{name}" if alpha is None else f"val/{name}@{alpha:g}"
-                losses[key] = total / len(batches)
+                with self.autocast:
+                    loss = val_loss(self.model, ids, alpha, self.config.batch_size, windows, self.device)
+                losses[f"val/{name}" if alpha is None else f"val/{name}@{alpha:g}"] = loss
         self.model.train()
         return losses
 
@@ -285,7 +267,7 @@ class Trainer:
             n = self.model.get_num_params()
             per_row = config.alpha_mode == "sequence"
             backend = self.model.gate_backend(torch.device(self.device), per_row) if config.gated else "none"
-            if backend == "reference" and self.model_config.gate_backend == "auto":
+            if backend == "reference" and self.model.backend == "auto":
                 backend += " (per-sequence alphas: the fused triton backend needs CUDA)"
             self.log_line(
                 f"model: {n / 1e6:.2f}M parameters, {'gated' if config.gated else 'vanilla'}, "

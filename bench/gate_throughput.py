@@ -1,9 +1,9 @@
 """Gated GPT against vanilla nanoGPT, every gate backend, side by side in one run.
 
-    python bench/gate_throughput.py                        # the full run for this machine
-    python bench/gate_throughput.py --quick                # seconds: checks the script (CI)
-    python bench/gate_throughput.py --out bench/results/gate_throughput-DEVICE-DATE.json
-    python bench/gate_throughput.py --shapes small --cases vanilla,reference --compile off --repeats 20
+    python -m bench.gate_throughput                        # the full run for this machine
+    python -m bench.gate_throughput --quick                # seconds: checks the script (CI)
+    python -m bench.gate_throughput --out bench/results/gate_throughput-DEVICE-DATE.json
+    python -m bench.gate_throughput --shapes small --cases vanilla,reference --compile off --repeats 20
 
 For each shape it measures the training step (forward, backward, AdamW step),
 eager and under torch.compile, and generation with a key/value cache (eager: a
@@ -16,16 +16,15 @@ batches, median.
 import argparse
 import json
 import statistics
-import sys
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from abcgpt.model import GPT, GPTConfig  # noqa: E402
-from abcgpt.sampling import generate  # noqa: E402
-from bench.timing import environment, summary, time_calls  # noqa: E402
+from abcgpt.device import default_device
+from abcgpt.model import GPT, GPTConfig
+from abcgpt.sampling import generate
+from bench.timing import environment, summary, time_calls
 
 SHAPES = {  # name: (n_layer, n_head, n_embd, block_size, batch_size, vocab_size)
     "reference": (6, 6, 384, 256, 64, 65),  # the reference recipe
@@ -54,9 +53,9 @@ def available_backends(device):
 def build_model(shape, case, device):
     n_layer, n_head, n_embd, block_size, _, vocab_size = shape
     config = GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, vocab_size=vocab_size,
-                       dropout=0.0, gated=case != "vanilla", gate_backend="reference" if case == "vanilla" else case)
+                       dropout=0.0, gated=case != "vanilla")
     torch.manual_seed(0)
-    return GPT(config).to(device)
+    return GPT(config, "reference" if case == "vanilla" else case).to(device)
 
 
 class TrainStep:
@@ -223,7 +222,7 @@ def main(argv=None):
     p.add_argument("--out", help="write the results as JSON here")
     args = p.parse_args(argv)
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = default_device()
     if args.threads:
         torch.set_num_threads(args.threads)
     backends = available_backends(device)

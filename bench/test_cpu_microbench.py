@@ -8,13 +8,13 @@ import torch
 from abcgpt.gate import sample_scores, tent_gate
 from abcgpt.model import GPT, GPTConfig
 
-SHAPE = dict(n_layer=4, n_head=4, n_embd=128, block_size=64, vocab_size=65, dropout=0.0, gate_backend="reference")
+SHAPE = dict(n_layer=4, n_head=4, n_embd=128, block_size=64, vocab_size=65, dropout=0.0)
 BATCH = 16
 
 
 def make_model(gated):
     torch.manual_seed(0)
-    return GPT(GPTConfig(**SHAPE, gated=gated))
+    return GPT(GPTConfig(**SHAPE, gated=gated), "reference")
 
 
 def batch():

@@ -8,27 +8,29 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_json(script, *args, tmp_path):
+def run_json(module, *args, tmp_path):
     out = tmp_path / "result.json"
-    result = subprocess.run([sys.executable, script, *args, "--out", str(out)], cwd=ROOT,
+    result = subprocess.run([sys.executable, "-m", module, *args, "--out", str(out)], cwd=ROOT,
                             capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr
     return json.loads(out.read_text()), result.stdout
 
 
 def test_kernel_bench_quick(tmp_path):
-    record, stdout = run_json("bench/kernel_bench.py", "--quick", "--no-compile", tmp_path=tmp_path)
+    record, stdout = run_json("bench.kernel_bench", "--quick", "--no-compile", tmp_path=tmp_path)
     assert {"device", "date", "torch", "triton", "dtype"} <= set(record)
     cases = {(r["op"], r["alpha"], r["pass"], r["impl"]) for r in record["results"]}
     assert cases == {(op, a, p, impl) for op in ("up", "mlp") for a in ("scalar", "per-row")
-                     for p in ("fwd", "fwd+bwd") for impl in ("fused", "eager", "matmul")}
+                     for p in ("fwd", "fwd-train", "fwd+bwd") for impl in ("fused", "eager", "matmul")}
     for r in record["results"]:
+        assert r["error"] is None, r
         assert r["median_s"] > 0 and math.isfinite(r["median_s"]) and r["tflops"] > 0
+        assert r["warmup_s"] > 0  # the first call is reported for every implementation
     assert "vs eager" in stdout
 
 
 def test_gate_throughput_quick(tmp_path):
-    record, stdout = run_json("bench/gate_throughput.py", "--quick", tmp_path=tmp_path)
+    record, stdout = run_json("bench.gate_throughput", "--quick", tmp_path=tmp_path)
     assert {"device", "date", "torch", "triton", "threads"} <= set(record)
     results = record["results"]
     # promised: vanilla once, each CPU backend at each alpha; training and generation for each
@@ -45,7 +47,6 @@ def test_gate_throughput_quick(tmp_path):
 
 
 def test_readme_results_table_is_current():
-    sys.path.insert(0, str(ROOT))
     from bench.results_table import readme_with_table
 
     readme = (ROOT / "README.md").read_text()

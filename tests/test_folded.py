@@ -9,10 +9,11 @@ import torch
 
 from abcgpt.attention import KVCache
 from abcgpt.checkpoint import load_checkpoint, load_model
-from abcgpt.folded import FoldedGPT
+from abcgpt.folded import Folded
+from abcgpt.gate import gates_for
 from abcgpt.model import GPT, GPTConfig
-from abcgpt.permute import sort_units
 from abcgpt.sampling import generate
+from abcgpt.units import sort_units
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = dict(block_size=24, vocab_size=30, n_layer=2, n_head=4, n_embd=32, dropout=0.0)
@@ -22,10 +23,16 @@ ALPHAS = [0.0, 1.0, 0.5, 0.137, 0.81]
 def twin_models(**overrides):
     """A folded-backend model and a reference-backend copy with the same weights."""
     torch.manual_seed(0)
-    folded = GPT(GPTConfig(**{**CONFIG, **overrides}, gate_backend="folded"))
-    reference = GPT(GPTConfig(**{**CONFIG, **overrides}, gate_backend="reference"))
+    folded = GPT(GPTConfig(**{**CONFIG, **overrides}), "folded")
+    reference = GPT(GPTConfig(**{**CONFIG, **overrides}), "reference")
     reference.load_state_dict(folded.state_dict())
     return folded, reference
+
+
+def folded_at(model, alpha, skip=True):
+    """The folded executor at one alpha, cutting silent units (skip) or keeping every unit."""
+    gates = gates_for(torch.tensor(alpha), model.scores(), model.config.narrowness)
+    return Folded(model, gates, model._active_ranges(alpha if skip else None))
 
 
 def batch(seed=1, B=3, T=20):
@@ -58,9 +65,9 @@ def test_folded_refuses_per_sequence_alpha():
 def test_skipping_equals_not_skipping(alpha, narrowness):
     model, _ = twin_models(narrowness=narrowness, bias=True)
     idx = batch()
-    alpha_t = torch.tensor(alpha)
-    skipped, full = FoldedGPT(model, alpha_t, skip=True), FoldedGPT(model, alpha_t, skip=False)
-    torch.testing.assert_close(skipped(idx, idx)[0], full(idx, idx)[0], rtol=1e-5, atol=1e-6)
+    skipped, full = folded_at(model, alpha, skip=True), folded_at(model, alpha, skip=False)
+    torch.testing.assert_close(model(idx, targets=idx, run=skipped)[0], model(idx, targets=idx, run=full)[0],
+                               rtol=1e-5, atol=1e-6)
     # and skipping really leaves units out: at least a quarter of the hidden units here
     active = skipped.active_units()
     assert sum(active["hidden"]) < 0.75 * 4 * CONFIG["n_embd"] * CONFIG["n_layer"]
@@ -70,7 +77,7 @@ def test_skipping_equals_not_skipping(alpha, narrowness):
 def test_corners_keep_about_half_of_each_group():
     model, _ = twin_models(n_embd=64)
     for alpha in (0.0, 1.0):
-        active = FoldedGPT(model, torch.tensor(alpha)).active_units()
+        active = folded_at(model, alpha).active_units()
         for group_size, count in [(64, active["channels"])] + [(256, h) for h in active["hidden"]]:
             assert 0.3 * group_size < count < 0.7 * group_size
 
@@ -78,7 +85,7 @@ def test_corners_keep_about_half_of_each_group():
 @pytest.mark.parametrize("alpha", [0.0, 0.42, 1.0, "rows"])
 def test_sorting_units_leaves_the_function_unchanged(alpha):
     torch.manual_seed(3)
-    unsorted = GPT(GPTConfig(**CONFIG, bias=True, sort_units=False, gate_backend="reference"))
+    unsorted = GPT(GPTConfig(**CONFIG, bias=True, sort_units=False), "reference")
     ordered = copy.deepcopy(unsorted)
     sort_units(ordered)
     assert not torch.equal(unsorted.embd_scores, ordered.embd_scores)
@@ -96,7 +103,7 @@ def test_sorting_carries_the_optimizer_state_along():
     No biases here: the key bias's true gradient is 0 and Adam would amplify its rounding noise.
     """
     torch.manual_seed(4)
-    model = GPT(GPTConfig(**CONFIG, sort_units=False, gate_backend="reference"))
+    model = GPT(GPTConfig(**CONFIG, sort_units=False), "reference")
     optimizer = model.configure_optimizers(0.1, 1e-2, (0.9, 0.99), "cpu")
 
     def step(m, opt, alpha, seed):
@@ -133,15 +140,15 @@ def test_permute_command_sorts_a_checkpoint(trained_checkpoint, tmp_path):
     assert load_checkpoint(dest)["optimizer"]["state"]
 
 
-def generation_model(**overrides):
+def generation_model(backend="auto", **overrides):
     torch.manual_seed(5)
-    return GPT(GPTConfig(**{**CONFIG, "vocab_size": 12, **overrides})).double().eval()  # float64: no ties to break
+    return GPT(GPTConfig(**{**CONFIG, "vocab_size": 12, **overrides}), backend).double().eval()  # float64: no ties to break
 
 
 @pytest.mark.parametrize("case", ["vanilla", "folded", "reference", "per-sequence"])
 @pytest.mark.parametrize("prompt_len, new_tokens", [(1, 15), (5, 30)])  # 5 + 30 outgrows block_size 24
 def test_cached_generation_gives_the_same_tokens(case, prompt_len, new_tokens):
-    model = generation_model(gated=case != "vanilla", gate_backend="reference" if case == "reference" else "auto")
+    model = generation_model("reference" if case == "reference" else "auto", gated=case != "vanilla")
     alpha = {"vanilla": None, "folded": 1.0, "reference": 0.3, "per-sequence": torch.tensor([0.0, 0.5])}[case]
     prompt = torch.randint(0, 12, (2, prompt_len), generator=torch.Generator().manual_seed(6))
     runs = [
@@ -185,7 +192,7 @@ def test_a_layer_with_no_active_head_or_unit():
     """Very narrow gates can silence whole groups: folded still equals reference, cached or not."""
     folded, reference = twin_models(narrowness=0.05)
     alpha = torch.tensor(0.5)
-    active = FoldedGPT(folded, alpha).active_units()
+    active = folded_at(folded, 0.5).active_units()
     assert 0 in active["heads"]  # the case under test does occur
     idx = batch()
     torch.testing.assert_close(folded(idx, alpha, idx)[0], reference(idx, alpha, idx)[0], rtol=1e-5, atol=1e-5)
@@ -201,8 +208,8 @@ def test_skipping_follows_scores_loaded_later():
     idx = batch()
     folded(idx, 1.0, idx)  # fills the host copies
     torch.manual_seed(9)
-    other = GPT(GPTConfig(**CONFIG, mask_seed=99, sort_units=False, gate_backend="reference"))
+    other = GPT(GPTConfig(**CONFIG, mask_seed=99, sort_units=False), "reference")
     folded.load_state_dict(other.state_dict())
-    assert torch.equal(folded.host_scores()[0], other.embd_scores)
+    assert torch.equal(folded.host_scores().embd, other.embd_scores)
     for alpha in (0.0, 1.0):
         torch.testing.assert_close(folded(idx, alpha, idx)[0], other(idx, alpha, idx)[0], rtol=1e-5, atol=1e-5)

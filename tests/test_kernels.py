@@ -1,7 +1,9 @@
 """The fused gated-MLP kernels against the reference math.
 
 On a CPU they run in Triton's interpreter (TRITON_INTERPRET=1, set in conftest) in
-fp32 and fp16; on a GPU the same tests run compiled, bf16 included.
+fp32 and fp16; on a GPU the same tests run compiled, bf16 included. The kernels
+take precomputed gates (abcgpt.gate); each test makes them from alphas here. Both
+load paths, tensor descriptors (TMA) and pointers, run every test.
 """
 from contextlib import contextmanager
 
@@ -11,21 +13,43 @@ from torch.nn import functional as F
 
 from abcgpt.gate import tent_gate
 from abcgpt.model import GPT, GPTConfig
+from kernels import ops
 from kernels.ops import gated_linear_gelu, gated_mlp
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
 SHAPES = [(1, 5, 7), (37, 29, 45), (50, 64, 33), (130, 17, 96)]  # (M, K, N): none a multiple of the tiles
-ALPHAS = ["0", "0.5", "1", "0.37", "rows", "rows-with-corners"]
+ALPHAS = ["0", "0.5", "1", "0.37", "rows", "rows-with-corners", "sequences"]
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 2e-2}
 
 
+@pytest.fixture(autouse=True, params=["tma", "pointers"])
+def load_path(request, monkeypatch):
+    """Every test here runs twice: through tensor descriptors where the strides allow, and through pointers."""
+    monkeypatch.setenv("ABCGPT_NO_TMA", "1" if request.param == "pointers" else "0")
+    return request.param
+
+
 def make_alpha(kind, M, generator):
+    """One alpha, one per row, or one per sequence of a batch whose rows are a whole number of sequences."""
     if kind == "rows":
         return torch.rand(M, generator=generator).to(DEVICE)
     if kind == "rows-with-corners":
         return torch.tensor([0.0, 0.5, 1.0] * M)[:M].to(DEVICE)
+    if kind == "sequences":
+        return torch.rand(sequences(M), generator=generator).to(DEVICE)
     return torch.tensor(float(kind), device=DEVICE)
+
+
+def sequences(M):
+    """A number of sequences that splits M rows evenly, more than one where M allows."""
+    return next((b for b in (5, 3, 2) if M % b == 0 and M > b), M)
+
+
+def row_gates(alpha, m, M, narrowness=1.0):
+    """The gates each of the M rows sees: what the kernel must apply, made independently of it."""
+    g = tent_gate(alpha, m, narrowness)
+    return g.repeat_interleave(M // g.shape[0], dim=0) if g.dim() == 2 else g
 
 
 def inputs(M, K, N, dtype, seed, bias=True):
@@ -38,10 +62,9 @@ def inputs(M, K, N, dtype, seed, bias=True):
 
 
 def reference_up(x, w, b, alpha, m, narrowness=1.0, approximate="none"):
-    """The math in fp32: GELU(x W^T + b) * g(alpha, m), per-row alpha as (M, 1) gates."""
+    """The math in fp32: GELU(x W^T + b) * g(alpha, m), each row with its own sequence's gates."""
     z = F.linear(x.float(), w.float(), None if b is None else b.float())
-    g = tent_gate(alpha, m, narrowness)
-    return F.gelu(z, approximate=approximate) * g
+    return F.gelu(z, approximate=approximate) * row_gates(alpha, m, x.shape[0], narrowness)
 
 
 def assert_close(actual, expected, dtype):
@@ -56,7 +79,7 @@ def assert_close(actual, expected, dtype):
 def test_up_projection_matches_reference(dtype, M, K, N, alpha_kind):
     x, w, b, m, g = inputs(M, K, N, dtype, seed=M * 1000 + N)
     alpha = make_alpha(alpha_kind, M, g)
-    h = gated_linear_gelu(x, w, b, alpha, m)
+    h = gated_linear_gelu(x, w, b, tent_gate(alpha, m))
     assert h.dtype == dtype and h.shape == (M, N)
     assert_close(h, reference_up(x, w, b, alpha, m), dtype)
 
@@ -68,10 +91,11 @@ def test_up_projection_matches_reference(dtype, M, K, N, alpha_kind):
 def test_narrowness_bias_and_gelu_form(dtype, narrowness, bias, approximate):
     x, w, b, m, g = inputs(33, 40, 70, dtype, seed=7, bias=bias)
     for alpha in (torch.tensor(0.8, device=DEVICE), torch.rand(33, generator=g).to(DEVICE)):
-        h = gated_linear_gelu(x, w, b, alpha, m, narrowness, approximate)
+        h = gated_linear_gelu(x, w, b, tent_gate(alpha, m, narrowness), approximate)
         assert_close(h, reference_up(x, w, b, alpha, m, narrowness, approximate), dtype)
-    silent = tent_gate(0.8, m, narrowness) == 0  # narrow gates silence whole columns, exactly
-    assert silent.any() and torch.all(gated_linear_gelu(x, w, b, torch.tensor(0.8, device=DEVICE), m, narrowness)[:, silent] == 0)
+    gate = tent_gate(0.8, m, narrowness)
+    silent = gate == 0  # narrow gates silence whole columns, exactly
+    assert silent.any() and torch.all(gated_linear_gelu(x, w, b, gate)[:, silent] == 0)
 
 
 def test_strided_inputs():
@@ -82,8 +106,8 @@ def test_strided_inputs():
     wt = torch.randn(30, 23, generator=g).to(DEVICE).t()  # another layout: stride (1, 23)
     m = torch.rand(23, generator=g).to(DEVICE)
     for weight in (w, wt):
-        h = gated_linear_gelu(x, weight, None, torch.tensor(0.3, device=DEVICE), m)
-        assert_close(h, reference_up(x, weight, None, torch.tensor(0.3), m.cpu()).to(DEVICE), torch.float32)
+        h = gated_linear_gelu(x, weight, None, tent_gate(0.3, m))
+        assert_close(h, reference_up(x, weight, None, 0.3, m), torch.float32)  # m on the device, as x
 
 
 @contextmanager
@@ -110,10 +134,11 @@ def test_every_output_element_is_written(alpha_kind):
     expected_out = F.linear(expected_h, w2)
     dout = torch.randn(45, 21, generator=g).to(DEVICE)
     expected_grads = torch.autograd.grad(expected_out, (x, w, w2), dout)
+    gate = tent_gate(alpha, m)
     with poisoned_empty():
-        h = gated_linear_gelu(x, w, b, alpha, m)
+        h = gated_linear_gelu(x, w, b, gate)
         (dh,) = torch.autograd.grad(h, x, torch.ones_like(h))
-        out = gated_mlp(x, w, b, w2, None, alpha, m)
+        out = gated_mlp(x, w, b, w2, None, gate)
         grads = torch.autograd.grad(out, (x, w, w2), dout)
     assert not h.isnan().any() and not dh.isnan().any() and not out.isnan().any()
     assert_close(h, expected_h, torch.float32)
@@ -123,14 +148,14 @@ def test_every_output_element_is_written(alpha_kind):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("alpha_kind", ["0", "0.37", "rows"])
+@pytest.mark.parametrize("alpha_kind", ["0", "0.37", "rows", "sequences"])
 @pytest.mark.parametrize("bias", [True, False])
 def test_up_projection_gradients(dtype, alpha_kind, bias):
     x, w, b, m, g = inputs(38, 27, 51, dtype, seed=5, bias=bias)
     alpha = make_alpha(alpha_kind, 38, g)
     params = [t.requires_grad_() for t in (x, w, b) if t is not None]
     dh = torch.randn(38, 51, generator=g).to(DEVICE, dtype)
-    got = torch.autograd.grad(gated_linear_gelu(x, w, b, alpha, m, 0.8), params, dh)
+    got = torch.autograd.grad(gated_linear_gelu(x, w, b, tent_gate(alpha, m, 0.8)), params, dh)
     expected = torch.autograd.grad(reference_up(x, w, b, alpha, m, 0.8), params, dh.float())
     for a, e in zip(got, expected):
         assert a.dtype == dtype
@@ -138,16 +163,16 @@ def test_up_projection_gradients(dtype, alpha_kind, bias):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("alpha_kind", ["1", "0.37", "rows-with-corners"])
+@pytest.mark.parametrize("alpha_kind", ["1", "0.37", "rows-with-corners", "sequences"])
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
 def test_fused_mlp_forward_and_gradients(dtype, alpha_kind, approximate):
-    M, C, H = 29, 24, 70
+    M, C, H = 30, 24, 70
     x, w1, b1, m, g = inputs(M, C, H, dtype, seed=9)
     w2 = (torch.randn(C, H, generator=g) / H**0.5).to(DEVICE, dtype)
     b2 = torch.randn(C, generator=g).to(DEVICE, dtype)
     alpha = make_alpha(alpha_kind, M, g)
     params = [t.requires_grad_() for t in (x, w1, b1, w2, b2)]
-    out = gated_mlp(x, w1, b1, w2, b2, alpha, m, 0.9, approximate)
+    out = gated_mlp(x, w1, b1, w2, b2, tent_gate(alpha, m, 0.9), approximate)
     expected = F.linear(reference_up(x, w1, b1, alpha, m, 0.9, approximate), w2.float(), b2.float())
     assert_close(out, expected, dtype)
     dout = torch.randn(M, C, generator=g).to(DEVICE, dtype)
@@ -155,13 +180,22 @@ def test_fused_mlp_forward_and_gradients(dtype, alpha_kind, approximate):
         assert_close(a, e, dtype)
 
 
-def test_bad_alpha_is_refused_before_launch():
-    x, w, b, m, _ = inputs(4, 8, 8, torch.float32, seed=0)
-    for alpha in (torch.tensor(1.5), torch.tensor(float("nan")), torch.tensor([0.1, 0.2, -0.1, 0.3])):
-        with pytest.raises(ValueError, match=r"\[0, 1\]"):
-            gated_linear_gelu(x, w, b, alpha.to(DEVICE), m)
-    with pytest.raises(ValueError, match="one per row"):
-        gated_mlp(x, w, b, w.t(), None, torch.rand(3, device=DEVICE), m)
+def test_malformed_gates_are_refused_before_launch():
+    x, w, b, _, _ = inputs(4, 8, 8, torch.float32, seed=0)
+    for gate, message in [(torch.rand(7), r"gate must be \(8,\)"), (torch.rand(3, 8), "must divide x's 4 rows"),
+                          (torch.rand(2, 2, 8), "gate must be")]:
+        with pytest.raises(ValueError, match=message):
+            gated_mlp(x, w, b, w.t(), None, gate.to(DEVICE))
+
+
+def test_tensor_descriptors_serve_aligned_strides_only(load_path):
+    """The TMA path takes aligned row strides; a row stride off TMA's 16 bytes falls back to pointers."""
+    if load_path == "pointers" or not (ops.INTERPRET or torch.cuda.get_device_capability()[0] >= 9):
+        pytest.skip("tensor descriptors are not in use here")
+    aligned = torch.zeros(8, 16, device=DEVICE)
+    assert ops.use_tma(aligned.device, aligned)
+    assert not ops.use_tma(aligned.device, torch.zeros(8, 5, device=DEVICE))  # 20-byte rows
+    assert not ops.use_tma(aligned.device, aligned[:, 1:])  # a base off 16 bytes
 
 
 def test_compiles_without_graph_breaks():
@@ -170,7 +204,7 @@ def test_compiles_without_graph_breaks():
     params = [t.requires_grad_() for t in (x, w1, w2)]
 
     def step(x, w1, w2, alpha):
-        return gated_mlp(x, w1, b1, w2, None, alpha, m).square().sum()
+        return gated_mlp(x, w1, b1, w2, None, tent_gate(alpha, m)).square().sum()
 
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")  # fullgraph: a graph break raises
     for alpha in (torch.tensor(0.2, device=DEVICE), torch.tensor(0.9, device=DEVICE)):
@@ -184,8 +218,8 @@ def test_compiles_without_graph_breaks():
 def test_model_triton_backend_matches_reference(alpha_kind):
     config = dict(block_size=24, vocab_size=40, n_layer=2, n_head=2, n_embd=20, dropout=0.0, bias=True, narrowness=0.8)
     torch.manual_seed(0)
-    fused = GPT(GPTConfig(**config, gate_backend="triton")).to(DEVICE)
-    reference = GPT(GPTConfig(**config, gate_backend="reference")).to(DEVICE)
+    fused = GPT(GPTConfig(**config), "triton").to(DEVICE)
+    reference = GPT(GPTConfig(**config), "reference").to(DEVICE)
     reference.load_state_dict(fused.state_dict())
     g = torch.Generator().manual_seed(1)
     idx = torch.randint(0, 40, (3, 19), generator=g).to(DEVICE)

@@ -61,7 +61,7 @@ def test_vanilla_forward_has_no_gate_operation(monkeypatch):
 def test_gates_multiply_where_the_design_says(backend):
     """Gated forward against an independent, step-by-step rewrite of section 1."""
     torch.manual_seed(1)
-    model = GPT(GPTConfig(**SMALL, bias=True, gate_backend=backend)).eval()
+    model = GPT(GPTConfig(**SMALL, bias=True), backend).eval()
     idx = torch.randint(0, 50, (3, 11))
     alpha = 0.37
     g = lambda m: tent_gate(alpha, m)
