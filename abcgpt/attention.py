@@ -45,6 +45,8 @@ def attend(q, k, v, kv=None, dropout_p=0.0):
     t_q, t_k = q.size(2), k.size(2)
     if t_q == t_k:
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+    if t_q == 1:  # one new token, the last position: it sees every key, so no mask is needed
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
     # the new queries are the last t_q positions: each sees all the past and the new keys up to itself
     mask = torch.ones(t_q, t_k, dtype=torch.bool, device=q.device).tril(diagonal=t_k - t_q)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)

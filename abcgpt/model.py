@@ -73,7 +73,8 @@ class CausalSelfAttention(nn.Module):
         n_heads = qkv.size(-1) // (3 * self.head_size)
         q, k, v = (t.view(B, T, n_heads, self.head_size).transpose(1, 2) for t in qkv.tensor_split(3, dim=2))
         y = attend(q, k, v, kv, self.dropout if self.training else 0.0)
-        return self.resid_dropout(run.attn_proj(self, y))
+        out = run.attn_proj(self, y)
+        return self.resid_dropout(out) if self.training else out  # eval: skip a no-op module call per token
 
 
 class MLP(nn.Module):
@@ -86,7 +87,8 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x, run):
-        return self.dropout(run.mlp(self, x))
+        out = run.mlp(self, x)
+        return self.dropout(out) if self.training else out
 
 
 class Block(nn.Module):

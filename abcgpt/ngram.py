@@ -1,4 +1,4 @@
-"""Character n-gram language models, to tell which source a text reads like (DESIGN.md section 5).
+"""Character n-gram language models, to tell which source a text reads like (docs/design.md, section 5).
 
 Each source gets an interpolated model of orders 0..n fitted on its train split:
 P(c | h) = sum over k of lambda_k * count(h_k c) / count(h_k), with h_k the last k

@@ -1,4 +1,4 @@
-"""The dial, measured and written up (DESIGN.md section 5).
+"""The dial, measured and written up (docs/design.md, section 5).
 
 A report holds the held-out sweep (corner losses, contrast, middle, best alpha),
 the cost of the dial (each corner against a vanilla GPT trained on that source

@@ -80,8 +80,8 @@ def _index(axis, units, size):
 
 
 def _expand(axis, per_unit):
-    """A per-unit vector stretched to one entry per row along axis.dim."""
-    return per_unit.repeat_interleave(axis.unit_size).repeat(axis.parts)
+    """A per-unit vector stretched to one entry per row along axis.dim (views and a copy: no host sync)."""
+    return per_unit[:, None].expand(-1, axis.unit_size).reshape(-1).repeat(axis.parts)
 
 
 def fold(tensor, axes, gates, ranges):
@@ -93,14 +93,12 @@ def fold(tensor, axes, gates, ranges):
     """
     for axis in axes:
         lo, hi = group_of(ranges, axis)
-        n_units = tensor.size(axis.dim) // (axis.unit_size * axis.parts)
+        per_part = tensor.size(axis.dim) // axis.parts
         gate = group_of(gates, axis)
-        if axis.cut and (lo, hi) != (0, n_units):
-            if axis.parts == 1:
-                tensor = tensor.narrow(axis.dim, lo * axis.unit_size, (hi - lo) * axis.unit_size)
-            else:
-                tensor = tensor.index_select(axis.dim, _index(axis, torch.arange(lo, hi), tensor.size(axis.dim))
-                                             .to(tensor.device))
+        if axis.cut and (lo, hi) != (0, per_part // axis.unit_size):
+            pieces = [tensor.narrow(axis.dim, part * per_part + lo * axis.unit_size, (hi - lo) * axis.unit_size)
+                      for part in range(axis.parts)]
+            tensor = pieces[0] if axis.parts == 1 else torch.cat(pieces, axis.dim)
             gate = gate[lo:hi]
         if axis.fold:
             shape = [1] * tensor.dim()

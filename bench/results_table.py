@@ -1,7 +1,7 @@
 """The README's results table, made from the committed files in bench/results/.
 
-    python bench/results_table.py           # print the table
-    python bench/results_table.py --write   # put it into README.md between its markers
+    python -m bench.results_table           # print the table
+    python -m bench.results_table --write   # put it into README.md between its markers
 """
 import argparse
 import json

@@ -1,4 +1,4 @@
-"""Timing as DESIGN.md section 6 says: warm-up, rotating inputs, median of many repeats.
+"""Timing as docs/design.md, section 6 says: warm-up, rotating inputs, median of many repeats.
 
 CUDA work is timed with CUDA events around each call; CPU work with perf_counter.
 """

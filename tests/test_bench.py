@@ -50,4 +50,4 @@ def test_readme_results_table_is_current():
     from bench.results_table import readme_with_table
 
     readme = (ROOT / "README.md").read_text()
-    assert readme_with_table(readme) == readme, "run: python bench/results_table.py --write"
+    assert readme_with_table(readme) == readme, "run: python -m bench.results_table --write"

@@ -44,3 +44,20 @@ def test_evaluate_command_end_to_end(trained_checkpoint, tmp_path):
     assert result["corner_loss"] == {"stories": stories[0], "plays": plays[-1]}
     assert result["contrast"]["stories"] == pytest.approx(stories[-1] - stories[0])
     assert "contrast" in run.stdout and "corner loss" in run.stdout
+
+
+def test_training_log_and_evaluate_agree_on_the_same_windows(trained_checkpoint, corpus_files):
+    """One definition of held-out loss: the trainer's evaluation is evaluate.val_loss on its windows."""
+    from abcgpt.checkpoint import load_model
+    from abcgpt.evaluate import val_loss
+    from abcgpt.trainer import Trainer
+    from conftest import tiny_config
+
+    config = tiny_config(corpus_files, trained_checkpoint.parent)
+    trainer = Trainer(config, resume=True, log=lambda line: None)
+    logged = trainer.evaluate()
+    model, _, _ = load_model(trained_checkpoint)
+    for name, ids in zip(trainer.corpus.names, trainer.corpus.val):
+        for alpha in (0.0, 0.5, 1.0):
+            windows = config.eval_iters * config.batch_size
+            assert logged[f"val/{name}@{alpha:g}"] == val_loss(model, ids, alpha, config.batch_size, windows)

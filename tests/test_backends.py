@@ -1,0 +1,50 @@
+"""Every gate backend computes the reference's function: logits and gradients, on random alphas and odd shapes."""
+import pytest
+import torch
+
+from abcgpt.model import GPT, GPTConfig
+
+# none of these a multiple of a kernel tile: 5 heads of 4, 80 hidden units, 19 positions
+CONFIG = dict(block_size=24, vocab_size=37, n_layer=2, n_head=5, n_embd=20, dropout=0.0, bias=True, narrowness=0.8)
+
+
+def twins(backend):
+    torch.manual_seed(0)
+    fast = GPT(GPTConfig(**CONFIG), backend)
+    reference = GPT(GPTConfig(**CONFIG), "reference")
+    reference.load_state_dict(fast.state_dict())
+    return fast, reference
+
+
+def compare(fast, reference, idx, alpha, tol):
+    got_logits, got_loss = fast(idx, alpha, idx)
+    want_logits, want_loss = reference(idx, alpha, idx)
+    torch.testing.assert_close(got_logits, want_logits, rtol=tol, atol=tol)
+    got_loss.backward()
+    want_loss.backward()
+    for (name, p), q in zip(fast.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=tol * 10, atol=tol, msg=name)
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("backend", ["folded", "triton"])
+def test_one_random_alpha(backend, seed):
+    g = torch.Generator().manual_seed(seed)
+    alpha = torch.rand((), generator=g).item() if seed else 0.0  # a corner, then random dials
+    idx = torch.randint(0, 37, (3, 19), generator=g)
+    compare(*twins(backend), idx, alpha, 1e-5)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_per_sequence_alphas_in_the_fused_kernel(seed):
+    g = torch.Generator().manual_seed(seed)
+    alpha = torch.rand(4, generator=g)
+    alpha[0] = float(seed % 2)  # a corner among them
+    idx = torch.randint(0, 37, (4, 19), generator=g)
+    compare(*twins("triton"), idx, alpha, 1e-5)
+
+
+def test_alpha_as_a_tensor_or_a_float_is_the_same_dial():
+    model, _ = twins("folded")
+    idx = torch.randint(0, 37, (2, 9), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(model(idx, 0.25, idx)[0], model(idx, torch.tensor(0.25), idx)[0], rtol=0, atol=0)

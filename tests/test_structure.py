@@ -1,0 +1,92 @@
+"""The structure the fast paths build on: one gate computation, one map of the units, no import cycles."""
+import ast
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+
+from abcgpt.gate import Gates, gates_for, tent_gate
+from abcgpt.model import GPT, GPTConfig
+from abcgpt.units import permutations, sort_units, unit_map
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("abcgpt", "kernels")
+
+
+def imports_of(path, package):
+    """The modules of our packages that a file imports."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                found.add(f"{package}.{node.module}" if node.module else package)
+            elif node.module and node.module.split(".")[0] in PACKAGES:
+                found.add(node.module)
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.split(".")[0] in PACKAGES}
+    return found
+
+
+def test_no_import_cycles():
+    graph = {}
+    for package in PACKAGES:
+        for path in (ROOT / package).glob("*.py"):
+            name = package if path.stem == "__init__" else f"{package}.{path.stem}"
+            graph[name] = imports_of(path, package)
+
+    def visit(node, stack):
+        assert node not in stack, "import cycle: " + " -> ".join([*stack, node])
+        for dep in graph.get(node, ()):
+            visit(dep, [*stack, node])
+
+    for module in graph:
+        visit(module, [])
+
+
+def test_the_kernels_load_gates_instead_of_computing_them():
+    source = (ROOT / "kernels" / "gated_mlp.py").read_text() + (ROOT / "kernels" / "ops.py").read_text()
+    assert "narrowness" not in source and "sin(" not in source
+
+
+def test_no_script_edits_sys_path():
+    for path in [*ROOT.glob("*.py"), *(ROOT / "bench").glob("*.py"), *(ROOT / "abcgpt").glob("*.py")]:
+        assert "sys.path" not in path.read_text(), path
+
+
+@pytest.mark.parametrize("alpha", [0.3, torch.tensor([0.0, 0.7, 1.0])])
+def test_gates_for_holds_every_group_of_the_forward(alpha):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=3, n_head=2, n_embd=16, block_size=8, vocab_size=11))
+    gates = gates_for(alpha, model.scores(), narrowness=0.7)
+    assert isinstance(gates, Gates) and len(gates.heads) == len(gates.hidden) == 3
+    for got, scores in zip(gates.groups(), model.scores().groups()):
+        torch.testing.assert_close(got, tent_gate(alpha, scores, 0.7), rtol=0, atol=0)
+    assert gates.per_row == isinstance(alpha, torch.Tensor)
+
+
+def test_unit_map_covers_every_tensor_of_a_gated_model():
+    for bias in (False, True):
+        model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=8, block_size=8, vocab_size=11, bias=bias))
+        names = {n for n, _ in model.named_parameters(remove_duplicate=False)} | {n for n, _ in model.named_buffers()}
+        units = unit_map(model.config)
+        assert names <= set(units)
+        assert bias or not names >= {n for n in units if n.endswith(".bias")}
+
+
+def test_permuting_refuses_a_tensor_the_map_does_not_know():
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=8, block_size=8, vocab_size=11))
+    model.register_buffer("mystery", torch.zeros(8))
+    with pytest.raises(ValueError, match="no unit map for mystery"):
+        sort_units(model)
+    tensors = {"transformer.h.0.mlp.extra.weight": torch.zeros(2, 2)}
+    with pytest.raises(ValueError, match="refusing to permute"):
+        permutations(model.config, tensors, None)
+
+
+def test_sorting_a_sorted_model_changes_nothing():
+    model = GPT(GPTConfig(n_layer=2, n_head=4, n_embd=16, block_size=8, vocab_size=11, bias=True))
+    before = copy.deepcopy(model.state_dict())
+    sort_units(model)
+    for name, t in model.state_dict().items():
+        assert torch.equal(t, before[name]), name
