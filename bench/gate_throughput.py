@@ -137,6 +137,23 @@ def interleave(cases, args, device):
     ]
 
 
+def dials(case, alphas, device):
+    """(alpha, the device it is given on) for a case: every alpha as a CPU tensor and, on CUDA, as a
+    CUDA tensor too; "seq" (one random alpha per sequence) where the backend takes it."""
+    if case == "vanilla":
+        return [(None, None)]
+    on = ["cpu", "cuda"] if device == "cuda" else ["cpu"]
+    return [(a, d) for a in alphas if not (a == "seq" and case == "folded") for d in on]
+
+
+def dial_tensor(alpha, on, batch_size):
+    if alpha is None:
+        return None
+    if alpha == "seq":
+        return torch.rand(batch_size, generator=torch.Generator().manual_seed(2)).to(on)
+    return torch.tensor(alpha, device=on)
+
+
 def run_shape(name, args, device, cases, alphas, compile_modes):
     shape = SHAPES[name]
     n_layer, n_head, n_embd, block_size, batch_size, vocab_size = shape
@@ -153,20 +170,19 @@ def run_shape(name, args, device, cases, alphas, compile_modes):
         for case in cases:
             model = build_model(shape, case, device)
             step = TrainStep(model, compiled, device)
-            for alpha in (alphas if case != "vanilla" else [None]):
-                alpha_arg = None if alpha is None else torch.tensor(alpha)
+            for alpha, on in dials(case, alphas, device):
                 row = {"shape": name, "n_layer": n_layer, "n_head": n_head, "n_embd": n_embd, "block_size": block_size,
                        "vocab_size": vocab_size, "n_params": model.get_num_params(), "case": case,
-                       "compiled": compiled, "alpha": alpha}
+                       "compiled": compiled, "alpha": alpha, "alpha_device": on}
 
-                def train(x, y, model=model, step=step, alpha=alpha_arg):
+                def train(x, y, model=model, step=step, alpha=dial_tensor(alpha, on, batch_size)):
                     model.train()
                     step(x, y, alpha)
 
                 group.append(Case({**row, "mode": "train", "batch_size": batch_size}, train, train_batches,
                                   batch_size * block_size))
                 if not compiled:
-                    def gen(p, model=model, alpha=alpha_arg):
+                    def gen(p, model=model, alpha=dial_tensor(alpha, on, gen_batch)):
                         model.eval()
                         generate(model, p, args.gen_tokens, alpha)
 
@@ -193,15 +209,16 @@ def add_ratios_and_mfu(results, peak):
 
 
 def format_table(results):
-    lines = [f"{'shape':>9} {'mode':>8} {'case':>9} {'compile':>8} {'alpha':>5} {'tokens/s':>12} "
+    lines = [f"{'shape':>9} {'mode':>8} {'case':>9} {'compile':>8} {'alpha':>10} {'tokens/s':>12} "
              f"{'vs vanilla':>10} {'spread':>7} {'step MiB':>9} {'MFU':>6}"]
     for r in results:
         peak = f"{r['peak_memory_bytes'] / 2**20:,.0f}" if r["peak_memory_bytes"] else "n/a"
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
         ratio = f"{r['ratio_to_vanilla']:.3f}" if r["ratio_to_vanilla"] else "n/a"
-        alpha = "-" if r["alpha"] is None else f"{r['alpha']:g}"
+        alpha = "-" if r["alpha"] is None else r["alpha"] if r["alpha"] == "seq" else f"{r['alpha']:g}"
+        alpha += f" ({r['alpha_device']})" if r["alpha_device"] == "cuda" else ""
         spread = f"{r['iqr_s'] / r['median_s']:.1%}"  # IQR relative to the median
-        lines.append(f"{r['shape']:>9} {r['mode']:>8} {r['case']:>9} {'yes' if r['compiled'] else 'no':>8} {alpha:>5} "
+        lines.append(f"{r['shape']:>9} {r['mode']:>8} {r['case']:>9} {'yes' if r['compiled'] else 'no':>8} {alpha:>10} "
                      f"{r['tokens_per_s']:>12,.0f} {ratio:>10} {spread:>7} {peak:>9} {mfu:>6}")
     return "\n".join(lines)
 
@@ -211,7 +228,7 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="tiny shape, eager, few repeats: finishes in seconds")
     p.add_argument("--shapes", help=f"comma-separated, of {', '.join(SHAPES)} (default: reference,gpt2 on CUDA, small on CPU)")
     p.add_argument("--cases", help="comma-separated: vanilla and gate backends (default: vanilla and all available)")
-    p.add_argument("--alphas", default="0,0.5,1")
+    p.add_argument("--alphas", default="0,0.5,1,seq", help="dials to time; seq: one random alpha per sequence")
     p.add_argument("--compile", choices=["both", "on", "off"], default="both")
     p.add_argument("--repeats", type=int, default=30, help="timed calls per case, spread over the rounds")
     p.add_argument("--rounds", type=int, default=6, help="round-robin passes over all cases")
@@ -239,7 +256,7 @@ def main(argv=None):
     for shape in shapes:
         if shape not in SHAPES:
             p.error(f"unknown shape {shape!r} (have: {', '.join(SHAPES)})")
-    alphas = [float(a) for a in args.alphas.split(",")]
+    alphas = [a if a == "seq" else float(a) for a in args.alphas.split(",")]
     compile_modes = {"both": [False, True], "on": [True], "off": [False]}[args.compile]
 
     env = environment(device)

@@ -16,22 +16,25 @@ def rows_of(path):
     record = json.loads(path.read_text())
     cases = {}
     for r in record["results"]:
-        key = (r["shape"], r["mode"], r["compiled"], r["case"])
+        key = (r["shape"], r["mode"], r["compiled"], r["case"], r.get("alpha_device"))
         cases.setdefault(key, {})[r["alpha"]] = r
-    for (shape, mode, compiled, case), by_alpha in cases.items():
+    name = path.relative_to(RESULTS)
+    for (shape, mode, compiled, case, on), by_alpha in cases.items():
         middle = by_alpha.get(0.5) or by_alpha.get(None) or next(iter(by_alpha.values()))
         ratios = " / ".join(
             f"{by_alpha[a]['ratio_to_vanilla']:.2f}" if a in by_alpha and by_alpha[a]["ratio_to_vanilla"] else "-"
-            for a in (0.0, 0.5, 1.0)
+            for a in (0.0, 0.5, 1.0, "seq")
         ) if case != "vanilla" else "1"
+        label = f"{case} (CUDA alpha)" if on == "cuda" else case
         yield (f"| {record['device']} | {record['date']} | {shape} (batch {middle['batch_size']}) | {mode} | "
-               f"{'yes' if compiled else 'no'} | {case} | {middle['tokens_per_s']:,.0f} | {ratios} | {path.name} |")
+               f"{'yes' if compiled else 'no'} | {label} | {middle['tokens_per_s']:,.0f} | {ratios} | {name} |")
 
 
 def table():
-    files = sorted(RESULTS.glob("gate_throughput-*.json"))
+    files = sorted(RESULTS.glob("gate_throughput-*.json")) + sorted(RESULTS.glob("*/gate_throughput.json"))
     lines = [
-        "| device | date | shape | mode | compiled | case | tokens/s (alpha 0.5) | x vanilla at alpha 0 / 0.5 / 1 | file |",
+        "| device | date | shape | mode | compiled | case | tokens/s (alpha 0.5) "
+        "| x vanilla at alpha 0 / 0.5 / 1 / per-sequence | file |",
         "| --- | --- | --- | --- | --- | --- | ---: | --- | --- |",
     ]
     for path in files:
