@@ -6,39 +6,43 @@
 Prints the loss table with corner losses, contrast, middle and best alpha per
 source, and writes them as JSON (default: eval.json beside the checkpoint).
 """
-import argparse
 import json
 import sys
 from pathlib import Path
 
 from abcgpt.checkpoint import CheckpointError, load_model
+from abcgpt.cli import HelpFormatter, Parser, add_runtime_flags, apply_runtime_flags, check_out_file, positive
 from abcgpt.data import DataError
-from abcgpt.device import resolve_device
+from abcgpt.tokenizer import VocabularyError
 from abcgpt.evaluate import SWEEP, corpus_for, format_table, require_gated, summarize, sweep
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", default="out/ckpt.pt")
+    p = Parser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--ckpt", default="out/ckpt.pt", help="checkpoint written by train.py")
     p.add_argument("--sources", help="NAME or NAME=PATH, comma-separated (default: the run's own)")
-    p.add_argument("--cache_dir", default=None)
-    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--cache_dir", default=None, help="where built-in sources are cached (default: the run's)")
+    p.add_argument("--batch_size", type=int, default=32, help="val windows per forward")
     p.add_argument("--max_windows", type=int, default=None, help="score at most this many val windows per source")
-    p.add_argument("--device", default="auto", help="auto (CUDA if there is one), cpu, cuda or cuda:N")
-    p.add_argument("--out", default=None, help="JSON output (default: eval.json beside the checkpoint)")
+    p.add_argument("--out", default=None, help="the JSON file this writes (default: eval.json beside the checkpoint)")
+    add_runtime_flags(p)
     args = p.parse_args(argv)
     try:
-        args.device = resolve_device(args.device)
+        apply_runtime_flags(args)
+        positive("--batch_size", args.batch_size)
+        positive("--max_windows", args.max_windows, allow_none=True)
+        out = check_out_file(args.out or Path(args.ckpt).with_name("eval.json"))
+        if out.resolve() == Path(args.ckpt).resolve():
+            raise ValueError(f"--out: {out} is the checkpoint itself; refusing to write over it")
         model, tokenizer, state = load_model(args.ckpt, args.device)
         require_gated(model, args.ckpt)
         corpus = corpus_for(state, tokenizer, args.sources, args.cache_dir)
-    except (CheckpointError, DataError, ValueError) as e:
+    except (CheckpointError, DataError, ValueError, VocabularyError) as e:
         sys.exit(f"error: {e}")
 
-    alphas, losses = sweep(model, corpus, SWEEP, args.batch_size, args.max_windows, args.device)
+    alphas, losses = sweep(model, corpus, SWEEP, args.batch_size, args.max_windows, args.device, progress=True)
     summary = summarize(corpus.names, alphas, losses)
     print(format_table(corpus.names, alphas, losses, summary))
-    out = Path(args.out) if args.out else Path(args.ckpt).with_name("eval.json")
     result = {
         "checkpoint": str(args.ckpt), "step": state["step"], "sources": corpus.names,
         "val_tokens": {n: len(v) for n, v in zip(corpus.names, corpus.val)},

@@ -1,20 +1,20 @@
 """Write a report on how well the dial works: sweep, cost of the dial, calibration, samples, plots.
 
     python train.py --baselines                      # the gated run, then one vanilla GPT per source
-    python report.py --ckpt out/ckpt.pt --out reports/my-run
+    python report.py --ckpt out/ckpt.pt --out_dir reports/my-run
 
 Baselines are found beside the checkpoint (out/baseline-NAME/ckpt.pt, as train.py
 --baselines writes them); without them the cost of the dial is "not measured".
 Plots need matplotlib (pip install matplotlib).
 """
-import argparse
 import sys
 from pathlib import Path
 
 from abcgpt.checkpoint import CheckpointError, load_model
+from abcgpt.cli import HelpFormatter, Parser, add_runtime_flags, apply_runtime_flags, check_out_dir, check_seed, positive
 from abcgpt.data import DataError
-from abcgpt.device import resolve_device
 from abcgpt.evaluate import corpus_for, require_gated
+from abcgpt.tokenizer import VocabularyError
 from abcgpt.report import build_report, write_report
 
 
@@ -31,29 +31,34 @@ def load_baselines(ckpt, names, device):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", default="out/ckpt.pt")
-    p.add_argument("--out", required=True, help="folder for report.md, report.json and the plots")
-    p.add_argument("--title", default=None)
+    p = Parser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--ckpt", default="out/ckpt.pt", help="checkpoint written by train.py")
+    p.add_argument("--out_dir", required=True, help="the folder this writes report.md, report.json and the plots into")
+    p.add_argument("--title", default=None, help="the report's title (default: names the checkpoint)")
     p.add_argument("--sources", help="NAME or NAME=PATH, comma-separated (default: the run's own)")
-    p.add_argument("--cache_dir", default=None)
+    p.add_argument("--cache_dir", default=None, help="where built-in sources are cached (default: the run's)")
     p.add_argument("--samples", type=int, default=8, help="samples per alpha for the calibration curve")
-    p.add_argument("--sample_tokens", type=int, default=200)
+    p.add_argument("--sample_tokens", type=int, default=200, help="tokens per sample")
     p.add_argument("--max_windows", type=int, default=None, help="score at most this many val windows per source")
-    p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--device", default="auto", help="auto (CUDA if there is one), cpu, cuda or cuda:N")
+    p.add_argument("--seed", type=int, default=1337, help="seeds the samples")
+    add_runtime_flags(p)
     args = p.parse_args(argv)
     try:
-        args.device = resolve_device(args.device)
+        apply_runtime_flags(args)
+        check_out_dir(args.out_dir)
+        for flag in ("samples", "sample_tokens"):
+            positive(f"--{flag}", getattr(args, flag))
+        positive("--max_windows", args.max_windows, allow_none=True)
+        check_seed(args.seed)
         model, tokenizer, state = load_model(args.ckpt, args.device)
         require_gated(model, args.ckpt)
         corpus = corpus_for(state, tokenizer, args.sources, args.cache_dir)
         baselines = load_baselines(args.ckpt, corpus.names, args.device)
-    except (CheckpointError, DataError, ValueError) as e:
+    except (CheckpointError, DataError, ValueError, VocabularyError) as e:
         sys.exit(f"error: {e}")
     report = build_report(model, tokenizer, state, corpus, baselines, args.samples, args.sample_tokens,
                           args.max_windows, args.device, args.seed)
-    path = write_report(report, args.out, args.title or f"abcGPT report: {args.ckpt}")
+    path = write_report(report, args.out_dir, args.title or f"abcGPT report: {args.ckpt}")
     print(f"wrote {path}")
 
 

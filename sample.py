@@ -4,16 +4,16 @@
     python sample.py --ckpt out/ckpt.pt --alpha 0,0.5,1 --start "ROMEO:" --num_samples 2
     python sample.py --alpha 1 --start FILE:prompt.txt --max_new_tokens 500 --top_k 50
 """
-import argparse
 import math
 import sys
 
 import torch
 
 from abcgpt.checkpoint import CheckpointError, load_model
-from abcgpt.device import resolve_device
+from abcgpt.cli import HelpFormatter, Parser, add_runtime_flags, apply_runtime_flags, check_seed
+from abcgpt.data import source_alphas
 from abcgpt.sampling import generate
-from abcgpt.tokenizer import UnknownCharactersError
+from abcgpt.tokenizer import UnknownCharactersError, VocabularyError
 
 
 class InputError(ValueError):
@@ -46,35 +46,50 @@ def read_prompt(start):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--ckpt", default="out/ckpt.pt", help="checkpoint written by train.py")
     p.add_argument("--alpha", default="0.5", help="the dial: one value in [0, 1] or a list such as 0,0.5,1")
-    p.add_argument("--start", default="\n", help="the prompt, or FILE:path to read it from a file")
+    p.add_argument("--start", default="\n", help="the prompt, or FILE:path to read it from a file (default: %(default)r)")
     p.add_argument("--num_samples", type=int, default=1, help="samples per alpha")
-    p.add_argument("--max_new_tokens", type=int, default=300)
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top_k", type=int, default=200)
-    p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--device", default="auto", help="auto (CUDA if there is one), cpu, cuda or cuda:N")
+    p.add_argument("--max_new_tokens", type=int, default=300, help="tokens to generate per sample")
+    p.add_argument("--temperature", type=float, default=0.8, help="above 0; lower is more conservative")
+    p.add_argument("--top_k", type=int, default=200, help="sample from the k likeliest tokens only")
+    p.add_argument("--seed", type=int, default=1337, help="the same seed gives the same text")
+    add_runtime_flags(p)
     return p.parse_args(argv)
+
+
+def check_numbers(args):
+    if not (math.isfinite(args.temperature) and args.temperature > 0):
+        raise InputError(f"--temperature must be a positive number, got {args.temperature}")
+    if args.top_k < 1 or args.num_samples < 1:
+        raise InputError(f"--top_k and --num_samples must be at least 1, got {args.top_k} and {args.num_samples}")
+    if args.max_new_tokens < 0:
+        raise InputError(f"--max_new_tokens must not be negative, got {args.max_new_tokens}")
+    check_seed(args.seed)
+
+
+def dial_label(alpha, names):
+    """'alpha 0.0 (tinystories)' at a source's own corner, 'alpha 0.3' elsewhere."""
+    corners = dict(zip(source_alphas(len(names)), names)) if len(names) > 1 else {}
+    return f"alpha {alpha}" + (f" ({corners[alpha]})" if alpha in corners else "")
 
 
 def main(argv=None):
     args = parse_args(argv)
     try:
-        args.device = resolve_device(args.device)
+        apply_runtime_flags(args)
         alphas = parse_alphas(args.alpha)
-        if args.temperature <= 0 or args.num_samples < 1 or args.max_new_tokens < 0 or args.top_k < 1:
-            raise InputError("--temperature and --top_k must be positive, --num_samples at least 1, --max_new_tokens not negative")
+        check_numbers(args)
         prompt = read_prompt(args.start)
-        model, tokenizer, _ = load_model(args.ckpt, args.device)
+        model, tokenizer, state = load_model(args.ckpt, args.device)
         try:
             start_ids = tokenizer.encode(prompt)
         except UnknownCharactersError as e:
             raise InputError(f"--start: the prompt has {e}") from None
         if not start_ids:
             raise InputError("--start: the prompt is empty")
-    except (ValueError, CheckpointError) as e:
+    except (ValueError, CheckpointError, VocabularyError) as e:
         sys.exit(f"error: {e}")
 
     gated = model.config.gated
@@ -83,7 +98,7 @@ def main(argv=None):
         idx = torch.tensor([start_ids] * args.num_samples, dtype=torch.long, device=args.device)
         out = generate(model, idx, args.max_new_tokens, alpha, args.temperature, args.top_k, generator)
         for row in out.tolist():
-            print(f"--- alpha {alpha}" if gated else "---")
+            print(f"--- {dial_label(alpha, state.get('source_names', []))}" if gated else "---")
             print(tokenizer.decode(row))
 
 

@@ -1,61 +1,84 @@
-"""Train a gated GPT. The reference recipe on CUDA, a small CPU preset elsewhere.
+"""Train a gated GPT: the reference recipe on CUDA, a small CPU preset elsewhere.
 
     python train.py                                   # downloads TinyStories + tinyshakespeare
     python train.py --sources tinystories=a.txt,tinyshakespeare=b.txt   # local files, offline
     python train.py --preset cpu --max_iters 500 --out_dir out-small
     python train.py --resume --out_dir out            # continue a run
+    python train.py --resume --max_iters 20000 --lr_decay_iters 20000   # extend a run and its schedule
     python train.py --baselines                       # then one vanilla GPT per source, same tokens of it
     torchrun --standalone --nproc_per_node=4 train.py --grad_accum 4
 
-Every field of abcgpt.config.TrainConfig is a flag (python train.py --help).
+Every setting below is a field of abcgpt.config.TrainConfig; a flag left out keeps
+its preset's value (or, with --resume, the saved run's).
 """
-import argparse
 import sys
 
+import torch
+from tqdm.auto import tqdm
+
 from abcgpt.checkpoint import CheckpointError, load_checkpoint
+from abcgpt.cli import HelpFormatter, Parser
 from abcgpt.config import PRESETS, add_config_flags, baseline_config, build_config, default_preset
 from abcgpt.data import DataError
 from abcgpt.device import default_device
+from abcgpt.tokenizer import VocabularyError
 from abcgpt.trainer import CHECKPOINT_NAME, Trainer, TrainingDiverged
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), help="default: reference on CUDA, cpu elsewhere")
     parser.add_argument("--resume", action="store_true", help="continue the run saved in out_dir")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start afresh in an out_dir that already holds a run, replacing its checkpoints and log")
     parser.add_argument("--baselines", action="store_true",
                         help="after the run, train a vanilla GPT on each source alone with as many of its tokens "
                              "as the run saw (into out_dir/baseline-NAME)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch; unset: torch's choice (1 is often fastest on a shared machine)")
     add_config_flags(parser)
     args = vars(parser.parse_args(argv))
-    return args.pop("preset"), args.pop("resume"), args.pop("baselines"), args
+    options = {k: args.pop(k) for k in ("preset", "resume", "overwrite", "baselines", "threads")}
+    return options, args
+
+
+def resumed_base(overrides):
+    """The saved run's settings; a longer --max_iters keeps the saved decay unless --lr_decay_iters says otherwise."""
+    saved = load_checkpoint(f"{overrides.get('out_dir', 'out')}/{CHECKPOINT_NAME}")["train_config"]
+    extends = overrides.get("max_iters", saved["max_iters"]) != saved["max_iters"]
+    if extends and "lr_decay_iters" not in overrides and not saved.get("lr_decay_iters"):
+        overrides["lr_decay_iters"] = saved["max_iters"]
+        print(f"note: the learning rate keeps the saved run's decay (ending at step {saved['max_iters']}); "
+              "pass --lr_decay_iters to decay over the longer run instead")
+    return saved
 
 
 def main(argv=None):
-    preset, resume, baselines, overrides = parse_args(argv)
+    options, overrides = parse_args(argv)
     try:
-        base = None
-        if resume:  # the saved run's settings, with only the flags given now on top
-            out_dir = overrides.get("out_dir", "out")
-            base = load_checkpoint(f"{out_dir}/{CHECKPOINT_NAME}")["train_config"]
-        preset = preset or default_preset(default_device() == "cuda")
+        if options["threads"] is not None:
+            if options["threads"] < 1:
+                raise ValueError(f"--threads must be at least 1, got {options['threads']}")
+            torch.set_num_threads(options["threads"])
+        base = resumed_base(overrides) if options["resume"] else None
+        preset = options["preset"] or default_preset(default_device() == "cuda")
         config = build_config(preset, overrides, base)
-        if not resume:
+        if not options["resume"]:
             print(f"preset: {preset}")
-        losses, tokens_seen, names = run(config, resume)
+        losses, tokens_seen, names = run(config, options["resume"], options["overwrite"])
         if losses is None:
             sys.exit(130)
-        if baselines:
-            for name, tokens in zip(names, tokens_seen):
-                print(f"baseline: vanilla GPT on {name} alone, {tokens:,} tokens")
-                if run(baseline_config(config, name, tokens), resume=False)[0] is None:
+        if options["baselines"]:
+            for name, tokens in tqdm(list(zip(names, tokens_seen)), desc="baselines", unit="source"):
+                tqdm.write(f"baseline: vanilla GPT on {name} alone, {tokens:,} tokens")
+                if run(baseline_config(config, name, tokens), False, options["overwrite"])[0] is None:
                     sys.exit(130)  # interrupted: the next baseline would start with no one asking
-    except (DataError, CheckpointError, ValueError, TrainingDiverged) as e:
+    except (DataError, CheckpointError, ValueError, TrainingDiverged, VocabularyError) as e:
         sys.exit(f"error: {e}")
 
 
-def run(config, resume):
-    trainer = Trainer(config, resume=resume)
+def run(config, resume, overwrite):
+    trainer = Trainer(config, resume=resume, overwrite=overwrite)
     try:
         losses = trainer.train()
         tokens_seen = trainer.tokens_seen()

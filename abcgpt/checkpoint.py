@@ -5,7 +5,12 @@ state (the frozen scores are buffers in the model state), model and training
 configs, tokenizer, step and seed. Training reseeds its random generators from
 (seed, step, micro-batch) for every micro-batch, so seed and step are the whole
 RNG state: a resumed run draws the batches and dropout masks it would have drawn.
+
+Every checkpoint carries a sha256 of each tensor and of everything else in it
+(configs, tokenizer, names, counters), checked on every load: a flipped byte,
+which torch.load itself would not notice, is refused with the part it hit.
 """
+import hashlib
 import os
 from pathlib import Path
 
@@ -14,11 +19,57 @@ import torch
 from .model import GPT, GPTConfig
 from .tokenizer import tokenizer_from_dict
 
-FORMAT = "abcgpt-checkpoint-v1"
+FORMAT = "abcgpt-checkpoint-v2"  # v1: the same without checksums, still read
+OLD_FORMATS = ("abcgpt-checkpoint-v1",)
 
 
 class CheckpointError(RuntimeError):
     pass
+
+
+def _tensor_digest(t):
+    t = t.detach().cpu().contiguous().reshape(-1)  # 1-D: a 0-dim tensor cannot be viewed as bytes
+    digest = hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode())
+    digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+def _split(value, path, tensors):
+    """value with each tensor replaced by its path (collected in tensors), for hashing the rest."""
+    if isinstance(value, torch.Tensor):
+        tensors[path] = value
+        return f"<tensor {path}>"
+    if isinstance(value, dict):
+        return {repr(k): _split(v, f"{path}/{k}", tensors) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_split(v, f"{path}/{i}", tensors) for i, v in enumerate(value)]
+    return value
+
+
+def checksums(state):
+    """{"tensors": {path: sha256}, "rest": sha256 of every non-tensor value} of a checkpoint's content."""
+    tensors = {}
+    rest = _split({k: v for k, v in state.items() if k not in ("format", "checksums")}, "", tensors)
+    return {"tensors": {path: _tensor_digest(t) for path, t in tensors.items()},
+            "rest": hashlib.sha256(repr(rest).encode()).hexdigest()}
+
+
+def _verify(state, path):
+    if state["format"] in OLD_FORMATS:
+        return
+    recorded = state.get("checksums")
+    if not isinstance(recorded, dict):
+        raise CheckpointError(f"{path} has no checksums: it is damaged")
+    actual = checksums(state)
+    changed = [p for p, d in actual["tensors"].items() if recorded.get("tensors", {}).get(p) != d]
+    if set(actual["tensors"]) != set(recorded.get("tensors", {})):
+        changed.append("the list of tensors")
+    if actual["rest"] != recorded.get("rest"):
+        changed.append("its settings (configs, tokenizer, names or counters)")
+    if changed:
+        raise CheckpointError(f"{path} failed its checksum: {changed[0].lstrip('/')} changed after it was "
+                              f"written{f' (and {len(changed) - 1} more)' if len(changed) > 1 else ''}; "
+                              "the file is corrupt, restore it from a copy")
 
 
 def save_checkpoint(state, path):
@@ -28,7 +79,7 @@ def save_checkpoint(state, path):
     tmp = path.with_name(path.name + ".tmp")
     try:
         with open(tmp, "wb") as f:
-            torch.save({"format": FORMAT, **state}, f)
+            torch.save({"format": FORMAT, **state, "checksums": checksums(state)}, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -46,8 +97,9 @@ def load_checkpoint(path, map_location="cpu"):
     except Exception as e:  # a damaged file can fail inside the unpickler in many ways
         reason = f"{type(e).__name__}: {str(e).strip().split('. ')[0]}"
         raise CheckpointError(f"{path} is not a readable checkpoint (truncated or corrupt?): {reason}") from None
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
+    if not isinstance(state, dict) or state.get("format") not in (FORMAT, *OLD_FORMATS):
         raise CheckpointError(f"{path} is not an abcGPT checkpoint")
+    _verify(state, path)
     return state
 
 

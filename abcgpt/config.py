@@ -1,10 +1,10 @@
 """Training configuration, its presets, and the command-line flags made from it."""
 import argparse
 import math
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 
-from .backends import check_backend
+from .backends import BACKENDS, check_backend
 from .data import DEFAULT_SOURCES
 from .model import GPTConfig
 
@@ -59,7 +59,14 @@ class TrainConfig(GPTConfig):
             (self.dtype in ("auto", "float32", "bfloat16", "float16"), "dtype must be auto, float32, bfloat16 or float16"),
             (self.batch_size > 0 and self.grad_accum > 0, "batch_size and grad_accum must be positive"),
             (self.max_iters >= 0 and self.warmup_iters >= 0, "max_iters and warmup_iters must not be negative"),
-            (self.eval_interval > 0 and self.eval_iters > 0 and self.log_interval > 0, "intervals must be positive"),
+            (self.eval_interval > 0 and self.eval_iters > 0 and self.log_interval > 0,
+             "eval_interval, eval_iters and log_interval must be positive"),
+            (0 <= self.seed < 2**63, f"seed must be in [0, 2**63 - 1], got {self.seed}"),
+            (self.lr_decay_iters >= 0, "lr_decay_iters must not be negative (0: decay over max_iters)"),
+            (self.learning_rate > 0 and self.min_lr >= 0, "learning_rate must be positive and min_lr not negative"),
+            (0.0 < self.val_fraction < 1.0, f"val_fraction must be between 0 and 1, got {self.val_fraction}"),
+            (self.grad_clip >= 0 and self.weight_decay >= 0, "grad_clip and weight_decay must not be negative"),
+            (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "beta1 and beta2 must be in [0, 1)"),
             (not (self.only_source and self.gated), "only_source trains a vanilla baseline: set gated=false"),
         ]
         for ok, message in checks:
@@ -99,19 +106,71 @@ def _parse_bool(text):
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+# One line of --help per flag: what it sets. Allowed values come from CHOICES; defaults from the presets.
+FLAG_HELP = {
+    "sources": "comma-separated NAME or NAME=PATH; the first sits at alpha 0, the last at alpha 1",
+    "tokenizer": "characters of the sources, or GPT-2's byte-pair encoding (through tiktoken)",
+    "val_fraction": "share of each source held out for validation (its last part)",
+    "cache_dir": "where built-in sources are downloaded (empty: ~/.cache/abcgpt)",
+    "gate_backend": "how gated layers run; auto: folded for one alpha, triton for per-sequence alphas on CUDA",
+    "alpha_mode": "one alpha (and source) per batch, or one per sequence",
+    "only_source": "train on this source alone (a single-source baseline; needs --gated false)",
+    "block_size": "context length in tokens",
+    "n_layer": "transformer blocks",
+    "n_head": "attention heads per block (must divide n_embd)",
+    "n_embd": "width of the residual stream",
+    "dropout": "dropout probability in [0, 1)",
+    "bias": "biases in the Linear and LayerNorm layers",
+    "gated": "give units scores and the dial; false: nanoGPT's GPT (the vanilla baseline)",
+    "narrowness": "w in the tent gate: below 1 each unit fires over a narrower range of alpha",
+    "mask_seed": "seeds the specialty scores",
+    "sort_units": "relabel units in score order at init, so silent units form one block (function unchanged)",
+    "batch_size": "sequences per micro-batch",
+    "grad_accum": "micro-batches per optimizer step (a multiple of the number of processes)",
+    "max_iters": "optimizer steps to train for (the run's end)",
+    "learning_rate": "peak learning rate, after warm-up",
+    "min_lr": "learning rate at the end of the cosine decay",
+    "warmup_iters": "steps of linear warm-up",
+    "lr_decay_iters": "step where the cosine decay ends; 0: at max_iters. Extend a finished run's schedule by "
+                      "giving it with --resume",
+    "weight_decay": "AdamW weight decay (matrices and embeddings only)",
+    "beta1": "AdamW beta1",
+    "beta2": "AdamW beta2",
+    "grad_clip": "clip the gradient norm to this; 0: no clipping",
+    "eval_interval": "steps between held-out evaluations (each writes ckpt.pt)",
+    "eval_iters": "held-out batches per evaluation (eval_iters * batch_size windows per source)",
+    "log_interval": "steps between log lines",
+    "out_dir": "folder for ckpt.pt, best.pt and log.jsonl",
+    "device": "auto (CUDA if there is one), cpu, cuda or cuda:N",
+    "dtype": "auto: bfloat16 on CUDA where supported, else float32",
+    "compile": "torch.compile the model",
+    "seed": "seeds weights, batches and dropout (0 to 2**63 - 1)",
+}
+CHOICES = {"tokenizer": ("char", "bpe"), "alpha_mode": ("batch", "sequence"), "gate_backend": BACKENDS,
+           "dtype": ("auto", "float32", "bfloat16", "float16")}
+
+
 def add_config_flags(parser):
     """One --flag per TrainConfig field; a flag left out stays absent from the parsed namespace."""
     for f in fields(TrainConfig):
         if f.name == "vocab_size":  # set by the tokenizer
             continue
-        if f.name == "sources":
-            parser.add_argument("--sources", default=argparse.SUPPRESS, metavar="A,B",
-                                help="comma-separated NAME or NAME=PATH, alpha 0 first (default: tinystories,tinyshakespeare)")
-            continue
-        kind = type(f.default)
-        defaults = ", ".join(f"{name} {values.get(f.name, f.default)!r}" for name, values in PRESETS.items())
-        parser.add_argument(f"--{f.name}", type=_parse_bool if kind is bool else kind,
-                            default=argparse.SUPPRESS, metavar=kind.__name__.upper(), help=f"presets: {defaults}")
+        field_default = f.default_factory() if f.default is MISSING else f.default
+        kind = type(field_default)
+        values = {name: preset.get(f.name, field_default) for name, preset in PRESETS.items()}
+        shown = lambda v: (",".join(v) if isinstance(v, list) else str(v).lower() if isinstance(v, bool)
+                           else "none" if v == "" else v)
+        default = (f"default {shown(values['reference'])}" if len(set(map(repr, values.values()))) == 1 else
+                   ", ".join(f"{name} preset {shown(v)}" for name, v in values.items()))
+        if f.name in CHOICES:
+            metavar = "|".join(CHOICES[f.name])
+        elif kind is bool:
+            metavar = "true|false"
+        else:
+            metavar = {"sources": "A,B", "out_dir": "DIR", "cache_dir": "DIR"}.get(f.name, kind.__name__.upper())
+        parser.add_argument(f"--{f.name}", type=_parse_bool if kind is bool else str if kind is list else kind,
+                            choices=CHOICES.get(f.name), default=argparse.SUPPRESS, metavar=metavar,
+                            help=f"{FLAG_HELP[f.name]} ({default})")
 
 
 def baseline_config(config, source, tokens):

@@ -46,6 +46,12 @@ class DataError(RuntimeError):
     """A source that cannot be had or used; the message says what to do."""
 
 
+class DownloadError(DataError):
+    def __init__(self, name, url, reason):
+        super().__init__(f"could not download source {name!r} from {url} ({reason})")
+        self.name, self.reason = name, reason
+
+
 def default_cache_dir():
     root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(os.environ.get("ABCGPT_CACHE_DIR") or Path(root) / "abcgpt")
@@ -160,12 +166,25 @@ def fetch_builtin(name, cache_dir=None):
     try:
         download(source.url, path, source.max_bytes, source.sha256, desc=name)
     except (urllib.error.URLError, OSError) as e:  # HTTPError and timeouts are URLError/OSError
-        reason = getattr(e, "reason", None) or e
-        raise DataError(
-            f"could not download source {name!r} from {source.url} ({reason}). Offline? Pass a "
-            f"local copy instead: --sources ...,{name}=/path/to/{name}.txt (see README)"
-        ) from None
+        raise DownloadError(name, source.url, getattr(e, "reason", None) or e) from None
     return path
+
+
+def read_texts(sources, cache_dir=None):
+    """The text of every source; built-in sources that cannot be downloaded are named all at once,
+    in dial order, with a --sources line that uses local copies instead."""
+    texts, missing = [], []
+    for spec in sources:
+        try:
+            texts.append(read_text(spec, cache_dir))
+        except DownloadError as e:
+            missing.append(e)
+    if missing:
+        names = [e.name for e in missing]
+        line = ",".join(f"{s.name}={s.path or f'/path/to/{s.name}.txt'}" for s in sources)
+        raise DataError(f"could not download source{'s' if len(names) > 1 else ''} {', '.join(map(repr, names))} "
+                        f"({missing[0].reason}). Offline? Use local copies instead: --sources {line}")
+    return texts
 
 
 def read_text(spec, cache_dir=None):
@@ -214,10 +233,13 @@ def source_alphas(n_sources):
 class Corpus:
     """Tokenized sources, each split into a train and a val part before any batch is drawn."""
 
-    def __init__(self, names, token_lists, tokenizer, val_fraction=0.1):
+    def __init__(self, names, token_lists, tokenizer, val_fraction=0.1, sha256=None):
+        """sha256: of each source's text, recorded in checkpoints so that another text under the
+        same name is noticed."""
         if not 0.0 < val_fraction < 1.0:
             raise DataError(f"val_fraction must be between 0 and 1, got {val_fraction}")
         self.names = list(names)
+        self.sha256 = list(sha256) if sha256 is not None else [None] * len(self.names)
         self.tokenizer = tokenizer
         self.train, self.val = [], []
         for name, ids in zip(self.names, token_lists):
@@ -230,11 +252,12 @@ class Corpus:
     def from_sources(cls, sources, tokenizer="char", val_fraction=0.1, cache_dir=None):
         """sources: specs (see parse_sources); tokenizer: 'char', 'bpe' or a tokenizer object."""
         sources = parse_sources(sources)
-        texts = [read_text(s, cache_dir) for s in sources]
+        texts = read_texts(sources, cache_dir)
         if isinstance(tokenizer, str):
             tokenizer = make_tokenizer(tokenizer, texts)
         tokens = [tokenizer.encode(t) for t in texts]
-        return cls([s.name for s in sources], tokens, tokenizer, val_fraction)
+        digests = [hashlib.sha256(t.encode("utf-8")).hexdigest() for t in texts]
+        return cls([s.name for s in sources], tokens, tokenizer, val_fraction, digests)
 
     @property
     def alphas(self):

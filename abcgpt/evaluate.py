@@ -18,9 +18,14 @@ def corpus_for(state, tokenizer, sources=None, cache_dir=None):
     if [s.name for s in sources] != state["source_names"]:
         raise DataError(f"the checkpoint was trained on {state['source_names']}, in that order; name the same sources")
     try:
-        return Corpus.from_sources(sources, tokenizer, config["val_fraction"], cache_dir or config["cache_dir"] or None)
+        corpus = Corpus.from_sources(sources, tokenizer, config["val_fraction"], cache_dir or config["cache_dir"] or None)
     except UnknownCharactersError as e:
         raise DataError(f"the sources have text the checkpoint's tokenizer lacks: {e}") from None
+    for spec, recorded, actual in zip(sources, state.get("source_sha256", []), corpus.sha256):
+        if recorded is not None and recorded != actual:  # older checkpoints recorded none
+            raise DataError(f"source {spec.name!r}: {spec.path or 'the built-in copy'} is not the text the checkpoint "
+                            f"was trained on under that name (sha256 {actual[:12]}..., trained on {recorded[:12]}...)")
+    return corpus
 
 
 def require_gated(model, path):
@@ -49,14 +54,17 @@ def val_loss(model, ids, alpha, batch_size=32, max_windows=None, device="cpu"):
     return total.item() / count
 
 
-def sweep(model, corpus, alphas=SWEEP, batch_size=32, max_windows=None, device="cpu"):
-    """{source name: [val loss at each alpha]}; every source's own corner is included in alphas."""
+def sweep(model, corpus, alphas=SWEEP, batch_size=32, max_windows=None, device="cpu", progress=False):
+    """{source name: [val loss at each alpha]}; every source's own corner is included in alphas.
+    progress: show a progress bar over the (source, alpha) pairs."""
+    from tqdm.auto import tqdm
+
     model.eval()
     alphas = sorted(set(alphas) | set(source_alphas(len(corpus.names))))
-    losses = {
-        name: [val_loss(model, ids, a, batch_size, max_windows, device) for a in alphas]
-        for name, ids in zip(corpus.names, corpus.val)
-    }
+    pairs = [(name, ids, a) for name, ids in zip(corpus.names, corpus.val) for a in alphas]
+    losses = {name: [] for name in corpus.names}
+    for name, ids, a in tqdm(pairs, desc="held-out sweep", unit="alpha", disable=not progress, leave=False):
+        losses[name].append(val_loss(model, ids, a, batch_size, max_windows, device))
     return alphas, losses
 
 

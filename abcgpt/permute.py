@@ -5,15 +5,15 @@
 New models are sorted at init (GPTConfig.sort_units); this is for checkpoints made before.
 The map of which rows and columns move with each unit is units.py's.
 """
-import argparse
 import sys
 
 from .checkpoint import CheckpointError, load_model, save_checkpoint
+from .cli import HelpFormatter, Parser
 from .units import sort_units
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("source", help="checkpoint to read")
     p.add_argument("dest", help="checkpoint to write, with units sorted")
     args = p.parse_args(argv)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from .evaluate import SWEEP, format_table, summarize, sweep, val_loss
 from .ngram import SourceClassifier, spearman
@@ -68,7 +69,7 @@ def sample_texts(model, tokenizer, alpha, n, tokens, seed, device, temperature=1
 def build_report(model, tokenizer, state, corpus, baselines=None, n_samples=8, sample_tokens=200,
                  max_windows=None, device="cpu", seed=1337):
     """Everything the report shows, as plain data. baselines: {source name: vanilla model}."""
-    alphas, losses = sweep(model, corpus, SWEEP, max_windows=max_windows, device=device)
+    alphas, losses = sweep(model, corpus, SWEEP, max_windows=max_windows, device=device, progress=True)
     summary = summarize(corpus.names, alphas, losses)
     report = {
         "checkpoint_step": state["step"], "sources": corpus.names, "tokens_seen": state.get("tokens_seen"),
@@ -87,7 +88,7 @@ def build_report(model, tokenizer, state, corpus, baselines=None, n_samples=8, s
         scores = {
             a: [classifier.p_source_1(t) for t in sample_texts(model, tokenizer, a, n_samples, sample_tokens,
                                                                 seed + i, device)]
-            for i, a in enumerate(SWEEP)
+            for i, a in enumerate(tqdm(SWEEP, desc="calibration samples", unit="alpha", leave=False))
         }
         report["calibration"] = {**calibration_summary(SWEEP, scores), "samples_per_alpha": n_samples,
                                  "sample_tokens": sample_tokens, "scores": {str(a): s for a, s in scores.items()}}

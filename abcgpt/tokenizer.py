@@ -43,6 +43,10 @@ class CharTokenizer:
         return {"kind": self.kind, "chars": "".join(self.chars)}
 
 
+class VocabularyError(RuntimeError):
+    """A tokenizer's vocabulary that cannot be had (GPT-2's files out of reach)."""
+
+
 class BPETokenizer:
     """GPT-2 byte-pair encoding; needs tiktoken (and its vocabulary files, cached or downloaded)."""
 
@@ -55,7 +59,7 @@ class BPETokenizer:
             try:
                 encoding = tiktoken.get_encoding(name)
             except Exception as e:  # tiktoken fetches its files on first use
-                raise RuntimeError(
+                raise VocabularyError(
                     f"could not load the {name!r} BPE vocabulary ({e}). Offline? Point "
                     "TIKTOKEN_CACHE_DIR at a folder holding tiktoken's cached files, or use the "
                     "character tokenizer."

@@ -18,6 +18,7 @@ import torch
 from torch.distributed import destroy_process_group, init_process_group
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from . import cli
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import ARCHITECTURE, TrainConfig
 from .data import Corpus, training_batch
@@ -45,6 +46,12 @@ def learning_rate_at(step, config):
     return config.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (config.learning_rate - config.min_lr)
 
 
+def format_seconds(seconds):
+    minutes, seconds = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s"
+
+
 def micro_batch_seed(seed, step, index):
     # distinct for every (step, index) with index < 2**20: no two micro-batches share a stream
     return (seed * 2**40 + step * 2**20 + index) % 2**63
@@ -58,14 +65,37 @@ def resolve_dtype(name, device_type):
     return getattr(torch, name)
 
 
+RUN_FILES = (CHECKPOINT_NAME, BEST_NAME, "log.jsonl")
+
+
+def check_out_dir(out_dir, resume, overwrite):
+    """Refuse, before any work, an out_dir that cannot be written, or one whose run a new run would replace."""
+    cli.check_out_dir(out_dir, "out_dir")
+    existing = [name for name in RUN_FILES if (out_dir / name).exists()]
+    if existing and not resume:
+        if not overwrite:
+            raise ValueError(f"out_dir {out_dir} already holds a run ({', '.join(existing)}): continue it with "
+                             "--resume, or replace it with --overwrite")
+        for name in existing:
+            (out_dir / name).unlink()
+
+
+def finite_json(record):
+    """record with non-finite floats as null, so that log lines are strict JSON."""
+    return {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in record.items()}
+
+
 class Trainer:
     """Trains a gated GPT as config says; resume=True continues the run in config.out_dir."""
 
-    def __init__(self, config: TrainConfig, resume=False, corpus=None, log=print):
+    def __init__(self, config: TrainConfig, resume=False, corpus=None, log=print, overwrite=False):
+        """overwrite: start afresh in an out_dir that holds a run (its checkpoints and log are replaced)."""
         self.config = config
         self.log_line = log
         self._setup_distributed()
         self.out_dir = Path(config.out_dir)
+        if self.is_master:
+            check_out_dir(self.out_dir, resume, overwrite)
         state = load_checkpoint(self.out_dir / CHECKPOINT_NAME) if resume else None
         if state is not None:
             self._check_resumable(state)
@@ -84,11 +114,13 @@ class Trainer:
         self.step = 0
         self.local_tokens = [0] * len(self.corpus.names)  # per source, this process (+ a resumed total on rank 0)
         self.best_val_loss = math.inf
+        self.last_losses = {}  # the latest held-out losses
         self.saved_step = None  # the step of the last checkpoint written by this run
         self.first_bad_step = torch.tensor(-1, device=self.device)  # first step with a NaN/inf loss or gradient
         self.stop_requested = self.interrupted = False
         if state is not None:
             self.best_val_loss = state.get("best_val_loss", math.inf)
+            self.last_losses = state.get("val_losses", {})
             self.saved_step = state["step"]
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
@@ -142,14 +174,15 @@ class Trainer:
         if state["source_names"] != [s.partition("=")[0].strip() for s in self.config.sources]:
             raise CheckpointError(f"cannot resume with other sources than the checkpoint's {state['source_names']}")
 
-    def log(self, record):
-        """Print one line and append the record to out_dir/log.jsonl (master process only)."""
+    def log(self, record, line=None):
+        """Print one line (line, or the record) and append the record to out_dir/log.jsonl (master only)."""
         if not self.is_master:
             return
-        self.log_line(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
+        self.log_line(line or " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                         for k, v in record.items()))
         self.out_dir.mkdir(parents=True, exist_ok=True)
         with open(self.out_dir / "log.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(finite_json(record), allow_nan=False) + "\n")
 
     @torch.no_grad()
     def evaluate(self):
@@ -184,6 +217,8 @@ class Trainer:
             "train_config": self.config.to_dict(),
             "tokenizer": self.corpus.tokenizer.to_dict(),
             "source_names": self.corpus.names,
+            "source_sha256": self.corpus.sha256,
+            "val_losses": self.last_losses,
             "step": self.step,
             "seed": self.config.seed,
             "tokens_seen": self.tokens_seen(),
@@ -192,24 +227,43 @@ class Trainer:
 
     def save(self, best=False):
         """The latest checkpoint, and the best one too when best; never a state that went non-finite."""
-        self.check_finite()
+        self.check_finite(self.last_losses)
         state = self.checkpoint_state()  # on every process: tokens_seen gathers from all
         if self.is_master:
             save_checkpoint(state, self.out_dir / CHECKPOINT_NAME)
             if best:
                 save_checkpoint(state, self.out_dir / BEST_NAME)
+            self.log_line(f"saved {self.out_dir / CHECKPOINT_NAME}" + (f" and {self.out_dir / BEST_NAME} (best so far)"
+                                                                       if best else ""))
         self.saved_step = self.step
 
-    def check_finite(self):
-        """Stop the run, naming the step, if any loss or gradient so far was NaN or infinite."""
-        bad_step = int(self.first_bad_step.item())
+    def check_finite(self, losses=None):
+        """Stop the run, naming the step, if any loss or gradient so far was NaN or infinite, or if the
+        weights, the optimizer's moments or the held-out losses are now: nothing non-finite is ever saved."""
+        bad_step, what = int(self.first_bad_step.item()), "the loss or a gradient"
+        if bad_step < 0:
+            what = self._non_finite_state(losses)
+            bad_step = self.step if what else -1
         if bad_step >= 0:
             kept = (f"the last good checkpoint is {self.out_dir / CHECKPOINT_NAME} (step {self.saved_step})"
                     if self.saved_step is not None else "no checkpoint had been written")
             raise TrainingDiverged(
-                f"training diverged at step {bad_step}: the loss or a gradient is not finite (NaN or inf); "
+                f"training diverged at step {bad_step}: {what} is not finite (NaN or inf); "
                 f"nothing after it was saved and {kept}. Try a lower learning_rate, or grad_clip"
             )
+
+    @torch.no_grad()
+    def _non_finite_state(self, losses):
+        """What, if anything, of the weights, the optimizer's moments and the held-out losses is not finite."""
+        moments = [v for state in self.optimizer.state.values() for v in state.values()
+                   if isinstance(v, torch.Tensor) and v.is_floating_point() and v.dim() > 0]
+        for what, tensors in (("a weight", list(self.model.parameters())), ("an optimizer moment", moments)):
+            # one fused pass: a non-finite entry makes its tensor's norm non-finite
+            if tensors and not torch.isfinite(torch.stack(torch._foreach_norm(tensors))).all():
+                return what
+        if any(not math.isfinite(v) for v in (losses or {}).values()):
+            return "a held-out loss"
+        return None
 
     def held_out_score(self, losses):
         """One number to pick the best checkpoint by: the mean loss of each source at its own corner."""
@@ -276,7 +330,6 @@ class Trainer:
                    f"sources {', '.join(f'{name} (alpha {a:g})' for name, a in zip(self.corpus.names, self.corpus.alphas))}")
             )
         tokens_per_step = config.batch_size * config.block_size * config.grad_accum
-        last_losses = {}
         timer, timed_steps = time.perf_counter(), 0
         with self._ctrl_c_saves():
             while self.step < config.max_iters:
@@ -288,23 +341,26 @@ class Trainer:
                     elapsed = time.perf_counter() - timer
                     record = {"step": self.step, "loss": loss.item(), "lr": lr,
                               "tokens_per_s": round(tokens_per_step * timed_steps / elapsed)}
-                    self.log(record)
+                    eta = (config.max_iters - self.step) * elapsed / timed_steps  # training time only
+                    self.log(record, f"step {self.step}/{config.max_iters} | loss {record['loss']:.4f} | lr {lr:.3g} | "
+                                     f"{record['tokens_per_s']:,} tokens/s | ETA {format_seconds(eta)}")
                     timer, timed_steps = time.perf_counter(), 0
                 if self.step % config.eval_interval == 0 or self.step == config.max_iters:
                     self.check_finite()
-                    last_losses = self.evaluate()
-                    self.log({"step": self.step, **last_losses})
-                    score = self.held_out_score(last_losses)
-                    improved = score < self.best_val_loss
-                    self.best_val_loss = min(score, self.best_val_loss)
-                    self.save(best=improved)
+                    self.last_losses = self.evaluate()
+                    self.log({"step": self.step, **self.last_losses})
+                    score = self.held_out_score(self.last_losses)
+                    improved = math.isfinite(score) and score < self.best_val_loss  # min() would keep a NaN
+                    if improved:
+                        self.best_val_loss = score
+                    self.save(best=improved)  # refuses non-finite losses: a NaN held-out loss is a divergence
                     timer, timed_steps = time.perf_counter(), 0  # evaluation is not training time
                 if self._stop_now(at_log):
                     if self.saved_step != self.step:  # an evaluation may have just saved this step
                         self.save()
                     self.interrupted = True
                     break
-        return last_losses
+        return self.last_losses
 
     def _stop_now(self, at_log):
         """Ctrl-C was pressed: with DDP, every process agrees at a log step, where they sync anyway."""

@@ -1,8 +1,8 @@
 """Every GPU check in one command: tests, kernel benchmark, end-to-end throughput, a product smoke run.
 
-    python -m bench.gpu_suite --out bench/results/h100-2026-11-23/     # the whole suite, 20 minutes or less
-    python -m bench.gpu_suite --quick --out /tmp/suite                 # 5 minutes or less
-    python -m bench.gpu_suite --only tests,kernel_bench --out DIR      # some steps
+    python -m bench.gpu_suite --out_dir bench/results/h100-2026-11-23/     # the whole suite, 20 minutes or less
+    python -m bench.gpu_suite --quick --out_dir /tmp/suite                 # 5 minutes or less
+    python -m bench.gpu_suite --only tests,kernel_bench --out_dir DIR      # some steps
 
 Each step runs as its own process with its own time limit, and its output goes to
 DIR/STEP.log as it runs; a step that fails or runs out of time is recorded and the
@@ -56,7 +56,7 @@ def steps(out, quick, cuda):
                           "--max_new_tokens", "60"], 120),
         ("smoke_evaluate", [py, "evaluate.py", "--ckpt", str(smoke / "run" / "ckpt.pt"), "--max_windows", "20",
                             "--out", str(smoke / "eval.json")], 120),
-        ("smoke_report", [py, "report.py", "--ckpt", str(smoke / "run" / "ckpt.pt"), "--out", str(smoke / "report"),
+        ("smoke_report", [py, "report.py", "--ckpt", str(smoke / "run" / "ckpt.pt"), "--out_dir", str(smoke / "report"),
                           "--samples", "2", "--sample_tokens", "60", "--max_windows", "20"], 180),
     ]
 
@@ -151,11 +151,11 @@ def write_summary(out, results, quick, device):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True, help="folder for the logs, result files and summary.md")
+    p.add_argument("--out_dir", "--out", required=True, help="the folder this writes logs, results and summary.md into")
     p.add_argument("--quick", action="store_true", help="small versions of every step: 5 minutes or less")
     p.add_argument("--only", help="comma-separated step names (default: all)")
     args = p.parse_args(argv)
-    out = Path(args.out).resolve()
+    out = Path(args.out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     cuda = default_device() == "cuda"
     device = torch.cuda.get_device_name() if cuda else "CPU (no CUDA: the steps that make sense here)"

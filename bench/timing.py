@@ -40,8 +40,13 @@ def summary(times):
 
 def environment(device):
     """What a result file records about where it was measured."""
-    import triton
+    import importlib.util
 
+    triton_version = None
+    if importlib.util.find_spec("triton") is not None:
+        import triton
+
+        triton_version = triton.__version__
     device = torch.device(device)
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
@@ -51,7 +56,7 @@ def environment(device):
         "device": name,
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
         "torch": torch.__version__,
-        "triton": triton.__version__,
+        "triton": triton_version,
         "python": platform.python_version(),
         "cuda": torch.version.cuda,
     }

@@ -56,7 +56,7 @@ def test_readme_results_table_is_current():
 
 def test_gpu_suite_runs_its_cpu_form(tmp_path):
     """On a machine without CUDA the suite runs what makes sense there, and summarises every step."""
-    result = subprocess.run([sys.executable, "-m", "bench.gpu_suite", "--quick", "--out", str(tmp_path)], cwd=ROOT,
+    result = subprocess.run([sys.executable, "-m", "bench.gpu_suite", "--quick", "--out_dir", str(tmp_path)], cwd=ROOT,
                             capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout + result.stderr
     summary = (tmp_path / "summary.md").read_text()

@@ -149,9 +149,18 @@ def test_failed_download_names_the_offline_way_and_leaves_nothing(tmp_path, monk
         raise urllib.error.URLError("Temporary failure in name resolution")
 
     monkeypatch.setattr(data.urllib.request, "urlopen", refuse)
-    with pytest.raises(DataError, match=r"could not download source 'tinyshakespeare'.*tinyshakespeare=/path"):
+    with pytest.raises(DataError, match=r"could not download source 'tinyshakespeare'"):
         fetch_builtin("tinyshakespeare", tmp_path)
     assert list(tmp_path.iterdir()) == []
+    # every missing built-in source at once, in dial order, with a --sources line to copy
+    local = tmp_path / "mine.txt"
+    local.write_text("a local source")
+    with pytest.raises(DataError) as failure:
+        Corpus.from_sources(["tinystories", f"mine={local}", "tinyshakespeare"], cache_dir=tmp_path)
+    assert str(failure.value).startswith("could not download sources 'tinystories', 'tinyshakespeare' (")
+    assert str(failure.value).endswith(
+        f"Offline? Use local copies instead: --sources tinystories=/path/to/tinystories.txt,mine={local},"
+        "tinyshakespeare=/path/to/tinyshakespeare.txt")
 
 
 def test_checksum_mismatch_leaves_no_file(tmp_path):

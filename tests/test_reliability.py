@@ -25,8 +25,8 @@ def test_non_finite_stops_the_run_naming_the_step(corpus_files, tmp_path, where)
     trainer = Trainer(config, **quiet)
     poison_at = 5  # the 5th step, counting from 1 as the logs do
 
-    def poison(module, inputs, output):
-        return output * float("nan") if trainer.step == poison_at - 1 else output
+    def poison(module, inputs, output):  # in training steps only: the evaluation at step 4 stays clean
+        return output * float("nan") if trainer.step == poison_at - 1 and module.training else output
 
     if where == "loss":
         trainer.model.lm_head.register_forward_hook(poison)

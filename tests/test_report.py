@@ -102,7 +102,7 @@ def test_report_command_end_to_end(run_with_baselines, tmp_path):
     from abcgpt.evaluate import corpus_for, val_loss
 
     out = tmp_path / "report"
-    result = run("report.py", "--ckpt", run_with_baselines / "ckpt.pt", "--out", out, "--samples", "2",
+    result = run("report.py", "--ckpt", run_with_baselines / "ckpt.pt", "--out_dir", out, "--samples", "2",
                  "--sample_tokens", "30", "--max_windows", "8")
     assert result.returncode == 0, result.stderr
     report = json.loads((out / "report.json").read_text())
@@ -124,7 +124,7 @@ def test_report_command_end_to_end(run_with_baselines, tmp_path):
 
 
 def test_report_without_baselines_says_not_measured(trained_checkpoint, tmp_path):
-    result = run("report.py", "--ckpt", trained_checkpoint, "--out", tmp_path, "--samples", "1",
+    result = run("report.py", "--ckpt", trained_checkpoint, "--out_dir", tmp_path, "--samples", "1",
                  "--sample_tokens", "10", "--max_windows", "4")
     assert result.returncode == 0, result.stderr
     assert "| stories | " in (tmp_path / "report.md").read_text() and "not measured" in (tmp_path / "report.md").read_text()

@@ -1,0 +1,398 @@
+"""Bad input at the command line: a one-line error, a non-zero exit, and no existing file changed.
+
+Each case calls a tool's main() as the command line would, in a workspace holding a
+trained run, corpora and damaged files, and checks the message, that nothing went
+to a traceback, and that no file in the workspace changed or appeared. The README's
+bad-input table is made from CASES:
+
+    python tests/test_bad_input.py --write     # refresh the table in README.md
+"""
+import hashlib
+import importlib
+import pickle
+import shutil
+import sys
+import zipfile
+from collections import namedtuple
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+START, END = "<!-- bad-input:start -->", "<!-- bad-input:end -->"
+
+Case = namedtuple("Case", "what tool args message env", defaults=(None,))
+TOOLS = {"train": "train", "sample": "sample", "evaluate": "evaluate", "report": "report",
+         "permute": "abcgpt.permute", "inspect": "abcgpt.inspect"}
+TINY = ("--sources stories={ws}/stories.txt,plays={ws}/plays.txt --n_layer 1 --n_head 2 --n_embd 16 --block_size 8 "
+        "--batch_size 4 --max_iters 2 --eval_interval 2 --eval_iters 1 --log_interval 1 --out_dir {ws}/fresh "
+        "--device cpu ")
+CKPT = "--ckpt {ws}/run/ckpt.pt "
+
+CASES = [
+    # sample.py: the dial, the prompt, the numbers
+    Case("an alpha that is not a number", "sample", CKPT + "--alpha high", "--alpha: 'high' is not a number"),
+    Case("an empty alpha in a list", "sample", CKPT + "--alpha 0.5,,1", "--alpha: '' is not a number"),
+    Case("an alpha above 1", "sample", CKPT + "--alpha 1.5", "--alpha: 1.5 is outside [0, 1]"),
+    Case("an alpha below 0", "sample", CKPT + "--alpha -0.2", "--alpha: -0.2 is outside [0, 1]"),
+    Case("a NaN alpha in a list", "sample", CKPT + "--alpha 0.5,nan", "--alpha: nan is outside [0, 1]"),
+    Case("an infinite alpha", "sample", CKPT + "--alpha inf", "--alpha: inf is outside [0, 1]"),
+    Case("a prompt with characters the vocabulary lacks", "sample", CKPT + "--start one_Q_day_€",
+         "--start: the prompt has 3 character(s) not in the vocabulary: 'Q', '_', '€'"),
+    Case("an empty prompt", "sample", CKPT + "--start=", "--start: the prompt is empty"),
+    Case("a prompt file that does not exist", "sample", CKPT + "--start FILE:{ws}/no/prompt.txt",
+         "--start: cannot read prompt file {ws}/no/prompt.txt"),
+    Case("a prompt file that is a folder", "sample", CKPT + "--start FILE:{ws}/folder",
+         "--start: cannot read prompt file {ws}/folder"),
+    Case("a prompt file that is not UTF-8", "sample", CKPT + "--start FILE:{ws}/latin1.txt",
+         "--start: cannot read prompt file {ws}/latin1.txt"),
+    Case("a zero temperature", "sample", CKPT + "--temperature 0", "--temperature must be a positive number, got 0.0"),
+    Case("a negative temperature", "sample", CKPT + "--temperature -1",
+         "--temperature must be a positive number, got -1.0"),
+    Case("a NaN temperature", "sample", CKPT + "--temperature nan", "--temperature must be a positive number, got nan"),
+    Case("an infinite temperature", "sample", CKPT + "--temperature inf",
+         "--temperature must be a positive number, got inf"),
+    Case("a temperature that is not a number", "sample", CKPT + "--temperature warm",
+         "argument --temperature: invalid float value: 'warm'"),
+    Case("top-k of 0", "sample", CKPT + "--top_k 0", "--top_k and --num_samples must be at least 1, got 0 and 1"),
+    Case("top-k that is not a number", "sample", CKPT + "--top_k many", "argument --top_k: invalid int value: 'many'"),
+    Case("zero samples", "sample", CKPT + "--num_samples 0", "--top_k and --num_samples must be at least 1"),
+    Case("a negative length", "sample", CKPT + "--max_new_tokens -1", "--max_new_tokens must not be negative, got -1"),
+    Case("a negative seed", "sample", CKPT + "--seed -1", "--seed must be in [0, 2**63 - 1], got -1"),
+    Case("a seed of 2**64", "sample", CKPT + "--seed 18446744073709551616",
+         "--seed must be in [0, 2**63 - 1], got 18446744073709551616"),
+    Case("a misspelt flag", "sample", CKPT + "--alhpa 0.3", "unrecognized arguments: --alhpa 0.3"),
+    Case("--device cuda without CUDA", "sample", CKPT + "--device cuda",
+         "device 'cuda' asked for, but CUDA is not available here"),
+    Case("a device that does not exist", "sample", CKPT + "--device foo", "device 'foo' is not a device"),
+    Case("zero threads", "sample", CKPT + "--threads 0", "--threads must be at least 1, got 0"),
+    # checkpoints, as every tool reads them
+    Case("a missing checkpoint", "sample", "--ckpt {ws}/no/ckpt.pt", "checkpoint not found: {ws}/no/ckpt.pt"),
+    Case("a checkpoint path that is a folder", "sample", "--ckpt {ws}/folder", "checkpoint not found: {ws}/folder"),
+    Case("a truncated checkpoint", "sample", "--ckpt {ws}/truncated.pt",
+         "{ws}/truncated.pt is not a readable checkpoint (truncated or corrupt?)"),
+    Case("a text file as checkpoint", "sample", "--ckpt {ws}/notes.txt",
+         "{ws}/notes.txt is not a readable checkpoint (truncated or corrupt?)"),
+    Case("a foreign .pt file", "sample", "--ckpt {ws}/foreign.pt", "{ws}/foreign.pt is not an abcGPT checkpoint"),
+    Case("a checkpoint that would run code when unpickled", "sample", "--ckpt {ws}/evil.pt",
+         "{ws}/evil.pt is not a readable checkpoint (truncated or corrupt?)"),
+    Case("a checkpoint with one byte flipped in a tensor", "sample", "--ckpt {ws}/flipped.pt",
+         "{ws}/flipped.pt failed its checksum: model/"),
+    Case("a checkpoint with one byte changed in its settings", "sample", "--ckpt {ws}/retitled.pt",
+         "{ws}/retitled.pt failed its checksum: its settings (configs, tokenizer, names or counters) changed"),
+    Case("a checkpoint whose config does not match its weights", "sample", "--ckpt {ws}/mismatch.pt",
+         "{ws}/mismatch.pt does not hold a usable model: Error(s) in loading state_dict for GPT: size mismatch"),
+    Case("a corrupt checkpoint, to evaluate", "evaluate", "--ckpt {ws}/flipped.pt", "{ws}/flipped.pt failed its checksum"),
+    Case("a corrupt checkpoint, to report on", "report", "--ckpt {ws}/flipped.pt --out_dir {ws}/rep",
+         "{ws}/flipped.pt failed its checksum"),
+    Case("a corrupt checkpoint, to resume", "train", "--resume --out_dir {ws}/flippedrun",
+         "{ws}/flippedrun/ckpt.pt failed its checksum"),
+    Case("a corrupt checkpoint, to inspect", "inspect", "{ws}/flipped.pt", "{ws}/flipped.pt failed its checksum"),
+    Case("a truncated checkpoint, to inspect", "inspect", "{ws}/truncated.pt",
+         "{ws}/truncated.pt is not a readable checkpoint"),
+    Case("a missing checkpoint, to inspect", "inspect", "{ws}/no.pt", "checkpoint not found: {ws}/no.pt"),
+    Case("a missing checkpoint, to sort", "permute", "{ws}/no.pt {ws}/sorted.pt", "checkpoint not found: {ws}/no.pt"),
+    Case("a vanilla checkpoint, to sort", "permute", "{ws}/vanilla.pt {ws}/sorted.pt",
+         "{ws}/vanilla.pt holds a vanilla model: there are no scores to sort by"),
+    Case("a corrupt checkpoint, to sort", "permute", "{ws}/flipped.pt {ws}/sorted.pt",
+         "{ws}/flipped.pt failed its checksum"),
+    # evaluate.py
+    Case("--max_windows 0", "evaluate", CKPT + "--max_windows 0", "--max_windows must be a positive number, got 0"),
+    Case("--max_windows -1", "evaluate", CKPT + "--max_windows -1", "--max_windows must be a positive number, got -1"),
+    Case("--batch_size 0", "evaluate", CKPT + "--batch_size 0", "--batch_size must be a positive number, got 0"),
+    Case("--out in a folder that does not exist", "evaluate", CKPT + "--out {ws}/no/eval.json",
+         "--out: the folder {ws}/no does not exist"),
+    Case("--out inside a file", "evaluate", CKPT + "--out {ws}/notes.txt/eval.json",
+         "--out: the folder {ws}/notes.txt does not exist"),
+    Case("--out that is a folder", "evaluate", CKPT + "--out {ws}/folder", "--out: {ws}/folder is a folder, not a file"),
+    Case("--out onto the checkpoint itself", "evaluate", CKPT + "--out {ws}/run/ckpt.pt",
+         "--out: {ws}/run/ckpt.pt is (or is named like) a checkpoint; refusing to write over it"),
+    Case("--out onto another checkpoint", "evaluate", CKPT + "--out {ws}/vanilla.pt",
+         "--out: {ws}/vanilla.pt is (or is named like) a checkpoint; refusing to write over it"),
+    Case("--out onto a checkpoint not named .pt", "evaluate", CKPT + "--out {ws}/ckpt-copy",
+         "--out: {ws}/ckpt-copy is (or is named like) a checkpoint; refusing to write over it"),
+    Case("a vanilla checkpoint to sweep", "evaluate", "--ckpt {ws}/vanilla.pt",
+         "{ws}/vanilla.pt holds a vanilla (ungated) model: there is no dial to sweep"),
+    Case("two source files swapped under the same names", "evaluate",
+         CKPT + "--sources stories={ws}/plays.txt,plays={ws}/stories.txt",
+         "source 'stories': {ws}/plays.txt is not the text the checkpoint was trained on under that name"),
+    Case("another file under a source's name", "evaluate",
+         CKPT + "--sources stories={ws}/stories-edited.txt,plays={ws}/plays.txt",
+         "source 'stories': {ws}/stories-edited.txt is not the text the checkpoint was trained on"),
+    Case("sources named otherwise than in training", "evaluate",
+         CKPT + "--sources a={ws}/stories.txt,b={ws}/plays.txt",
+         "the checkpoint was trained on ['stories', 'plays'], in that order; name the same sources"),
+    Case("sources with characters the checkpoint lacks", "evaluate",
+         CKPT + "--sources stories={ws}/q.txt,plays={ws}/plays.txt",
+         "the sources have text the checkpoint's tokenizer lacks"),
+    Case("a source file that does not exist, to evaluate", "evaluate",
+         CKPT + "--sources stories={ws}/no.txt,plays={ws}/plays.txt", "source 'stories': file not found: {ws}/no.txt"),
+    Case("--device foo, to evaluate", "evaluate", CKPT + "--device foo", "device 'foo' is not a device"),
+    Case("zero threads, to evaluate", "evaluate", CKPT + "--threads 0", "--threads must be at least 1, got 0"),
+    # report.py
+    Case("no --out_dir", "report", CKPT, "the following arguments are required: --out_dir"),
+    Case("--out_dir that is a file", "report", CKPT + "--out_dir {ws}/notes.txt",
+         "--out_dir: {ws}/notes.txt is a file, not a folder"),
+    Case("--samples 0", "report", CKPT + "--out_dir {ws}/rep --samples 0", "--samples must be a positive number, got 0"),
+    Case("--sample_tokens 0", "report", CKPT + "--out_dir {ws}/rep --sample_tokens 0",
+         "--sample_tokens must be a positive number, got 0"),
+    Case("--max_windows 0, to report", "report", CKPT + "--out_dir {ws}/rep --max_windows 0",
+         "--max_windows must be a positive number, got 0"),
+    Case("a negative seed, to report", "report", CKPT + "--out_dir {ws}/rep --seed -5",
+         "--seed must be in [0, 2**63 - 1], got -5"),
+    Case("a vanilla checkpoint to report on", "report", "--ckpt {ws}/vanilla.pt --out_dir {ws}/rep",
+         "{ws}/vanilla.pt holds a vanilla (ungated) model: there is no dial to sweep"),
+    Case("a baseline folder holding a gated model", "report", "--ckpt {ws}/badbase/ckpt.pt --out_dir {ws}/rep",
+         "{ws}/badbase/baseline-stories/ckpt.pt is not a single-source baseline for 'stories'"),
+    # train.py: the model's shape
+    Case("--n_head 0", "train", TINY + "--n_head 0", "n_head must be at least 1, got 0"),
+    Case("--n_layer -1", "train", TINY + "--n_layer -1", "n_layer must be at least 1, got -1"),
+    Case("--block_size -4", "train", TINY + "--block_size -4", "block_size must be at least 1, got -4"),
+    Case("--block_size 0", "train", TINY + "--block_size 0", "block_size must be at least 1, got 0"),
+    Case("--n_embd 0", "train", TINY + "--n_embd 0", "n_embd must be at least 1, got 0"),
+    Case("heads that do not divide the width", "train", TINY + "--n_embd 30 --n_head 4",
+         "n_embd (30) must be a multiple of n_head (4)"),
+    Case("--dropout 1", "train", TINY + "--dropout 1", "dropout must be in [0, 1), got 1.0"),
+    Case("--narrowness 0", "train", TINY + "--narrowness 0", "narrowness must be positive, got 0.0"),
+    Case("a block longer than a source's val split", "train", TINY + "--block_size 4000",
+         "source 'stories': its val split has"),
+    # train.py: optimisation and run settings
+    Case("--batch_size 0", "train", TINY + "--batch_size 0", "batch_size and grad_accum must be positive"),
+    Case("--grad_accum 0", "train", TINY + "--grad_accum 0", "batch_size and grad_accum must be positive"),
+    Case("--max_iters -1", "train", TINY + "--max_iters -1", "max_iters and warmup_iters must not be negative"),
+    Case("--warmup_iters -1", "train", TINY + "--warmup_iters -1", "max_iters and warmup_iters must not be negative"),
+    Case("--eval_interval 0", "train", TINY + "--eval_interval 0",
+         "eval_interval, eval_iters and log_interval must be positive"),
+    Case("a NaN learning rate", "train", TINY + "--learning_rate nan",
+         "learning_rate must be positive and min_lr not negative"),
+    Case("--lr_decay_iters -5", "train", TINY + "--lr_decay_iters -5", "lr_decay_iters must not be negative"),
+    Case("--val_fraction 1.5", "train", TINY + "--val_fraction 1.5", "val_fraction must be between 0 and 1, got 1.5"),
+    Case("--beta2 1", "train", TINY + "--beta2 1", "beta1 and beta2 must be in [0, 1)"),
+    Case("--grad_clip -1", "train", TINY + "--grad_clip -1", "grad_clip and weight_decay must not be negative"),
+    Case("a seed of 2**64, to train", "train", TINY + "--seed 18446744073709551616",
+         "seed must be in [0, 2**63 - 1], got 18446744073709551616"),
+    Case("a seed that is not a number", "train", TINY + "--seed lucky", "argument --seed: invalid int value: 'lucky'"),
+    Case("--tokenizer wordpiece", "train", TINY + "--tokenizer wordpiece",
+         "argument --tokenizer: invalid choice: 'wordpiece'"),
+    Case("--gate_backend tpu", "train", TINY + "--gate_backend tpu", "argument --gate_backend: invalid choice: 'tpu'"),
+    Case("--alpha_mode token", "train", TINY + "--alpha_mode token", "argument --alpha_mode: invalid choice: 'token'"),
+    Case("--dtype float8", "train", TINY + "--dtype float8", "argument --dtype: invalid choice: 'float8'"),
+    Case("--compile maybe", "train", TINY + "--compile maybe", "argument --compile: expected true or false, got 'maybe'"),
+    Case("--preset gpu", "train", TINY + "--preset gpu", "argument --preset: invalid choice: 'gpu'"),
+    Case("folded with per-sequence alphas", "train", TINY + "--gate_backend folded --alpha_mode sequence",
+         "gate_backend='folded' takes one alpha per batch"),
+    Case("--gate_backend triton without CUDA", "train", TINY + "--gate_backend triton",
+         "gate_backend='triton' needs a CUDA device", "no_interpreter"),
+    Case("--device cuda without CUDA, to train", "train", TINY + "--device cuda",
+         "device 'cuda' asked for, but CUDA is not available here"),
+    Case("--device foo, to train", "train", TINY + "--device foo", "device 'foo' is not a device"),
+    Case("zero threads, to train", "train", TINY + "--threads 0", "--threads must be at least 1, got 0"),
+    Case("a gated run with --only_source", "train", TINY + "--only_source stories",
+         "only_source trains a vanilla baseline: set gated=false"),
+    Case("--only_source naming no source", "train", TINY + "--gated false --only_source poems",
+         "only_source 'poems' is not one of the sources ['stories', 'plays']"),
+    Case("a learning rate that blows up the weights", "train",
+         TINY + "--max_iters 3 --eval_interval 1 --learning_rate 1e30 --min_lr 1e30 --warmup_iters 0",
+         "training diverged at step 1: a weight is not finite (NaN or inf); nothing after it was saved"),
+    Case("--tokenizer bpe with GPT-2's files out of reach", "train", TINY + "--tokenizer bpe",
+         "could not load the 'gpt2' BPE vocabulary", "offline_bpe"),
+    # train.py: where the run goes
+    Case("--out_dir that is a file", "train", TINY + "--out_dir {ws}/notes.txt",
+         "out_dir: {ws}/notes.txt is a file, not a folder"),
+    Case("--out_dir that already holds a run", "train", TINY + "--out_dir {ws}/run",
+         "out_dir {ws}/run already holds a run (ckpt.pt, best.pt, log.jsonl): continue it with --resume, "
+         "or replace it with --overwrite"),
+    Case("--resume where there is no run", "train", "--resume --out_dir {ws}/folder",
+         "checkpoint not found: {ws}/folder/ckpt.pt"),
+    Case("--resume with another architecture", "train", "--resume --out_dir {ws}/run --n_embd 64",
+         "cannot resume with a different n_embd than the checkpoint's (n_embd=32)"),
+    Case("--resume with other sources", "train",
+         "--resume --out_dir {ws}/run --sources a={ws}/stories.txt,b={ws}/plays.txt",
+         "cannot resume with other sources than the checkpoint's ['stories', 'plays']"),
+    # train.py: the sources
+    Case("one source only", "train", TINY + "--sources stories={ws}/stories.txt",
+         "the dial needs at least two sources, got 1"),
+    Case("a source with an empty path", "train", TINY + "--sources a=,b={ws}/plays.txt",
+         "source 'a' has an empty path: write a=PATH"),
+    Case("a source with no name", "train", TINY + "--sources ={ws}/stories.txt,b={ws}/plays.txt",
+         "source '={ws}/stories.txt' has no name: write NAME or NAME=PATH"),
+    Case("an unknown built-in source", "train", TINY + "--sources shakespeare,b={ws}/plays.txt",
+         "unknown source 'shakespeare': built in are tinystories, tinyshakespeare"),
+    Case("two sources with one name", "train", TINY + "--sources a={ws}/stories.txt,a={ws}/plays.txt",
+         "source names must differ"),
+    Case("a source file that does not exist", "train", TINY + "--sources a={ws}/no.txt,b={ws}/plays.txt",
+         "source 'a': file not found: {ws}/no.txt"),
+    Case("an empty source file", "train", TINY + "--sources a={ws}/empty.txt,b={ws}/plays.txt",
+         "source 'a': {ws}/empty.txt is empty"),
+    Case("a source that is a folder", "train", TINY + "--sources a={ws}/folder,b={ws}/plays.txt",
+         "source 'a': cannot read {ws}/folder"),
+    Case("a source that is not UTF-8", "train", TINY + "--sources a={ws}/latin1.txt,b={ws}/plays.txt",
+         "source 'a': {ws}/latin1.txt is not UTF-8 text (byte 3)"),
+]
+
+
+def command(case):
+    """The case as a user types it, with workspace paths relative."""
+    script = {"permute": "python -m abcgpt.permute", "inspect": "python -m abcgpt.inspect"}.get(
+        case.tool, f"{case.tool}.py")
+    args = case.args.replace(TINY, "... ").replace("{ws}/", "").strip()
+    return f"{script} {args}".replace("|", "\\|")
+
+
+def readme_table():
+    lines = ["| bad input | command | what it gets |", "| --- | --- | --- |"]
+    for case in CASES:
+        message = case.message.replace("{ws}/", "").replace("|", "\\|")
+        lines.append(f"| {case.what} | `{command(case)}` | `error: {message}` |")
+    return "\n".join(lines)
+
+
+def readme_with_table(readme):
+    before, _, rest = readme.partition(START)
+    _, _, after = rest.partition(END)
+    return f"{before}{START}\n{readme_table()}\n{END}{after}"
+
+
+@pytest.fixture(scope="module")
+def template(trained_checkpoint, corpus_files, tmp_path_factory):
+    """A workspace: the trained run, a vanilla checkpoint, the corpora, and damaged or odd files."""
+    from abcgpt.checkpoint import load_checkpoint, save_checkpoint
+    from abcgpt.trainer import Trainer
+    from conftest import tiny_config
+
+    ws = tmp_path_factory.mktemp("workspace")
+    shutil.copytree(trained_checkpoint.parent, ws / "run")
+    stories, plays = corpus_files
+    shutil.copy(stories, ws / "stories.txt")
+    shutil.copy(plays, ws / "plays.txt")
+    (ws / "stories-edited.txt").write_text(stories.read_text().replace("happy", "glad"))
+    (ws / "q.txt").write_text("one Q day € " * 200)
+    (ws / "notes.txt").write_text("not a checkpoint\n")
+    (ws / "empty.txt").write_text("")
+    (ws / "latin1.txt").write_bytes("café crème".encode("latin-1"))
+    (ws / "folder").mkdir()
+    ckpt = ws / "run" / "ckpt.pt"
+    shutil.copy(ckpt, ws / "ckpt-copy")
+    (ws / "truncated.pt").write_bytes(ckpt.read_bytes()[:5000])
+    torch.save({"weights": torch.zeros(3)}, ws / "foreign.pt")
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("this ran",))
+
+    with open(ws / "evil.pt", "wb") as f:
+        pickle.dump({"format": "abcgpt-checkpoint-v2", "x": Evil()}, f)
+    flip_byte(ckpt, ws / "flipped.pt", tensor_offset(ckpt, 0.5))
+    (ws / "flippedrun").mkdir()
+    shutil.copy(ws / "flipped.pt", ws / "flippedrun" / "ckpt.pt")
+    raw = ckpt.read_bytes()
+    at = raw.index(b"stories")  # a source name in the pickled settings
+    (ws / "retitled.pt").write_bytes(raw[:at] + b"Stories" + raw[at + 7:])
+    state = load_checkpoint(ckpt)
+    state["model_config"] = {**state["model_config"], "n_embd": 16, "n_head": 2}
+    save_checkpoint({k: v for k, v in state.items() if k != "format"}, ws / "mismatch.pt")
+    vanilla = Trainer(tiny_config(corpus_files, ws / "vanilla-run", gated=False, max_iters=1, eval_interval=1),
+                      log=lambda line: None)
+    vanilla.train()
+    shutil.move(ws / "vanilla-run" / "ckpt.pt", ws / "vanilla.pt")
+    shutil.rmtree(ws / "vanilla-run")
+    (ws / "badbase" / "baseline-stories").mkdir(parents=True)
+    shutil.copy(ckpt, ws / "badbase" / "ckpt.pt")
+    shutil.copy(ckpt, ws / "badbase" / "baseline-stories" / "ckpt.pt")
+    return ws
+
+
+def tensor_data(path):
+    """(file offset, size) of each stored tensor's data in a checkpoint (a zip of uncompressed members)."""
+    spans = []
+    with zipfile.ZipFile(path) as archive, open(path, "rb") as f:
+        for entry in archive.infolist():
+            if "/data/" in entry.filename and entry.file_size:
+                f.seek(entry.header_offset + 26)  # the local header's name and extra-field lengths
+                name_len, extra_len = int.from_bytes(f.read(2), "little"), int.from_bytes(f.read(2), "little")
+                spans.append((entry.header_offset + 30 + name_len + extra_len, entry.file_size))
+    return spans
+
+
+def tensor_offset(path, fraction):
+    """A file offset fraction of the way through the largest tensor's data."""
+    start, size = max(tensor_data(path), key=lambda span: span[1])
+    return start + int(fraction * (size - 1))
+
+
+def flip_byte(source, dest, offset):
+    data = bytearray(Path(source).read_bytes())
+    data[offset] ^= 0x5A
+    Path(dest).write_bytes(bytes(data))
+
+
+def snapshot(folder):
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+            for p in sorted(folder.rglob("*"))}
+
+
+@pytest.fixture
+def workspace(template, tmp_path, monkeypatch):
+    ws = tmp_path / "ws"
+    shutil.copytree(template, ws)
+    monkeypatch.chdir(ws)
+    return ws
+
+
+def run_main(tool, argv):
+    """The tool's main(argv), as its command line runs it: (exit code, the one message it ended with)."""
+    module = importlib.import_module(TOOLS[tool])
+    try:
+        module.main(argv)
+    except SystemExit as e:
+        return e.code
+    return 0
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.what for c in CASES])
+def test_bad_input_gets_one_line_and_changes_nothing(case, workspace, monkeypatch, capsys):
+    if case.env == "no_interpreter":
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    if case.env == "offline_bpe":
+        import tiktoken
+
+        def offline(name):
+            raise ConnectionError("network is unreachable")
+
+        monkeypatch.setattr(tiktoken, "get_encoding", offline)
+    before = snapshot(workspace)
+    code = run_main(case.tool, case.args.format(ws=workspace).split())
+    stderr = capsys.readouterr().err
+    message = code if isinstance(code, str) else stderr.strip()
+    assert code not in (0, None), f"exit 0 for {case.args}"
+    assert "Traceback" not in stderr
+    assert len(message.splitlines()) == 1, message
+    assert message.startswith("error: " + case.message.format(ws=workspace)), message
+    assert snapshot(workspace) == before, "an existing file changed, or a file appeared"
+
+
+def test_the_readme_lists_every_case():
+    assert len(CASES) >= 80
+    readme = (ROOT / "README.md").read_text()
+    assert readme_with_table(readme) == readme, "run: python tests/test_bad_input.py --write"
+
+
+def test_every_single_byte_flip_in_tensor_data_is_refused(trained_checkpoint, tmp_path):
+    """Three offsets (first, middle, last byte) in every stored tensor: weights, scores and Adam moments."""
+    from abcgpt.checkpoint import CheckpointError, load_checkpoint
+
+    damaged = tmp_path / "damaged.pt"
+    spans = tensor_data(trained_checkpoint)
+    assert len(spans) > 20
+    for start, size in spans:
+        for offset in {start, start + size // 2, start + size - 1}:
+            flip_byte(trained_checkpoint, damaged, offset)
+            with pytest.raises(CheckpointError, match="failed its checksum"):
+                load_checkpoint(damaged)
+
+
+if __name__ == "__main__" and "--write" in sys.argv:
+    path = ROOT / "README.md"
+    path.write_text(readme_with_table(path.read_text()))
+    print(f"updated {path} ({len(CASES)} cases)")
