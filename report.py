@@ -3,8 +3,11 @@
     python train.py --baselines                      # the gated run, then one vanilla GPT per source
     python report.py --ckpt out/ckpt.pt --out_dir reports/my-run
 
-Baselines are found beside the checkpoint (out/baseline-NAME/ckpt.pt, as train.py
---baselines writes them); without them the cost of the dial is "not measured".
+Baselines are found beside the checkpoint (out/baseline-NAME/, as train.py
+--baselines writes them) and judged at their best held-out val (best.pt), with
+their final value beside; without them the cost of the dial is "not measured".
+The gated run's corners are also given at its own best.pt. With a calibrated dial
+in the checkpoint (calibrate.py), the report scores it on fresh samples.
 Plots need matplotlib (pip install matplotlib).
 """
 import sys
@@ -19,15 +22,31 @@ from abcgpt.report import build_report, write_report
 
 
 def load_baselines(ckpt, names, device):
+    """{name: {"best": (model, step), "final": (model, step)}} for each baseline found beside ckpt."""
     baselines = {}
     for name in names:
-        path = Path(ckpt).parent / f"baseline-{name}" / "ckpt.pt"
-        if path.exists():
-            model, _, state = load_model(path, device)
-            if model.config.gated or state["train_config"].get("only_source") != name:
-                raise CheckpointError(f"{path} is not a single-source baseline for {name!r}")
-            baselines[name] = model
+        folder = Path(ckpt).parent / f"baseline-{name}"
+        kept = {}
+        for which, file in (("best", "best.pt"), ("final", "ckpt.pt")):
+            path = folder / file
+            if path.exists():
+                model, _, state = load_model(path, device)
+                if model.config.gated or state["train_config"].get("only_source") != name:
+                    raise CheckpointError(f"{path} is not a single-source baseline for {name!r}")
+                kept[which] = (model, state["step"])
+        if kept:
+            kept.setdefault("best", kept.get("final"))
+            baselines[name] = kept
     return baselines
+
+
+def load_best(ckpt, device):
+    """The gated run's best checkpoint beside ckpt, as (model, step), unless ckpt is that one."""
+    path = Path(ckpt).parent / "best.pt"
+    if not path.exists() or path.resolve() == Path(ckpt).resolve():
+        return None
+    model, _, state = load_model(path, device)
+    return model, state["step"]
 
 
 def main(argv=None):
@@ -54,10 +73,11 @@ def main(argv=None):
         require_gated(model, args.ckpt)
         corpus = corpus_for(state, tokenizer, args.sources, args.cache_dir)
         baselines = load_baselines(args.ckpt, corpus.names, args.device)
+        best = load_best(args.ckpt, args.device)
     except (CheckpointError, DataError, ValueError, VocabularyError) as e:
         sys.exit(f"error: {e}")
     report = build_report(model, tokenizer, state, corpus, baselines, args.samples, args.sample_tokens,
-                          args.max_windows, args.device, args.seed)
+                          args.max_windows, args.device, args.seed, best)
     path = write_report(report, args.out_dir, args.title or f"abcGPT report: {args.ckpt}")
     print(f"wrote {path}")
 

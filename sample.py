@@ -3,6 +3,7 @@
     python sample.py --alpha 0.3
     python sample.py --ckpt out/ckpt.pt --alpha 0,0.5,1 --start "ROMEO:" --num_samples 2
     python sample.py --alpha 1 --start FILE:prompt.txt --max_new_tokens 500 --top_k 50
+    python sample.py --mix 0.3      # 30% of source 1's voice, through the map calibrate.py stored
 """
 import math
 import sys
@@ -12,6 +13,7 @@ import torch
 from abcgpt.checkpoint import CheckpointError, load_model
 from abcgpt.cli import HelpFormatter, Parser, add_runtime_flags, apply_runtime_flags, check_seed
 from abcgpt.data import source_alphas
+from abcgpt.dial import mix_to_alpha
 from abcgpt.sampling import generate
 from abcgpt.tokenizer import UnknownCharactersError, VocabularyError
 
@@ -20,18 +22,31 @@ class InputError(ValueError):
     pass
 
 
-def parse_alphas(text):
+def parse_alphas(text, flag="--alpha"):
     """'0.3' or '0,0.5,1' to a list of floats in [0, 1]."""
     alphas = []
     for part in text.split(","):
         try:
             alpha = float(part)
         except ValueError:
-            raise InputError(f"--alpha: {part.strip()!r} is not a number (give one value or a list like 0,0.5,1)") from None
+            raise InputError(f"{flag}: {part.strip()!r} is not a number (give one value or a list like 0,0.5,1)") from None
         if math.isnan(alpha) or not 0.0 <= alpha <= 1.0:
-            raise InputError(f"--alpha: {part.strip()} is outside [0, 1]")
+            raise InputError(f"{flag}: {part.strip()} is outside [0, 1]")
         alphas.append(alpha)
     return alphas
+
+
+def dials(args, state):
+    """(alpha, label) for each dial asked for: --alpha as is, or --mix through the checkpoint's map."""
+    names = state.get("source_names", [])
+    if args.mix is None:
+        return [(a, dial_label(a, names)) for a in parse_alphas(args.alpha)]
+    mixes = parse_alphas(args.mix, "--mix")
+    if not state.get("dial_map"):
+        raise InputError(f"--mix: {args.ckpt} has no calibrated dial; make one with: python calibrate.py --ckpt "
+                         f"{args.ckpt} (or use --alpha)")
+    return [(mix_to_alpha(state["dial_map"], m), f"mix {m} (alpha {mix_to_alpha(state['dial_map'], m):.3f})")
+            for m in mixes]
 
 
 def read_prompt(start):
@@ -48,7 +63,10 @@ def read_prompt(start):
 def parse_args(argv=None):
     p = Parser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--ckpt", default="out/ckpt.pt", help="checkpoint written by train.py")
-    p.add_argument("--alpha", default="0.5", help="the dial: one value in [0, 1] or a list such as 0,0.5,1")
+    dial = p.add_mutually_exclusive_group()
+    dial.add_argument("--alpha", default="0.5", help="the dial: one value in [0, 1] or a list such as 0,0.5,1")
+    dial.add_argument("--mix", default=None, help="the share of source 1's voice, in [0, 1] (or a list), through "
+                                                   "the calibrated map calibrate.py stored; instead of --alpha")
     p.add_argument("--start", default="\n", help="the prompt, or FILE:path to read it from a file (default: %(default)r)")
     p.add_argument("--num_samples", type=int, default=1, help="samples per alpha")
     p.add_argument("--max_new_tokens", type=int, default=300, help="tokens to generate per sample")
@@ -79,10 +97,11 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         apply_runtime_flags(args)
-        alphas = parse_alphas(args.alpha)
+        parse_alphas(args.alpha if args.mix is None else args.mix, "--alpha" if args.mix is None else "--mix")
         check_numbers(args)
         prompt = read_prompt(args.start)
         model, tokenizer, state = load_model(args.ckpt, args.device)
+        settings = dials(args, state)
         try:
             start_ids = tokenizer.encode(prompt)
         except UnknownCharactersError as e:
@@ -93,12 +112,12 @@ def main(argv=None):
         sys.exit(f"error: {e}")
 
     gated = model.config.gated
-    for alpha in alphas if gated else [None]:
+    for alpha, label in settings if gated else [(None, "")]:
         generator = torch.Generator(device=args.device).manual_seed(args.seed)
         idx = torch.tensor([start_ids] * args.num_samples, dtype=torch.long, device=args.device)
         out = generate(model, idx, args.max_new_tokens, alpha, args.temperature, args.top_k, generator)
         for row in out.tolist():
-            print(f"--- {dial_label(alpha, state.get('source_names', []))}" if gated else "---")
+            print(f"--- {label}" if gated else "---")
             print(tokenizer.decode(row))
 
 

@@ -73,7 +73,8 @@ def _verify(state, path):
 
 
 def save_checkpoint(state, path):
-    """Write state to path through a temporary file, so path is never half-written."""
+    """Write state to path through a temporary file, so path is never half-written, and only once the
+    temporary file reads back as a checkpoint: what cannot be loaded never replaces what could."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -82,6 +83,7 @@ def save_checkpoint(state, path):
             torch.save({"format": FORMAT, **state, "checksums": checksums(state)}, f)
             f.flush()
             os.fsync(f.fileno())
+        load_checkpoint(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

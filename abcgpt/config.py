@@ -124,6 +124,7 @@ FLAG_HELP = {
     "gated": "give units scores and the dial; false: nanoGPT's GPT (the vanilla baseline)",
     "narrowness": "w in the tent gate: below 1 each unit fires over a narrower range of alpha",
     "mask_seed": "seeds the specialty scores",
+    "score_beta": "scores ~ Beta(a, a) for this a: below 1 mostly specialists, above 1 mostly halfsies",
     "sort_units": "relabel units in score order at init, so silent units form one block (function unchanged)",
     "batch_size": "sequences per micro-batch",
     "grad_accum": "micro-batches per optimizer step (a multiple of the number of processes)",

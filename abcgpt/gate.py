@@ -6,13 +6,19 @@ all consume the Gates that gates_for() computes once per forward.
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
-def sample_scores(n, generator):
-    """n specialty scores from Beta(0.5, 0.5), drawn as sin(pi*u/2)**2 with u ~ U(0, 1)."""
-    u = torch.rand(n, generator=generator, dtype=torch.float64)
-    return (torch.sin(0.5 * math.pi * u) ** 2).float()
+def sample_scores(n, generator, concentration=0.5):
+    """n specialty scores from Beta(a, a), a = concentration: below 1 most units are specialists,
+    at 1 scores are uniform, above 1 most are "halfsies". Beta(0.5, 0.5), the default, is drawn as
+    sin(pi*u/2)**2 with u ~ U(0, 1); other values through numpy, seeded from the same generator."""
+    if concentration == 0.5:
+        u = torch.rand(n, generator=generator, dtype=torch.float64)
+        return (torch.sin(0.5 * math.pi * u) ** 2).float()
+    seed = int(torch.randint(2**62, (1,), generator=generator))
+    return torch.from_numpy(np.random.default_rng(seed).beta(concentration, concentration, n)).float()
 
 
 def check_alpha(alpha):

@@ -34,6 +34,7 @@ class GPTConfig:
     gated: bool = True
     narrowness: float = 1.0  # w in the tent gate; below 1 each unit fires over a narrower range
     mask_seed: int = 1337  # seeds the specialty scores, so one config gives one set of scores
+    score_beta: float = 0.5  # scores ~ Beta(a, a) with a = score_beta: how many specialists and "halfsies"
     sort_units: bool = True  # relabel units in score order at init (function unchanged; see units.py)
 
     def __post_init__(self):
@@ -44,6 +45,8 @@ class GPTConfig:
             raise ValueError(f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
         if not self.narrowness > 0:
             raise ValueError(f"narrowness must be positive, got {self.narrowness}")
+        if not self.score_beta > 0:
+            raise ValueError(f"score_beta must be positive, got {self.score_beta}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
 
@@ -135,10 +138,10 @@ class GPT(nn.Module):
         # One generator, one fixed order: residual channels, then per layer heads and MLP units.
         c = self.config
         generator = torch.Generator().manual_seed(c.mask_seed)
-        self.register_buffer("embd_scores", sample_scores(c.n_embd, generator))
+        self.register_buffer("embd_scores", sample_scores(c.n_embd, generator, c.score_beta))
         for block in self.transformer.h:
-            block.attn.register_buffer("head_scores", sample_scores(c.n_head, generator))
-            block.mlp.register_buffer("hidden_scores", sample_scores(4 * c.n_embd, generator))
+            block.attn.register_buffer("head_scores", sample_scores(c.n_head, generator, c.score_beta))
+            block.mlp.register_buffer("hidden_scores", sample_scores(4 * c.n_embd, generator, c.score_beta))
 
     def scores(self):
         blocks = self.transformer.h

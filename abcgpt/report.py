@@ -11,26 +11,27 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
+from .data import source_alphas
+from .dial import classifier_for, measure, mix_to_alpha, sample_texts
 from .evaluate import SWEEP, format_table, summarize, sweep, val_loss
-from .ngram import SourceClassifier, spearman
-from .sampling import generate
+from .ngram import spearman
 
 SAMPLE_ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
+MIXES = tuple(round(0.1 * i, 1) for i in range(11))
 
 
-def dial_cost(corner_loss, baseline_loss):
-    """Each source's corner loss against its single-source baseline: excess in nats and relative."""
+def dial_cost(corner_loss, baselines):
+    """Each source's corner loss against its single-source baseline at its best held-out val."""
     return {
         name: {
             "corner_loss": corner_loss[name],
-            "baseline_loss": baseline_loss[name],
-            "excess": corner_loss[name] - baseline_loss[name],
-            "relative": corner_loss[name] / baseline_loss[name] - 1.0,
+            "baseline_loss": baselines[name]["best"]["loss"],
+            "excess": corner_loss[name] - baselines[name]["best"]["loss"],
+            "relative": corner_loss[name] / baselines[name]["best"]["loss"] - 1.0,
         }
         for name in corner_loss
-        if name in baseline_loss
+        if name in baselines
     }
 
 
@@ -50,25 +51,27 @@ def calibration_summary(alphas, scores):
     }
 
 
-def prompt_ids(tokenizer):
-    """A neutral start: a newline where the vocabulary has one."""
-    try:
-        return tokenizer.encode("\n")
-    except ValueError:
-        return [0]
-
-
-def sample_texts(model, tokenizer, alpha, n, tokens, seed, device, temperature=1.0):
-    start = prompt_ids(tokenizer)
-    idx = torch.tensor([start] * n, dtype=torch.long, device=device)
-    generator = torch.Generator(device=device).manual_seed(seed)
-    out = generate(model, idx, tokens, alpha, temperature=temperature, generator=generator)
-    return [tokenizer.decode(row[len(start):]) for row in out.tolist()]
+def calibrated_dial(model, tokenizer, classifier, dial_map, n_samples, tokens, seed, device):
+    """The calibrated dial scored on fresh samples: at each mix, the measured mean P(source 1)."""
+    alphas = [mix_to_alpha(dial_map, m) for m in MIXES]
+    scores = measure(model, tokenizer, classifier, alphas, n_samples, tokens, seed, device, desc="calibrated dial")
+    measured = [float(np.mean(scores[a])) for a in alphas]
+    return {
+        "mixes": list(MIXES), "alphas": alphas, "measured": measured,
+        "max_abs_error": max(abs(p - m) for p, m in zip(measured, MIXES)),
+        "spearman": spearman([m for m, a in zip(MIXES, alphas) for _ in scores[a]],
+                             [p for a in alphas for p in scores[a]]),
+        "samples_per_mix": n_samples, "seed": seed,
+    }
 
 
 def build_report(model, tokenizer, state, corpus, baselines=None, n_samples=8, sample_tokens=200,
-                 max_windows=None, device="cpu", seed=1337):
-    """Everything the report shows, as plain data. baselines: {source name: vanilla model}."""
+                 max_windows=None, device="cpu", seed=1337, best=None):
+    """Everything the report shows, as plain data.
+
+    baselines: {source name: {"best": (model, step), "final": (model, step)}} of single-source
+    vanilla GPTs; best: (model, step) of the gated run's best checkpoint, if there is one.
+    """
     alphas, losses = sweep(model, corpus, SWEEP, max_windows=max_windows, device=device, progress=True)
     summary = summarize(corpus.names, alphas, losses)
     report = {
@@ -76,22 +79,28 @@ def build_report(model, tokenizer, state, corpus, baselines=None, n_samples=8, s
         "val_tokens": {n: len(v) for n, v in zip(corpus.names, corpus.val)},
         "alphas": alphas, "losses": losses, **summary,
     }
-    baseline_loss = {}
-    for name, baseline in (baselines or {}).items():
+    if best is not None:  # the corners at the gated run's best checkpoint, as the baselines are judged at theirs
+        best_model, best_step = best
+        corners = source_alphas(len(corpus.names))
+        _, best_losses = sweep(best_model, corpus, corners, max_windows=max_windows, device=device)
+        report["at_best"] = {"step": best_step, **summarize(corpus.names, corners, best_losses)}
+    scored = {}
+    for name, kept in (baselines or {}).items():
         k = corpus.names.index(name)
-        baseline_loss[name] = val_loss(baseline.eval(), corpus.val[k], None, max_windows=max_windows, device=device)
-    report["dial_cost"] = dial_cost(summary["corner_loss"], baseline_loss)
+        scored[name] = {which: {"step": step, "loss": val_loss(m.eval(), corpus.val[k], None, max_windows=max_windows,
+                                                                device=device)}
+                        for which, (m, step) in kept.items()}
+    report["baselines"] = scored
+    report["dial_cost"] = dial_cost(summary["corner_loss"], scored)
 
     if len(corpus.names) == 2:
-        train_texts = [tokenizer.decode(ids.tolist()) for ids in corpus.train]
-        classifier = SourceClassifier(*train_texts)
-        scores = {
-            a: [classifier.p_source_1(t) for t in sample_texts(model, tokenizer, a, n_samples, sample_tokens,
-                                                                seed + i, device)]
-            for i, a in enumerate(tqdm(SWEEP, desc="calibration samples", unit="alpha", leave=False))
-        }
+        classifier = classifier_for(corpus)
+        scores = measure(model, tokenizer, classifier, SWEEP, n_samples, sample_tokens, seed, device)
         report["calibration"] = {**calibration_summary(SWEEP, scores), "samples_per_alpha": n_samples,
                                  "sample_tokens": sample_tokens, "scores": {str(a): s for a, s in scores.items()}}
+        if state.get("dial_map"):  # fresh seeds: not the samples the map was fitted on
+            report["calibrated_dial"] = calibrated_dial(model, tokenizer, classifier, state["dial_map"], n_samples,
+                                                        sample_tokens, seed + 10_000, device)
     report["samples"] = {
         str(a): sample_texts(model, tokenizer, a, 1, sample_tokens, seed, device, temperature=0.8)[0]
         for a in SAMPLE_ALPHAS
@@ -151,13 +160,19 @@ def render_markdown(report, title, plots):
     if "val_loss.png" in plots:
         lines += ["![val loss against alpha](val_loss.png)", ""]
     lines += ["## Cost of the dial", "", "Each source's loss at its own corner against a vanilla GPT trained on that "
-              "source alone with as many of its tokens.", "",
-              "| source | corner loss | single-source baseline | excess (nats) | relative |", "| --- | ---: | ---: | ---: | ---: |"]
+              "source alone with as many of its tokens, judged at its best held-out val (its final value beside).",
+              "", "| source | corner loss | baseline best (step) | baseline final (step) | excess over best (nats) "
+              "| relative |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for n in names:
-        c = report["dial_cost"].get(n)
-        lines.append(f"| {n} | {report['corner_loss'][n]:.4f} | {_fmt(c and c['baseline_loss'])} | "
+        c, b = report["dial_cost"].get(n), report["baselines"].get(n, {})
+        kept = lambda which: (f"{b[which]['loss']:.4f} ({b[which]['step']})" if which in b else "not measured")
+        lines.append(f"| {n} | {report['corner_loss'][n]:.4f} | {kept('best')} | {kept('final')} | "
                      f"{_fmt(c and c['excess'], '+.4f')} | {_fmt(c and c['relative'], '+.1%')} |")
     lines.append("")
+    if "at_best" in report:
+        at = report["at_best"]
+        lines += [f"At the gated run's best checkpoint (step {at['step']}): " + "; ".join(
+            f"{n} corner {at['corner_loss'][n]:.4f}, contrast {at['contrast'][n]:+.4f}" for n in names) + ".", ""]
     if "calibration" in report:
         cal = report["calibration"]
         lines += ["## Calibration of generated text", "",
@@ -170,6 +185,17 @@ def render_markdown(report, title, plots):
                   f"at alpha 1: {cal['at_alpha_1']:.3f}; mean curve {'rises monotonically' if cal['monotone'] else 'is not monotone'}.", ""]
         if "calibration.png" in plots:
             lines += ["![calibration curve](calibration.png)", ""]
+    if "calibrated_dial" in report:
+        dial = report["calibrated_dial"]
+        lines += ["## The calibrated dial", "",
+                  f"The checkpoint's map from mix (the share of {names[1]}'s voice asked for) to alpha, scored on "
+                  f"{dial['samples_per_mix']} fresh samples per mix (seeds not used to fit the map).", "",
+                  "| mix | " + " | ".join(f"{m:g}" for m in dial["mixes"]) + " |",
+                  "| --- |" + " ---: |" * len(dial["mixes"]),
+                  "| alpha | " + " | ".join(f"{a:.3f}" for a in dial["alphas"]) + " |",
+                  "| measured P | " + " | ".join(f"{p:.3f}" for p in dial["measured"]) + " |", "",
+                  f"Largest |P - mix|: {dial['max_abs_error']:.3f}; Spearman correlation with mix: "
+                  f"{dial['spearman']:.3f}.", ""]
     lines += ["## Samples", ""]
     for a, text in report["samples"].items():
         lines += [f"alpha {a} (temperature 0.8):", "", "```", text.strip("\n"), "```", ""]

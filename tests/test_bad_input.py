@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 START, END = "<!-- bad-input:start -->", "<!-- bad-input:end -->"
 
 Case = namedtuple("Case", "what tool args message env", defaults=(None,))
-TOOLS = {"train": "train", "sample": "sample", "evaluate": "evaluate", "report": "report",
+TOOLS = {"train": "train", "sample": "sample", "evaluate": "evaluate", "report": "report", "calibrate": "calibrate",
          "permute": "abcgpt.permute", "inspect": "abcgpt.inspect"}
 TINY = ("--sources stories={ws}/stories.txt,plays={ws}/plays.txt --n_layer 1 --n_head 2 --n_embd 16 --block_size 8 "
         "--batch_size 4 --max_iters 2 --eval_interval 2 --eval_iters 1 --log_interval 1 --out_dir {ws}/fresh "
@@ -67,6 +67,19 @@ CASES = [
          "device 'cuda' asked for, but CUDA is not available here"),
     Case("a device that does not exist", "sample", CKPT + "--device foo", "device 'foo' is not a device"),
     Case("zero threads", "sample", CKPT + "--threads 0", "--threads must be at least 1, got 0"),
+    Case("a mix from a checkpoint with no calibrated dial", "sample", CKPT + "--mix 0.3",
+         "--mix: {ws}/run/ckpt.pt has no calibrated dial; make one with: python calibrate.py --ckpt {ws}/run/ckpt.pt"),
+    Case("a mix above 1", "sample", CKPT + "--mix 1.5", "--mix: 1.5 is outside [0, 1]"),
+    Case("a mix that is not a number", "sample", CKPT + "--mix half", "--mix: 'half' is not a number"),
+    Case("both --mix and --alpha", "sample", CKPT + "--mix 0.3 --alpha 0.2",
+         "argument --alpha: not allowed with argument --mix"),
+    # calibrate.py
+    Case("a calibration grid of one alpha", "calibrate", CKPT + "--grid 1", "--grid must be at least 2, got 1"),
+    Case("zero calibration samples", "calibrate", CKPT + "--samples 0", "--samples must be a positive number, got 0"),
+    Case("a vanilla checkpoint to calibrate", "calibrate", "--ckpt {ws}/vanilla.pt",
+         "{ws}/vanilla.pt holds a vanilla (ungated) model: there is no dial to sweep"),
+    Case("a corrupt checkpoint to calibrate", "calibrate", "--ckpt {ws}/flipped.pt",
+         "{ws}/flipped.pt failed its checksum"),
     # checkpoints, as every tool reads them
     Case("a missing checkpoint", "sample", "--ckpt {ws}/no/ckpt.pt", "checkpoint not found: {ws}/no/ckpt.pt"),
     Case("a checkpoint path that is a folder", "sample", "--ckpt {ws}/folder", "checkpoint not found: {ws}/folder"),

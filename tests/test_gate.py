@@ -97,3 +97,17 @@ def test_bad_alpha_is_refused(alpha):
 def test_alpha_of_the_wrong_type_is_refused():
     with pytest.raises(TypeError):
         check_alpha("0.5")
+
+
+@pytest.mark.parametrize("a", [0.3, 1.0, 2.0])
+def test_scores_follow_beta_a_a_for_other_concentrations(a):
+    """score_beta: Beta(a, a) has mean 1/2 and variance 1 / (4 (2a + 1)); at a = 1 it is uniform."""
+    m = sample_scores(50_000, torch.Generator().manual_seed(4), concentration=a).double()
+    assert m.mean().item() == pytest.approx(0.5, abs=0.01)
+    assert m.var().item() == pytest.approx(1 / (4 * (2 * a + 1)), rel=0.03)
+    if a == 1.0:  # Kolmogorov-Smirnov against U(0, 1), the 1% critical value
+        x, _ = torch.sort(m)
+        n = len(x)
+        assert torch.maximum(torch.arange(1, n + 1) / n - x, x - torch.arange(n) / n).max().item() < 1.63 / math.sqrt(n)
+    assert torch.equal(sample_scores(50, torch.Generator().manual_seed(4), a),
+                       sample_scores(50, torch.Generator().manual_seed(4), a))  # reproducible from the seed

@@ -59,7 +59,8 @@ def test_spearman_by_hand():
 
 
 def test_report_numbers_by_hand():
-    cost = dial_cost({"a": 1.10, "b": 2.0}, {"a": 1.0})
+    baselines = {"a": {"best": {"loss": 1.0, "step": 10}, "final": {"loss": 1.3, "step": 40}}}
+    cost = dial_cost({"a": 1.10, "b": 2.0}, baselines)  # judged against the baseline's best, not its final
     assert cost["a"]["excess"] == pytest.approx(0.10) and cost["a"]["relative"] == pytest.approx(0.10)
     assert "b" not in cost  # no baseline: not measured
     cal = calibration_summary([0.0, 0.5, 1.0], {0.0: [0.0, 0.1], 0.5: [0.4, 0.6], 1.0: [1.0, 0.9]})
@@ -81,7 +82,7 @@ def run_with_baselines(corpus_files, tmp_path_factory):
     out = tmp_path_factory.mktemp("baselines")
     result = run("train.py", "--sources", f"stories={stories},plays={plays}", "--out_dir", out, "--n_layer", "1",
                  "--n_head", "2", "--n_embd", "16", "--block_size", "16", "--batch_size", "8", "--max_iters", "30",
-                 "--eval_interval", "30", "--eval_iters", "2", "--device", "cpu", "--baselines")
+                 "--eval_interval", "10", "--eval_iters", "2", "--device", "cpu", "--baselines")
     assert result.returncode == 0, result.stderr
     return out
 
@@ -111,12 +112,16 @@ def test_report_command_end_to_end(run_with_baselines, tmp_path):
         assert f"## {section}" in markdown
     stories, plays = report["losses"]["stories"], report["losses"]["plays"]
     assert report["corner_loss"] == {"stories": stories[0], "plays": plays[-1]}
-    # the baseline numbers are the baselines' own held-out losses
-    model, tokenizer, state = load_model(run_with_baselines / "baseline-plays" / "ckpt.pt")
-    corpus = corpus_for(load_checkpoint(run_with_baselines / "ckpt.pt"), tokenizer)
-    expected = val_loss(model, corpus.val[1], None, max_windows=8)
-    assert report["dial_cost"]["plays"]["baseline_loss"] == pytest.approx(expected)
-    assert report["dial_cost"]["plays"]["excess"] == pytest.approx(plays[-1] - expected)
+    # the baseline numbers are the baselines' own held-out losses, at their best checkpoint and their last
+    for which, file in (("best", "best.pt"), ("final", "ckpt.pt")):
+        model, tokenizer, state = load_model(run_with_baselines / "baseline-plays" / file)
+        corpus = corpus_for(load_checkpoint(run_with_baselines / "ckpt.pt"), tokenizer)
+        expected = val_loss(model, corpus.val[1], None, max_windows=8)
+        assert report["baselines"]["plays"][which] == {"loss": pytest.approx(expected), "step": state["step"]}
+    best = report["baselines"]["plays"]["best"]["loss"]
+    assert report["dial_cost"]["plays"]["baseline_loss"] == pytest.approx(best)
+    assert report["dial_cost"]["plays"]["excess"] == pytest.approx(plays[-1] - best)
+    assert report["at_best"]["step"] == load_checkpoint(run_with_baselines / "best.pt")["step"]
     cal = report["calibration"]
     assert len(cal["mean_p_source_1"]) == 11 and all(0 <= p <= 1 for p in cal["mean_p_source_1"])
     assert set(report["samples"]) == {"0.0", "0.25", "0.5", "0.75", "1.0"}

@@ -1,0 +1,138 @@
+"""The recipe study: which training settings give the strongest, best-calibrated dial (issue: the dial).
+
+    python -m bench.dial_study --sources tinystories=A.txt,tinyshakespeare=B.txt --runs /tmp/study \\
+        --out_dir reports/recipe-study --jobs 2
+
+Trains the CPU preset once per setting (and two seeds for --finalists), plus one
+vanilla baseline per source, then measures for each run: contrast, diag and middle
+on held-out val; the raw dial's calibration (mean P(source 1 | sample) at 11
+alphas, its Spearman correlation and whether it rises monotonically); and the cost
+of the dial against each baseline's best held-out val. Writes study.json, study.md
+and study.png into --out_dir. Runs already finished in --runs are reused.
+"""
+import json
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from abcgpt.checkpoint import load_checkpoint, load_model
+from abcgpt.cli import HelpFormatter, Parser
+from abcgpt.dial import classifier_for, measure
+from abcgpt.evaluate import SWEEP, corpus_for, summarize, sweep, val_loss
+from abcgpt.ngram import spearman
+
+SETTINGS = {  # name: train.py flags on top of the CPU preset
+    "default": [],
+    "per-sequence": ["--alpha_mode", "sequence"],
+    "narrow-0.75": ["--narrowness", "0.75"],
+    "narrow-0.5": ["--narrowness", "0.5"],
+    "beta-0.3": ["--score_beta", "0.3"],
+    "beta-1": ["--score_beta", "1.0"],
+    "dropout-0.1": ["--dropout", "0.1"],
+}
+
+
+def train(name, flags, args, seed):
+    out = Path(args.runs) / f"{name}-seed{seed}"
+    if (out / "ckpt.pt").exists() and load_checkpoint(out / "ckpt.pt")["step"] >= 2000:
+        return out
+    command = [sys.executable, "train.py", "--preset", "cpu", "--sources", args.sources, "--out_dir", str(out),
+               "--threads", "1", "--seed", str(seed), "--overwrite", *flags]
+    with open(Path(args.runs) / f"{name}-seed{seed}.log", "w") as log:
+        subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, check=True)
+    return out
+
+
+def measure_run(path, baselines, args):
+    model, tokenizer, state = load_model(path / "ckpt.pt")
+    corpus = corpus_for(state, tokenizer)
+    alphas, losses = sweep(model, corpus, SWEEP, max_windows=args.windows)
+    summary = summarize(corpus.names, alphas, losses)
+    scores = measure(model, tokenizer, classifier_for(corpus), SWEEP, args.samples, 150, 7, "cpu")
+    curve = [float(np.mean(scores[a])) for a in SWEEP]
+    cost = {n: summary["corner_loss"][n] / baselines[n] - 1 for n in corpus.names if n in baselines}
+    return {"contrast": summary["contrast"], "corner_loss": summary["corner_loss"], "diag": summary["diag"],
+            "middle": summary["middle"], "calibration": curve,
+            "spearman": spearman([a for a in SWEEP for _ in scores[a]], [p for a in SWEEP for p in scores[a]]),
+            "monotone": all(b >= a for a, b in zip(curve, curve[1:])), "cost_vs_best_baseline": cost}
+
+
+def baseline_losses(args):
+    """Each source's vanilla baseline at its best held-out val, trained on the default run's tokens."""
+    default = Path(args.runs) / "default-seed1337"
+    state = load_checkpoint(default / "ckpt.pt")
+    losses = {}
+    for k, name in enumerate(state["source_names"]):
+        folder = Path(args.runs) / f"baseline-{name}"
+        if not (folder / "best.pt").exists():
+            tokens = state["tokens_seen"][k]
+            steps = max(1, round(tokens / (32 * 64)))
+            subprocess.run([sys.executable, "train.py", "--preset", "cpu", "--sources", args.sources, "--gated",
+                            "false", "--only_source", name, "--max_iters", str(steps), "--out_dir", str(folder),
+                            "--threads", "2", "--overwrite"], stdout=subprocess.DEVNULL, check=True)
+        model, tokenizer, best = load_model(folder / "best.pt")
+        corpus = corpus_for(best, tokenizer)
+        losses[name] = val_loss(model, corpus.val[k], None, max_windows=args.windows)
+    return losses
+
+
+def write(results, baselines, args):
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "study.json").write_text(json.dumps({"baselines_best_val": baselines, "runs": results}, indent=1) + "\n")
+    names = list(baselines)
+    lines = ["# Recipe study (CPU preset, 2000 steps, shared corpora)", "",
+             f"Baselines (vanilla, one source each, best held-out val): "
+             + ", ".join(f"{n} {v:.4f}" for n, v in baselines.items()) + ".", "",
+             "| run | " + " | ".join(f"contrast {n}" for n in names) + " | diag | middle | Spearman | monotone | "
+             + " | ".join(f"cost {n}" for n in names) + " | calibration at alpha 0, 0.1, ..., 1 |",
+             "| --- |" + " ---: |" * (2 * len(names) + 4) + " --- |"]
+    for run, r in results.items():
+        lines.append(f"| {run} | " + " | ".join(f"{r['contrast'][n]:+.3f}" for n in names)
+                     + f" | {r['diag']:.3f} | {r['middle']:.3f} | {r['spearman']:.3f} | {'yes' if r['monotone'] else 'no'} | "
+                     + " | ".join(f"{r['cost_vs_best_baseline'][n]:+.1%}" for n in names)
+                     + " | " + " ".join(f"{p:.2f}" for p in r["calibration"]) + " |")
+    (out / "study.md").write_text("\n".join(lines) + "\n")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for run, r in results.items():
+        ax.plot(SWEEP, r["calibration"], marker=".", label=run)
+    ax.plot([0, 1], [0, 1], linestyle=":", color="0.5")
+    ax.set(xlabel="alpha", ylabel=f"mean P({names[-1]} | sample)", title="Raw dial calibration per setting")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "study.png", dpi=120)
+
+
+def main(argv=None):
+    p = Parser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--sources", required=True, help="NAME=PATH,NAME=PATH")
+    p.add_argument("--runs", required=True, help="the folder the training runs go into")
+    p.add_argument("--out_dir", required=True, help="the folder this writes study.json, study.md and study.png into")
+    p.add_argument("--settings", default=",".join(SETTINGS), help="which settings to run")
+    p.add_argument("--finalists", default="", help="settings to repeat with a second seed")
+    p.add_argument("--jobs", type=int, default=2, help="training runs at once (one thread each)")
+    p.add_argument("--samples", type=int, default=16, help="samples per alpha for the raw calibration")
+    p.add_argument("--windows", type=int, default=300, help="val windows per source and alpha")
+    args = p.parse_args(argv)
+    Path(args.runs).mkdir(parents=True, exist_ok=True)
+    plan = [(s, 1337) for s in args.settings.split(",")] + [(s, 7) for s in args.finalists.split(",") if s]
+    with ThreadPoolExecutor(args.jobs) as pool:
+        paths = list(pool.map(lambda job: train(job[0], SETTINGS[job[0]], args, job[1]), plan))
+    baselines = baseline_losses(args)
+    results = {f"{name} (seed {seed})": measure_run(path, baselines, args) for (name, seed), path in zip(plan, paths)}
+    write(results, baselines, args)
+    print(f"wrote {Path(args.out_dir) / 'study.md'}")
+
+
+if __name__ == "__main__":
+    main()
