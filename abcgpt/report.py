@@ -10,7 +10,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from .data import source_alphas
 from .dial import classifier_for, measure, mix_to_alpha, sample_texts

@@ -85,7 +85,7 @@ def write(results, baselines, args):
     (out / "study.json").write_text(json.dumps({"baselines_best_val": baselines, "runs": results}, indent=1) + "\n")
     names = list(baselines)
     lines = ["# Recipe study (CPU preset, 2000 steps, shared corpora)", "",
-             f"Baselines (vanilla, one source each, best held-out val): "
+             "Baselines (vanilla, one source each, best held-out val): "
              + ", ".join(f"{n} {v:.4f}" for n, v in baselines.items()) + ".", "",
              "| run | " + " | ".join(f"contrast {n}" for n in names) + " | diag | middle | Spearman | monotone | "
              + " | ".join(f"cost {n}" for n in names) + " | calibration at alpha 0, 0.1, ..., 1 |",
