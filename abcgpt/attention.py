@@ -4,15 +4,27 @@ from torch.nn import functional as F
 
 
 class KVCache:
-    """Past keys and values of every attention layer, filled as generation goes.
+    """Past keys and values of every attention layer, filled as generation goes; every sequence of
+    the batch at the same position (batching.SlotCache holds sequences at positions of their own).
 
-    pos counts the positions cached so far; the model advances it after each forward.
+    The model asks it for the new tokens' positions, checks the length, and advances it after
+    each forward; pos counts the positions cached so far.
     """
 
     def __init__(self, max_len):
         self.max_len = max_len
         self.pos = 0
         self.layers = []
+
+    def positions(self, T, device):
+        return torch.arange(self.pos, self.pos + T, dtype=torch.long, device=device)
+
+    def check(self, T, block_size):
+        if self.pos + T > block_size:
+            raise ValueError(f"sequence of length {self.pos + T} is longer than block_size {block_size}")
+
+    def advance(self, T):
+        self.pos += T
 
     def layer(self, index):
         while len(self.layers) <= index:
@@ -26,7 +38,8 @@ class LayerKV:
         self.k = self.v = None
 
     def extend(self, k, v):
-        """Store k, v (B, nh, T, hs) at the next positions; return keys and values of all so far."""
+        """Store k, v (B, nh, T, hs) at the next positions; return keys and values of all so far, and
+        no mask (the new queries are the last positions, see attend)."""
         start, end = self.cache.pos, self.cache.pos + k.size(2)
         if end > self.cache.max_len:
             raise ValueError(f"the cache holds {self.cache.max_len} positions, {end} asked for")
@@ -35,13 +48,16 @@ class LayerKV:
             self.k, self.v = k.new_empty(shape), v.new_empty(shape)
         self.k[:, :, start:end] = k
         self.v[:, :, start:end] = v
-        return self.k[:, :, :end], self.v[:, :, :end]
+        return self.k[:, :, :end], self.v[:, :, :end], None
 
 
 def attend(q, k, v, kv=None, dropout_p=0.0):
-    """Causal attention of q over k, v, and over the cached past when kv (a LayerKV) is given."""
+    """Causal attention of q over k, v, and over the cached past when kv (a layer of a cache) is given;
+    a cache may return the mask of which keys each query sees."""
     if kv is not None:
-        k, v = kv.extend(k, v)
+        k, v, mask = kv.extend(k, v)
+        if mask is not None:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
     t_q, t_k = q.size(2), k.size(2)
     if t_q == t_k:
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)

@@ -207,25 +207,27 @@ class GPT(nn.Module):
 
     def forward(self, idx, alpha=None, targets=None, cache=None, run=None):
         """idx: (B, T) token ids. alpha: a float or 0-dim tensor, or a (B,) tensor (one per sequence).
-        cache: a KVCache when generating; idx then holds only the positions not yet cached.
+        cache: a KVCache (or batching.SlotCache rows) when generating; idx then holds only the positions
+        not yet cached.
         run: an executor made beforehand (see at()); alpha is then not given.
 
         Returns (logits, loss); logits cover only the last position when no targets are given.
         """
         B, T = idx.size()
-        start = cache.pos if cache is not None else 0
-        if start + T > self.config.block_size:
-            raise ValueError(f"sequence of length {start + T} is longer than block_size {self.config.block_size}")
+        if cache is not None:
+            cache.check(T, self.config.block_size)
+        elif T > self.config.block_size:
+            raise ValueError(f"sequence of length {T} is longer than block_size {self.config.block_size}")
         if run is None:
             run = self.executor(alpha, B, idx.device)
 
-        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
+        pos = cache.positions(T, idx.device) if cache is not None else torch.arange(T, device=idx.device)
         x = run.embed(self.transformer.wte(idx) + self.transformer.wpe(pos))
         x = self.transformer.drop(x)
         for layer, block in enumerate(self.transformer.h):
             x = block(x, run, cache.layer(layer) if cache is not None else None)
         if cache is not None:
-            cache.pos += T
+            cache.advance(T)
         x = self.transformer.ln_f(x)
 
         if targets is not None:

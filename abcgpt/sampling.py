@@ -24,11 +24,16 @@ def generate(model, idx, max_new_tokens, alpha=None, temperature=1.0, top_k=None
             logits, _ = decode(idx[:, cache.pos:], cache=cache)
         else:
             logits, _ = decode(idx[:, -block_size:])
-        logits = logits[:, -1, :] / temperature
-        if top_k is not None:
-            kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        probs = F.softmax(logits, dim=-1)
-        next_id = torch.multinomial(probs, num_samples=1, generator=generator)
+        next_id = sample_next(logits[:, -1, :], temperature, top_k, generator)
         idx = torch.cat((idx, next_id), dim=1)
     return idx
+
+
+def sample_next(logits, temperature=1.0, top_k=None, generator=None):
+    """One token id per row of logits (B, vocab): scaled by temperature, cut to the top_k, sampled.
+    The one place tokens are drawn, so that the server draws what generate() would."""
+    logits = logits / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1, generator=generator)

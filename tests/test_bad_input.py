@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 START, END = "<!-- bad-input:start -->", "<!-- bad-input:end -->"
 
 Case = namedtuple("Case", "what tool args message env", defaults=(None,))
-TOOLS = {"train": "train", "sample": "sample", "evaluate": "evaluate", "report": "report", "calibrate": "calibrate",
+TOOLS = {"train": "train", "sample": "sample", "evaluate": "evaluate", "report": "report", "calibrate": "calibrate", "serve": "serve",
          "permute": "abcgpt.permute", "inspect": "abcgpt.inspect"}
 TINY = ("--sources stories={ws}/stories.txt,plays={ws}/plays.txt --n_layer 1 --n_head 2 --n_embd 16 --block_size 8 "
         "--batch_size 4 --max_iters 2 --eval_interval 2 --eval_iters 1 --log_interval 1 --out_dir {ws}/fresh "
@@ -73,6 +73,11 @@ CASES = [
     Case("a mix that is not a number", "sample", CKPT + "--mix half", "--mix: 'half' is not a number"),
     Case("both --mix and --alpha", "sample", CKPT + "--mix 0.3 --alpha 0.2",
          "argument --alpha: not allowed with argument --mix"),
+    # serve.py: refused at start-up, before it listens
+    Case("a missing checkpoint, to serve", "serve", "--ckpt {ws}/no/ckpt.pt", "checkpoint not found: {ws}/no/ckpt.pt"),
+    Case("a corrupt checkpoint, to serve", "serve", "--ckpt {ws}/flipped.pt", "{ws}/flipped.pt failed its checksum"),
+    Case("a port out of range", "serve", CKPT + "--port 70000", "--port must be in [0, 65535], got 70000"),
+    Case("--max_batch 0", "serve", CKPT + "--max_batch 0", "--max_batch must be a positive number, got 0"),
     # calibrate.py
     Case("a calibration grid of one alpha", "calibrate", CKPT + "--grid 1", "--grid must be at least 2, got 1"),
     Case("zero calibration samples", "calibrate", CKPT + "--samples 0", "--samples must be a positive number, got 0"),

@@ -47,6 +47,18 @@ def test_gate_throughput_quick(tmp_path):
     assert "triton backend needs CUDA" in stdout and "vs vanilla" in stdout
 
 
+def test_serve_throughput_quick(trained_checkpoint, tmp_path):
+    record, stdout = run_json("bench.serve_throughput", "--ckpt", str(trained_checkpoint), "--quick",
+                              tmp_path=tmp_path)
+    assert [r["clients"] for r in record["results"]] == [1, 4]
+    for r in record["results"]:
+        for key in ("batched_tokens_per_s", "one_at_a_time_tokens_per_s", "batched_p95_s", "vanilla_generate_tokens_per_s"):
+            assert r[key] > 0 and math.isfinite(r[key])
+        assert r["batched_p50_s"] <= r["batched_p95_s"]
+    assert record["results"][1]["largest_batch"] >= 2  # four clients at once shared decoding steps
+    assert "clients: batched" in stdout
+
+
 def test_readme_results_table_is_current():
     from bench.results_table import readme_with_table
 

@@ -1,0 +1,186 @@
+"""The live dial: a web page with a slider, and an API whose requests are decoded together in batches.
+
+    python serve.py --ckpt out/ckpt.pt              # then open the address it prints
+
+Routes: GET / (the page), GET /api/info, POST /api/generate (JSON in, JSON out),
+GET /api/stream (the same as server-sent events, one per token). Every request in
+flight joins one BatchedDecoder, so many users at different dials share each
+forward. Bad input gets a 4xx JSON error {"error": message} and the server goes on.
+Needs the [serve] extra (Starlette, uvicorn).
+"""
+import asyncio
+import json
+import math
+import random
+import time
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from starlette.applications import Starlette
+from starlette.requests import Request as HttpRequest
+from starlette.responses import HTMLResponse, JSONResponse, StreamingResponse
+from starlette.routing import Route
+
+from .batching import BatchedDecoder, Request
+from .data import source_alphas
+from .dial import mix_to_alpha
+from .tokenizer import UnknownCharactersError
+
+FIELDS = {"prompt", "alpha", "mix", "max_new_tokens", "temperature", "top_k", "seed"}
+PAGE = Path(__file__).with_name("page.html")
+
+
+class BadInput(ValueError):
+    """A request the server refuses, with the HTTP status to answer it with."""
+
+    def __init__(self, message, status=400):
+        super().__init__(message)
+        self.status = status
+
+
+def _number(fields, name, kind, default):
+    """fields[name] as kind (int or float), from JSON or from a query string."""
+    value = fields.get(name, default)
+    if isinstance(value, str):
+        try:
+            value = kind(value)
+        except ValueError:
+            raise BadInput(f"{name} must be a number, got {value!r}") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
+        raise BadInput(f"{name} must be {'an integer' if kind is int else 'a number'}, got {value!r}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise BadInput(f"{name} must be finite, got {value}")
+    return kind(value)
+
+
+class Service:
+    """The model, its tokenizer and decoder, and how a request's fields become a Request."""
+
+    def __init__(self, model, tokenizer, state, max_batch=32, max_new_tokens=500, max_body=16_384):
+        self.model, self.tokenizer, self.state = model, tokenizer, state
+        self.names = state.get("source_names", [])
+        self.dial_map = state.get("dial_map")
+        self.max_new_tokens, self.max_body = max_new_tokens, max_body
+        self.decoder = BatchedDecoder(model, max_batch)
+
+    def info(self):
+        c = self.model.config
+        return {
+            "sources": [{"name": n, "alpha": a} for n, a in zip(self.names, source_alphas(max(2, len(self.names))))],
+            "model": {k: getattr(c, k) for k in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "gated")},
+            "step": self.state.get("step"), "calibrated": bool(self.dial_map), "max_new_tokens": self.max_new_tokens,
+            "device": str(self.decoder.device),
+        }
+
+    def request(self, fields):
+        """A Request from the fields of a JSON body or a query string; BadInput for anything wrong."""
+        unknown = sorted(set(fields) - FIELDS)
+        if unknown:
+            raise BadInput(f"unknown field(s): {', '.join(unknown)}; known are {', '.join(sorted(FIELDS))}")
+        prompt = fields.get("prompt", "\n")
+        if not isinstance(prompt, str) or not prompt:
+            raise BadInput("prompt must be a non-empty string")
+        try:
+            ids = self.tokenizer.encode(prompt)
+        except UnknownCharactersError as e:
+            raise BadInput(f"the prompt has {e}") from None
+        if len(ids) > self.model.config.block_size:
+            raise BadInput(f"the prompt is {len(ids)} tokens long; the context holds {self.model.config.block_size}")
+        alpha, mix = self._dial(fields)
+        new_tokens = _number(fields, "max_new_tokens", int, min(200, self.max_new_tokens))
+        if not 1 <= new_tokens <= self.max_new_tokens:
+            raise BadInput(f"max_new_tokens must be between 1 and {self.max_new_tokens}, got {new_tokens}")
+        temperature = _number(fields, "temperature", float, 0.8)
+        if temperature <= 0:
+            raise BadInput(f"temperature must be positive, got {temperature}")
+        top_k = _number(fields, "top_k", int, 200)
+        if top_k < 1:
+            raise BadInput(f"top_k must be at least 1, got {top_k}")
+        seed = _number(fields, "seed", int, random.randrange(2**31))
+        if not 0 <= seed < 2**63:
+            raise BadInput(f"seed must be in [0, 2**63 - 1], got {seed}")
+        return Request(ids, alpha, new_tokens, temperature, top_k, seed, mix)
+
+    def _dial(self, fields):
+        """(alpha, mix): alpha as given, or the calibrated map's alpha for a mix."""
+        if "alpha" in fields and "mix" in fields:
+            raise BadInput("give alpha or mix, not both")
+        if not self.model.config.gated:
+            return None, None
+        if "mix" in fields:
+            mix = _number(fields, "mix", float, None)
+            if not 0 <= mix <= 1:
+                raise BadInput(f"mix must be in [0, 1], got {mix}")
+            if not self.dial_map:
+                raise BadInput("this checkpoint has no calibrated dial: give alpha, or run calibrate.py on it")
+            return mix_to_alpha(self.dial_map, mix), mix
+        alpha = _number(fields, "alpha", float, 0.5)
+        if not 0 <= alpha <= 1:
+            raise BadInput(f"alpha must be in [0, 1], got {alpha}")
+        return alpha, None
+
+    def result(self, request):
+        return {"text": self.tokenizer.decode(request.tokens), "alpha": request.alpha, "mix": request.mix,
+                "tokens": len(request.tokens), "seed": request.seed,
+                "ms": round((time.perf_counter() - request.started) * 1e3, 1)}
+
+
+def error(e):
+    return JSONResponse({"error": str(e)}, status_code=e.status)
+
+
+def create_app(service):
+    async def page(_):
+        return HTMLResponse(PAGE.read_text())
+
+    async def info(_):
+        return JSONResponse(service.info())
+
+    async def generate(http: HttpRequest):
+        try:
+            body = await http.body()
+            if len(body) > service.max_body:
+                raise BadInput(f"the request body is over {service.max_body} bytes", 413)
+            try:
+                fields = json.loads(body)
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise BadInput(f"malformed JSON: {e}") from None
+            if not isinstance(fields, dict):
+                raise BadInput("the body must be a JSON object")
+            request = service.request(fields)
+        except BadInput as e:
+            return error(e)
+        service.decoder.submit(request)
+        while await request.queue.get() is not None:
+            pass
+        return JSONResponse(service.result(request))
+
+    async def stream(http: HttpRequest):
+        try:
+            request = service.request(dict(http.query_params))
+        except BadInput as e:
+            return error(e)
+        service.decoder.submit(request)
+
+        async def events():
+            text = ""
+            try:
+                while await request.queue.get() is not None:
+                    full = service.tokenizer.decode(request.tokens)
+                    yield f"data: {json.dumps({'text': full[len(text):]})}\n\n"
+                    text = full
+                yield f"event: done\ndata: {json.dumps(service.result(request))}\n\n"
+            finally:  # the client went away, or the stream ended: either way the slot is freed
+                request.cancelled = True
+
+        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    @asynccontextmanager
+    async def lifespan(_):
+        task = asyncio.create_task(service.decoder.run())
+        yield
+        task.cancel()
+
+    routes = [Route("/", page), Route("/api/info", info), Route("/api/generate", generate, methods=["POST"]),
+              Route("/api/stream", stream)]
+    return Starlette(routes=routes, lifespan=lifespan)
