@@ -33,11 +33,9 @@ def _device_facts(device):
     return props.multi_processor_count, props.major
 
 
-def tile_config(M, N, device, force=None):
+def tile_config(M, N, device):
     """Tile sizes and launch settings for an (M, N) output: a fixed choice per device generation
     and size class, so a new shape compiles once and never sweeps configurations."""
-    if force is not None:
-        return force
     if INTERPRET or device.type != "cuda":  # small tiles: the interpreter is slow and benchmarks nothing
         return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, GROUP_M=4, num_warps=4, num_stages=1)
     _, major = _device_facts(device)
@@ -94,27 +92,33 @@ def _gate_layout(gate, M):
     return True, max(1, M // max(1, gate.shape[0])), gate.stride(0)
 
 
-def _up(x, weight, bias, gate, tanh, store_z, config=None, tma=None):
+def _launch(a, b, c, d, M, N, b_is_nk):
+    """Tile settings, the four (M, N)-tiled operands (A, B, and two outputs or epilogue inputs) as TMA
+    descriptors where the rules allow or as the tensors themselves, whether TMA serves, and the grid size."""
+    cfg = tile_config(M, N, a.device)
+    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+    tma = use_tma(a.device, a, b, c, d)
+    if tma:
+        operands = (_descriptor(a, [bm, bk]), _descriptor(b, [bn, bk] if b_is_nk else [bk, bn]),
+                    _descriptor(c, [bm, bn // 2]), _descriptor(d, [bm, bn // 2]))
+    else:
+        operands = (a, b, c, d)
+    programs = _programs(triton.cdiv(M, bm) * triton.cdiv(N, bn), a.device)
+    return cfg, operands, tma, programs
+
+
+def _up(x, weight, bias, gate, tanh, store_z):
     M, K = x.shape
     N = weight.shape[0]
     h = torch.empty((M, N), device=x.device, dtype=x.dtype)
     z = torch.empty((M, N), device=x.device, dtype=x.dtype) if store_z else x.new_empty(0)
     if M == 0 or N == 0:
         return h, z
-    cfg = dict(tile_config(M, N, x.device, config))
-    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     z_arg = z if store_z else h  # never written when STORE_Z is off
-    tma = use_tma(x.device, x, weight, h, z_arg) if tma is None else tma
-    if tma:
-        args = (_descriptor(x, [bm, bk]), _descriptor(weight, [bn, bk]),
-                _descriptor(h, [bm, bn // 2]), _descriptor(z_arg, [bm, bn // 2]))
-    else:
-        args = (x, weight, h, z_arg)
+    cfg, (x_op, w_op, h_op, z_op), tma, programs = _launch(x, weight, h, z_arg, M, N, b_is_nk=True)
     per_row, rows_per_gate, stride_g = _gate_layout(gate, M)
-    tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
-    programs = _programs(tiles, x.device)
     gated_up_kernel[(programs,)](
-        args[0], args[1], bias if bias is not None else gate, gate, args[2], args[3],
+        x_op, w_op, bias if bias is not None else gate, gate, h_op, z_op,
         M, N, K, rows_per_gate,
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), stride_g,
         h.stride(0), h.stride(1), z_arg.stride(0), z_arg.stride(1),
@@ -124,25 +128,16 @@ def _up(x, weight, bias, gate, tanh, store_z, config=None, tma=None):
     return h, z
 
 
-def _down_grad(dout, weight, z, gate, tanh, config=None, tma=None):
+def _down_grad(dout, weight, z, gate, tanh):
     M, K = dout.shape
     N = weight.shape[1]
     dz = torch.empty((M, N), device=dout.device, dtype=dout.dtype)
     if M == 0 or N == 0:
         return dz
-    cfg = dict(tile_config(M, N, dout.device, config))
-    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
-    tma = use_tma(dout.device, dout, weight, z, dz) if tma is None else tma
-    if tma:
-        args = (_descriptor(dout, [bm, bk]), _descriptor(weight, [bk, bn]),
-                _descriptor(z, [bm, bn // 2]), _descriptor(dz, [bm, bn // 2]))
-    else:
-        args = (dout, weight, z, dz)
+    cfg, (dout_op, w_op, z_op, dz_op), tma, programs = _launch(dout, weight, z, dz, M, N, b_is_nk=False)
     per_row, rows_per_gate, stride_g = _gate_layout(gate, M)
-    tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
-    programs = _programs(tiles, dout.device)
     gated_down_grad_kernel[(programs,)](
-        *args[:3], gate, args[3],
+        dout_op, w_op, z_op, gate, dz_op,
         M, N, K, rows_per_gate,
         dout.stride(0), dout.stride(1), weight.stride(0), weight.stride(1), stride_g,
         z.stride(0), z.stride(1), dz.stride(0), dz.stride(1),
