@@ -58,8 +58,9 @@ def calibrated_dial(model, tokenizer, classifier, dial_map, n_samples, tokens, s
     return {
         "mixes": list(MIXES), "alphas": alphas, "measured": measured,
         "max_abs_error": max(abs(p - m) for p, m in zip(measured, MIXES)),
-        "spearman": spearman([m for m, a in zip(MIXES, alphas) for _ in scores[a]],
-                             [p for a in alphas for p in scores[a]]),
+        "spearman": spearman(list(MIXES), measured),  # of the measured curve: does more mix give more voice?
+        "spearman_samples": spearman([m for m, a in zip(MIXES, alphas) for _ in scores[a]],
+                                     [p for a in alphas for p in scores[a]]),  # of single samples, which scatter
         "samples_per_mix": n_samples, "seed": seed,
     }
 
@@ -193,8 +194,9 @@ def render_markdown(report, title, plots):
                   "| --- |" + " ---: |" * len(dial["mixes"]),
                   "| alpha | " + " | ".join(f"{a:.3f}" for a in dial["alphas"]) + " |",
                   "| measured P | " + " | ".join(f"{p:.3f}" for p in dial["measured"]) + " |", "",
-                  f"Largest |P - mix|: {dial['max_abs_error']:.3f}; Spearman correlation with mix: "
-                  f"{dial['spearman']:.3f}.", ""]
+                  f"Largest |P - mix|: {dial['max_abs_error']:.3f}; Spearman correlation of the measured curve "
+                  f"with mix: {dial['spearman']:.3f} (of single samples with mix: {dial['spearman_samples']:.3f}).",
+                  ""]
     lines += ["## Samples", ""]
     for a, text in report["samples"].items():
         lines += [f"alpha {a} (temperature 0.8):", "", "```", text.strip("\n"), "```", ""]

@@ -79,5 +79,7 @@ def test_report_scores_the_calibrated_dial(calibrated, tmp_path):
     assert dial["mixes"] == [round(0.1 * i, 1) for i in range(11)]
     assert len(dial["measured"]) == 11 and all(0 <= p <= 1 for p in dial["measured"])
     assert dial["max_abs_error"] == pytest.approx(max(abs(p - m) for p, m in zip(dial["measured"], dial["mixes"])))
-    assert -1 <= dial["spearman"] <= 1
+    assert -1 <= dial["spearman_samples"] <= 1
+    from abcgpt.ngram import spearman
+    assert dial["spearman"] == pytest.approx(spearman(dial["mixes"], dial["measured"]))
     assert "## The calibrated dial" in (tmp_path / "report.md").read_text()
