@@ -69,15 +69,14 @@ RUN_FILES = (CHECKPOINT_NAME, BEST_NAME, "log.jsonl")
 
 
 def check_out_dir(out_dir, resume, overwrite):
-    """Refuse, before any work, an out_dir that cannot be written, or one whose run a new run would replace."""
+    """Refuse, before any work, an out_dir that cannot be written, or one whose run a new run would replace
+    without overwrite; return the old run's files that the new run replaces."""
     cli.check_out_dir(out_dir, "out_dir")
     existing = [name for name in RUN_FILES if (out_dir / name).exists()]
-    if existing and not resume:
-        if not overwrite:
-            raise ValueError(f"out_dir {out_dir} already holds a run ({', '.join(existing)}): continue it with "
-                             "--resume, or replace it with --overwrite")
-        for name in existing:
-            (out_dir / name).unlink()
+    if existing and not resume and not overwrite:
+        raise ValueError(f"out_dir {out_dir} already holds a run ({', '.join(existing)}): continue it with "
+                         "--resume, or replace it with --overwrite")
+    return [] if resume else existing
 
 
 def finite_json(record):
@@ -94,8 +93,8 @@ class Trainer:
         self.log_line = log
         self._setup_distributed()
         self.out_dir = Path(config.out_dir)
-        if self.is_master:
-            check_out_dir(self.out_dir, resume, overwrite)
+        # an old run's files go only once this one is set up and starts, so a setup error loses nothing
+        self.replaced = check_out_dir(self.out_dir, resume, overwrite) if self.is_master else []
         state = load_checkpoint(self.out_dir / CHECKPOINT_NAME) if resume else None
         if state is not None:
             self._check_resumable(state)
@@ -329,6 +328,9 @@ class Trainer:
                 + (f"source {config.only_source} alone" if config.only_source else
                    f"sources {', '.join(f'{name} (alpha {a:g})' for name, a in zip(self.corpus.names, self.corpus.alphas))}")
             )
+        for name in self.replaced:
+            (self.out_dir / name).unlink(missing_ok=True)
+        self.replaced = []
         tokens_per_step = config.batch_size * config.block_size * config.grad_accum
         timer, timed_steps = time.perf_counter(), 0
         with self._ctrl_c_saves():

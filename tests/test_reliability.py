@@ -80,3 +80,25 @@ def test_ctrl_c_saves_a_checkpoint_to_resume_from(corpus_files, tmp_path):
                               "--max_iters", str(step + 2)], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert resumed.returncode == 0, resumed.stderr
     assert load_checkpoint(tmp_path / "ckpt.pt")["step"] == step + 2
+
+
+def test_overwrite_replaces_a_run_only_once_the_new_one_starts(corpus_files, tmp_path):
+    Trainer(tiny_config(corpus_files, tmp_path, max_iters=3, eval_interval=3), **quiet).train()
+    old_log = (tmp_path / "log.jsonl").read_text()
+    with pytest.raises(ValueError, match="already holds a run"):
+        Trainer(tiny_config(corpus_files, tmp_path, max_iters=2, eval_interval=2), **quiet)
+    broken = tiny_config(corpus_files, tmp_path, max_iters=2, eval_interval=2, block_size=10**5)
+    with pytest.raises(Exception, match="fewer than one block"):  # setup fails: the old run is untouched
+        Trainer(broken, overwrite=True, **quiet)
+    assert (tmp_path / "log.jsonl").read_text() == old_log and load_checkpoint(tmp_path / "ckpt.pt")["step"] == 3
+    Trainer(tiny_config(corpus_files, tmp_path, max_iters=2, eval_interval=2), overwrite=True, **quiet).train()
+    steps = [json.loads(line)["step"] for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert max(steps) == 2 and 3 not in steps  # a fresh log, not appended to the old one
+    assert load_checkpoint(tmp_path / "ckpt.pt")["step"] == 2
+
+
+def test_log_lines_are_strict_json(corpus_files, tmp_path):
+    trainer = Trainer(tiny_config(corpus_files, tmp_path), **quiet)
+    trainer.log({"step": 1, "loss": float("nan"), "val": float("inf")})
+    assert json.loads((tmp_path / "log.jsonl").read_text(), parse_constant=lambda c: 1 / 0) == \
+        {"step": 1, "loss": None, "val": None}
