@@ -51,6 +51,52 @@ class LayerKV:
         return self.k[:, :, :end], self.v[:, :, :end], None
 
 
+class StaticKVCache:
+    """A batch's past keys and values in buffers of one fixed length, its position a tensor on the device:
+    every one-token step has the same shapes and no host value, so a compiled decoder compiles once."""
+
+    def __init__(self, max_len):
+        self.max_len = max_len
+        self.pos = None  # a 0-dim tensor, made on the first forward's device
+        self.layers = []
+
+    def positions(self, T, device):
+        if self.pos is None:
+            self.pos = torch.zeros((), dtype=torch.long, device=device)
+        return self.pos + torch.arange(T, device=device)
+
+    def check(self, T, block_size):
+        """Only what needs no device value; the caller keeps the sequence within max_len."""
+        if T > min(self.max_len, block_size):
+            raise ValueError(f"sequence of length {T} is longer than block_size {block_size}")
+
+    def advance(self, T):
+        self.pos += T  # in place
+
+    def layer(self, index):
+        while len(self.layers) <= index:
+            self.layers.append(StaticLayerKV(self))
+        return self.layers[index]
+
+
+class StaticLayerKV:
+    def __init__(self, cache):
+        self.cache = cache
+        self.k = self.v = None
+
+    def extend(self, k, v):
+        """Write k, v (B, nh, T, hs) at the current positions; return the whole buffers and which keys
+        each new query sees."""
+        where = self.cache.positions(k.size(2), k.device)
+        if self.k is None:
+            shape = (k.size(0), k.size(1), self.cache.max_len, k.size(3))
+            self.k, self.v = k.new_zeros(shape), v.new_zeros(shape)
+        self.k.index_copy_(2, where, k)
+        self.v.index_copy_(2, where, v)
+        keys = torch.arange(self.cache.max_len, device=k.device)
+        return self.k, self.v, keys[None, :] <= where[:, None]
+
+
 def attend(q, k, v, kv=None, dropout_p=0.0):
     """Causal attention of q over k, v, and over the cached past when kv (a layer of a cache) is given;
     a cache may return the mask of which keys each query sees."""

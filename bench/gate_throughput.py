@@ -5,9 +5,9 @@
     python -m bench.gate_throughput --out bench/results/gate_throughput-DEVICE-DATE.json
     python -m bench.gate_throughput --shapes small --cases vanilla,reference --compile off --repeats 20
 
-For each shape it measures the training step (forward, backward, AdamW step),
-eager and under torch.compile, and generation with a key/value cache (eager: a
-cache position that grows each token would recompile a compiled decoder), in
+For each shape it measures the training step (forward, backward, AdamW step)
+and generation with a key/value cache, eager and under torch.compile (generation
+compiled: its one-token steps over a static-shape cache, sampling.CompiledDecoder), in
 tokens/s with peak device memory, for the vanilla GPT (gated=False) and the gated
 GPT with each backend available here at alpha 0, 0.5 and 1. Ratios are to vanilla
 in the same run. Timing: CUDA events (or perf_counter), warm-up, rotating
@@ -23,8 +23,11 @@ import torch
 
 from abcgpt.device import default_device
 from abcgpt.model import GPT, GPTConfig
-from abcgpt.sampling import generate
+from abcgpt.sampling import CompiledDecoder, generate
 from bench.timing import environment, summary, time_calls
+
+# every compiled case is its own compiled code for the same functions: room for all of them
+torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
 
 SHAPES = {  # name: (n_layer, n_head, n_embd, block_size, batch_size, vocab_size)
     "reference": (6, 6, 384, 256, 64, 65),  # the reference recipe
@@ -113,13 +116,16 @@ class Case:
         self.times, self.peak = [], 0
 
 
-def interleave(cases, args, device):
+def interleave(cases, args, device, compiled=False):
     """Time all cases round-robin, a few calls each per round, so that drift in the
-    machine's speed falls on every case alike instead of on whichever ran last."""
+    machine's speed falls on every case alike instead of on whichever ran last.
+    Compiled cases compile in their warm-up; a recompile while timed raises instead of
+    quietly timing something else."""
     cuda = device == "cuda"
     for case in cases:
         for i in range(args.warmup):
             case.fn(*case.inputs[i % len(case.inputs)])
+    torch._dynamo.config.error_on_recompile = compiled
     per_round = max(1, args.repeats // args.rounds)
     for _ in range(args.rounds):
         for case in cases:
@@ -130,6 +136,7 @@ def interleave(cases, args, device):
             case.times += time_calls(case.fn, case.inputs, per_round, 0, device)
             if cuda:  # what a call needs above the models held resident
                 case.peak = max(case.peak, torch.cuda.max_memory_allocated() - before)
+    torch._dynamo.config.error_on_recompile = False
     return [
         {**case.row, **summary(case.times), "peak_memory_bytes": case.peak if cuda else None,
          "tokens_per_s": case.tokens_per_call / statistics.median(case.times)}
@@ -181,15 +188,21 @@ def run_shape(name, args, device, cases, alphas, compile_modes):
 
                 group.append(Case({**row, "mode": "train", "batch_size": batch_size}, train, train_batches,
                                   batch_size * block_size))
-                if not compiled:
-                    def gen(p, model=model, alpha=dial_tensor(alpha, on, gen_batch)):
-                        model.eval()
-                        generate(model, p, args.gen_tokens, alpha)
+                dial = dial_tensor(alpha, on, gen_batch)
+                # compiled: one-token steps compiled once over a static-shape key/value cache, on a model of its
+                # own (the decoder keeps the weights it folded, which the training cases go on changing)
+                gen_model = build_model(shape, case, device).eval() if compiled else model
+                decoder = CompiledDecoder(gen_model, dial) if compiled else None
 
-                    group.append(Case({**row, "mode": "generate", "batch_size": gen_batch, "new_tokens": args.gen_tokens,
-                                       "kv_cache": True}, gen, prompts, gen_batch * args.gen_tokens))
+                def gen(p, model=gen_model, alpha=dial, decoder=decoder):
+                    model.eval()
+                    generate(model, p, args.gen_tokens, alpha, decoder=decoder)
+
+                group.append(Case({**row, "mode": "generate", "batch_size": gen_batch, "new_tokens": args.gen_tokens,
+                                   "kv_cache": "static" if compiled else True}, gen, prompts,
+                                  gen_batch * args.gen_tokens))
         print(f"  {name}, {'compiled' if compiled else 'eager'}: {len(group)} cases, {args.rounds} rounds", flush=True)
-        results += interleave(group, args, device)
+        results += interleave(group, args, device, compiled)
         del group
         if device == "cuda":
             torch.cuda.empty_cache()

@@ -85,13 +85,13 @@ def main(argv=None):
     p.add_argument("--ckpt", default="out/ckpt.pt", help="checkpoint to serve")
     p.add_argument("--clients", default="1,8,32", help="numbers of concurrent clients")
     p.add_argument("--new_tokens", type=int, default=100, help="tokens per request")
-    p.add_argument("--quick", action="store_true", help="clients 1,4 and 8 tokens: checks the script")
+    p.add_argument("--quick", action="store_true", help="clients 1,4 and 32 tokens: checks the script")
     p.add_argument("--out", help="the JSON file this writes")
     add_runtime_flags(p)
     args = p.parse_args(argv)
     apply_runtime_flags(args)
     if args.quick:
-        args.clients, args.new_tokens = "1,4", 8
+        args.clients, args.new_tokens = "1,4", 32  # enough tokens that four clients surely overlap
     clients = [int(n) for n in args.clients.split(",")]
     model, tokenizer, state = load_model(args.ckpt, args.device)
     service = Service(model, tokenizer, state, max_batch=max(clients), max_new_tokens=args.new_tokens)

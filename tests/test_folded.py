@@ -213,3 +213,23 @@ def test_skipping_follows_scores_loaded_later():
     assert torch.equal(folded.host_scores().embd, other.embd_scores)
     for alpha in (0.0, 1.0):
         torch.testing.assert_close(folded(idx, alpha, idx)[0], other(idx, alpha, idx)[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["vanilla", "folded", "per-sequence"])
+def test_compiled_decoder_steps_without_recompiling_and_gives_the_same_tokens(case):
+    """The one-token steps over a static-shape cache trace once (a recompile would raise here) and give what
+    the eager cache gives, into window mode past block_size too."""
+    from abcgpt.sampling import CompiledDecoder
+
+    model = generation_model(gated=case != "vanilla")
+    alpha = {"vanilla": None, "folded": 0.0, "per-sequence": torch.tensor([0.2, 0.9])}[case]
+    prompt = torch.randint(0, 12, (2, 4), generator=torch.Generator().manual_seed(8))
+    torch._dynamo.reset()
+    decoder = CompiledDecoder(model, alpha, backend="eager")  # dynamo's tracing and guards, without a compiler
+    generate(model, prompt, 3, alpha, decoder=decoder)  # the first step traces
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch._dynamo.config, "error_on_recompile", True)
+        for new_tokens in (10, 30):  # 4 + 30 outgrows block_size 24
+            runs = [generate(model, prompt, new_tokens, alpha, temperature=1.5, decoder=d,
+                             generator=torch.Generator().manual_seed(3)) for d in (decoder, None)]
+            assert torch.equal(runs[0], runs[1])

@@ -228,7 +228,7 @@ def server(loaded):
 
 def test_several_clients_at_once_are_decoded_together(server):
     url, service = server
-    bodies = [{"prompt": "one day", "alpha": a, "max_new_tokens": 30, "seed": i, "top_k": 1}
+    bodies = [{"prompt": "one day", "alpha": a, "max_new_tokens": 60, "seed": i, "top_k": 1}
               for i, a in enumerate([0.0, 0.3, 0.6, 1.0])]
     results = [None] * len(bodies)
 
