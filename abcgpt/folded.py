@@ -46,6 +46,7 @@ class Folded(Ungated):
         self.n_embd = model.config.n_embd
         self.head_size = model.config.n_embd // model.config.n_head
         self.channels = slice(*ranges.embd)
+        self.channel_index = torch.arange(*ranges.embd, device=gates.embd.device)
         self.embd_gate = gates.embd
         self.lm_w = folded("lm_head.weight")
         self.layers = []
@@ -71,10 +72,10 @@ class Folded(Ungated):
         return x * self.embd_gate
 
     def add(self, x, out):
-        """A write to the active channels, as a full-width residual update."""
+        """A write to the active channels only: one index_add, no zero-padded full-width update."""
         if out.size(-1) == self.n_embd:
             return x + out
-        return x + F.pad(out, (self.channels.start, self.n_embd - self.channels.stop))
+        return x.index_add(-1, self.channel_index, out.to(x.dtype))
 
     def lm_head(self, model, x):
         return F.linear(x[..., self.channels], self.lm_w)
