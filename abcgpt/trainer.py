@@ -394,4 +394,7 @@ class Trainer:
 
     def close(self):
         if self.ddp:
+            # every process done with every collective before any tears its group down: without this, a
+            # process leaving first could abort the other inside gloo ("terminate called ...")
+            torch.distributed.barrier()
             destroy_process_group()
