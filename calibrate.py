@@ -13,19 +13,20 @@ import sys
 
 import numpy as np
 
-from abcgpt.checkpoint import CheckpointError, load_model, save_checkpoint
-from abcgpt.cli import HelpFormatter, Parser, add_runtime_flags, apply_runtime_flags, check_seed, positive
+from abcgpt.checkpoint import CheckpointError, save_checkpoint
+from abcgpt.cli import (
+    HelpFormatter, Parser, add_runtime_flags, add_source_flags, apply_runtime_flags, check_seed, positive,
+)
 from abcgpt.data import DataError
 from abcgpt.dial import classifier_for, fit_map, measure
-from abcgpt.evaluate import corpus_for, require_gated
+from abcgpt.evaluate import load_gated_run
 from abcgpt.tokenizer import VocabularyError
 
 
 def main(argv=None):
     p = Parser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--ckpt", default="out/ckpt.pt", help="the checkpoint to calibrate (rewritten with its map)")
-    p.add_argument("--sources", help="NAME or NAME=PATH, comma-separated (default: the run's own)")
-    p.add_argument("--cache_dir", default=None, help="where built-in sources are cached (default: the run's)")
+    add_source_flags(p)
     p.add_argument("--samples", type=int, default=32, help="samples per alpha")
     p.add_argument("--grid", type=int, default=21, help="alphas, evenly from 0 to 1")
     p.add_argument("--sample_tokens", type=int, default=200, help="tokens per sample")
@@ -39,9 +40,7 @@ def main(argv=None):
         if args.grid < 2:
             raise ValueError(f"--grid must be at least 2, got {args.grid}")
         check_seed(args.seed)
-        model, tokenizer, state = load_model(args.ckpt, args.device)
-        require_gated(model, args.ckpt)
-        corpus = corpus_for(state, tokenizer, args.sources, args.cache_dir)
+        model, tokenizer, state, corpus = load_gated_run(args.ckpt, args.device, args.sources, args.cache_dir)
         if len(corpus.names) != 2:
             raise DataError(f"calibration needs two sources, the checkpoint has {len(corpus.names)}")
     except (CheckpointError, DataError, ValueError, VocabularyError) as e:

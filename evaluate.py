@@ -10,18 +10,19 @@ import json
 import sys
 from pathlib import Path
 
-from abcgpt.checkpoint import CheckpointError, load_model
-from abcgpt.cli import HelpFormatter, Parser, add_runtime_flags, apply_runtime_flags, check_out_file, positive
+from abcgpt.checkpoint import CheckpointError
+from abcgpt.cli import (
+    HelpFormatter, Parser, add_runtime_flags, add_source_flags, apply_runtime_flags, check_out_file, positive,
+)
 from abcgpt.data import DataError
 from abcgpt.tokenizer import VocabularyError
-from abcgpt.evaluate import SWEEP, corpus_for, format_table, require_gated, summarize, sweep
+from abcgpt.evaluate import SWEEP, format_table, load_gated_run, summarize, sweep
 
 
 def main(argv=None):
     p = Parser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--ckpt", default="out/ckpt.pt", help="checkpoint written by train.py")
-    p.add_argument("--sources", help="NAME or NAME=PATH, comma-separated (default: the run's own)")
-    p.add_argument("--cache_dir", default=None, help="where built-in sources are cached (default: the run's)")
+    add_source_flags(p)
     p.add_argument("--batch_size", type=int, default=32, help="val windows per forward")
     p.add_argument("--max_windows", type=int, default=None, help="score at most this many val windows per source")
     p.add_argument("--out", default=None, help="the JSON file this writes (default: eval.json beside the checkpoint)")
@@ -34,9 +35,7 @@ def main(argv=None):
         out = check_out_file(args.out or Path(args.ckpt).with_name("eval.json"))
         if out.resolve() == Path(args.ckpt).resolve():
             raise ValueError(f"--out: {out} is the checkpoint itself; refusing to write over it")
-        model, tokenizer, state = load_model(args.ckpt, args.device)
-        require_gated(model, args.ckpt)
-        corpus = corpus_for(state, tokenizer, args.sources, args.cache_dir)
+        model, tokenizer, state, corpus = load_gated_run(args.ckpt, args.device, args.sources, args.cache_dir)
     except (CheckpointError, DataError, ValueError, VocabularyError) as e:
         sys.exit(f"error: {e}")
 

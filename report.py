@@ -14,9 +14,11 @@ import sys
 from pathlib import Path
 
 from abcgpt.checkpoint import CheckpointError, load_model
-from abcgpt.cli import HelpFormatter, Parser, add_runtime_flags, apply_runtime_flags, check_out_dir, check_seed, positive
+from abcgpt.cli import (
+    HelpFormatter, Parser, add_runtime_flags, add_source_flags, apply_runtime_flags, check_out_dir, check_seed, positive,
+)
 from abcgpt.data import DataError
-from abcgpt.evaluate import corpus_for, require_gated
+from abcgpt.evaluate import load_gated_run
 from abcgpt.tokenizer import VocabularyError
 from abcgpt.report import build_report, write_report
 
@@ -54,8 +56,7 @@ def main(argv=None):
     p.add_argument("--ckpt", default="out/ckpt.pt", help="checkpoint written by train.py")
     p.add_argument("--out_dir", required=True, help="the folder this writes report.md, report.json and the plots into")
     p.add_argument("--title", default=None, help="the report's title (default: names the checkpoint)")
-    p.add_argument("--sources", help="NAME or NAME=PATH, comma-separated (default: the run's own)")
-    p.add_argument("--cache_dir", default=None, help="where built-in sources are cached (default: the run's)")
+    add_source_flags(p)
     p.add_argument("--samples", type=int, default=8, help="samples per alpha for the calibration curve")
     p.add_argument("--sample_tokens", type=int, default=200, help="tokens per sample")
     p.add_argument("--max_windows", type=int, default=None, help="score at most this many val windows per source")
@@ -69,9 +70,7 @@ def main(argv=None):
             positive(f"--{flag}", getattr(args, flag))
         positive("--max_windows", args.max_windows, allow_none=True)
         check_seed(args.seed)
-        model, tokenizer, state = load_model(args.ckpt, args.device)
-        require_gated(model, args.ckpt)
-        corpus = corpus_for(state, tokenizer, args.sources, args.cache_dir)
+        model, tokenizer, state, corpus = load_gated_run(args.ckpt, args.device, args.sources, args.cache_dir)
         baselines = load_baselines(args.ckpt, corpus.names, args.device)
         best = load_best(args.ckpt, args.device)
     except (CheckpointError, DataError, ValueError, VocabularyError) as e:

@@ -3,35 +3,6 @@ import torch
 from torch.nn import functional as F
 
 
-class KVCache:
-    """Past keys and values of every attention layer, filled as generation goes; every sequence of
-    the batch at the same position (batching.SlotCache holds sequences at positions of their own).
-
-    The model asks it for the new tokens' positions, checks the length, and advances it after
-    each forward; pos counts the positions cached so far.
-    """
-
-    def __init__(self, max_len):
-        self.max_len = max_len
-        self.pos = 0
-        self.layers = []
-
-    def positions(self, T, device):
-        return torch.arange(self.pos, self.pos + T, dtype=torch.long, device=device)
-
-    def check(self, T, block_size):
-        if self.pos + T > block_size:
-            raise ValueError(f"sequence of length {self.pos + T} is longer than block_size {block_size}")
-
-    def advance(self, T):
-        self.pos += T
-
-    def layer(self, index):
-        while len(self.layers) <= index:
-            self.layers.append(LayerKV(self))
-        return self.layers[index]
-
-
 class LayerKV:
     def __init__(self, cache):
         self.cache = cache
@@ -51,39 +22,38 @@ class LayerKV:
         return self.k[:, :, :end], self.v[:, :, :end], None
 
 
-class StaticKVCache:
-    """A batch's past keys and values in buffers of one fixed length, its position a tensor on the device:
-    every one-token step has the same shapes and no host value, so a compiled decoder compiles once."""
+class KVCache:
+    """Past keys and values of every attention layer, filled as generation goes; every sequence of
+    the batch at the same position (batching.SlotCache holds sequences at positions of their own).
+
+    The model asks it for the new tokens' positions, checks the length, and advances it after
+    each forward; pos counts the positions cached so far.
+    """
+
+    layer_type = LayerKV
 
     def __init__(self, max_len):
         self.max_len = max_len
-        self.pos = None  # a 0-dim tensor, made on the first forward's device
+        self.pos = 0
         self.layers = []
 
     def positions(self, T, device):
-        if self.pos is None:
-            self.pos = torch.zeros((), dtype=torch.long, device=device)
-        return self.pos + torch.arange(T, device=device)
+        return torch.arange(self.pos, self.pos + T, dtype=torch.long, device=device)
 
     def check(self, T, block_size):
-        """Only what needs no device value; the caller keeps the sequence within max_len."""
-        if T > min(self.max_len, block_size):
-            raise ValueError(f"sequence of length {T} is longer than block_size {block_size}")
+        if self.pos + T > block_size:
+            raise ValueError(f"sequence of length {self.pos + T} is longer than block_size {block_size}")
 
     def advance(self, T):
-        self.pos += T  # in place
+        self.pos += T  # in place for StaticKVCache's tensor position
 
     def layer(self, index):
         while len(self.layers) <= index:
-            self.layers.append(StaticLayerKV(self))
+            self.layers.append(self.layer_type(self))
         return self.layers[index]
 
 
-class StaticLayerKV:
-    def __init__(self, cache):
-        self.cache = cache
-        self.k = self.v = None
-
+class StaticLayerKV(LayerKV):
     def extend(self, k, v):
         """Write k, v (B, nh, T, hs) at the current positions; return the whole buffers and which keys
         each new query sees."""
@@ -95,6 +65,27 @@ class StaticLayerKV:
         self.v.index_copy_(2, where, v)
         keys = torch.arange(self.cache.max_len, device=k.device)
         return self.k, self.v, keys[None, :] <= where[:, None]
+
+
+class StaticKVCache(KVCache):
+    """A batch's past keys and values in buffers of one fixed length, its position a tensor on the device:
+    every one-token step has the same shapes and no host value, so a compiled decoder compiles once."""
+
+    layer_type = StaticLayerKV
+
+    def __init__(self, max_len):
+        super().__init__(max_len)
+        self.pos = None  # a 0-dim tensor, made on the first forward's device
+
+    def positions(self, T, device):
+        if self.pos is None:
+            self.pos = torch.zeros((), dtype=torch.long, device=device)
+        return self.pos + torch.arange(T, device=device)
+
+    def check(self, T, block_size):
+        """Only what needs no device value; the caller keeps the sequence within max_len."""
+        if T > min(self.max_len, block_size):
+            raise ValueError(f"sequence of length {T} is longer than block_size {block_size}")
 
 
 def attend(q, k, v, kv=None, dropout_p=0.0):

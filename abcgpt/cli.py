@@ -28,6 +28,12 @@ def add_runtime_flags(parser):
                         help="CPU threads for torch; unset: torch's choice (1 is often fastest on a shared machine)")
 
 
+def add_source_flags(parser):
+    """--sources and --cache_dir, for tools that read a run's sources again."""
+    parser.add_argument("--sources", help="NAME or NAME=PATH, comma-separated (default: the run's own)")
+    parser.add_argument("--cache_dir", default=None, help="where built-in sources are cached (default: the run's)")
+
+
 def apply_runtime_flags(args):
     """Resolve --device and apply --threads; ValueError for either one being wrong."""
     args.device = resolve_device(args.device)

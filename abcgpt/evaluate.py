@@ -4,7 +4,7 @@ val_loss is the one definition of held-out loss: the trainer's evaluations and
 evaluate.py both call it, so on the same windows they give the same number."""
 import torch
 
-from .checkpoint import CheckpointError
+from .checkpoint import CheckpointError, load_model
 from .data import Corpus, DataError, parse_sources, source_alphas
 from .tokenizer import UnknownCharactersError
 
@@ -31,6 +31,13 @@ def corpus_for(state, tokenizer, sources=None, cache_dir=None):
 def require_gated(model, path):
     if not model.config.gated:
         raise CheckpointError(f"{path} holds a vanilla (ungated) model: there is no dial to sweep")
+
+
+def load_gated_run(path, device="cpu", sources=None, cache_dir=None):
+    """(model, tokenizer, state, corpus) of a gated checkpoint, with its sources as it was trained on them."""
+    model, tokenizer, state = load_model(path, device)
+    require_gated(model, path)
+    return model, tokenizer, state, corpus_for(state, tokenizer, sources, cache_dir)
 
 
 @torch.no_grad()

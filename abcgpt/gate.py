@@ -61,35 +61,29 @@ def tent_gate(alpha, scores, narrowness=1.0):
 
 
 @dataclass
-class Gates:
-    """Every gate one forward needs, each (n,) for one alpha or (B, n) for one per sequence.
+class UnitGroups:
+    """One value for each group of units: the residual channels (embd), then layer l's attention heads
+    (heads[l]) and MLP hidden units (hidden[l]). Scores, gates, active ranges and sort orders all take
+    this shape."""
 
-    embd: the residual channels; heads[l], hidden[l]: layer l's attention heads and MLP hidden units.
-    """
-
-    embd: torch.Tensor
+    embd: object
     heads: list
     hidden: list
+
+    def groups(self):
+        return [self.embd, *self.heads, *self.hidden]
+
+    def map(self, fn):
+        """fn applied to every group's value, in the same shape."""
+        return UnitGroups(fn(self.embd), [fn(v) for v in self.heads], [fn(v) for v in self.hidden])
+
+
+class Gates(UnitGroups):
+    """Every gate one forward needs, each (n,) for one alpha or (B, n) for one per sequence."""
 
     @property
     def per_row(self):
         return self.embd.dim() == 2
-
-    def groups(self):
-        """The gate vectors in the order of Scores.groups()."""
-        return [self.embd, *self.heads, *self.hidden]
-
-
-@dataclass
-class Scores:
-    """A model's specialty scores: residual channels, then per layer its heads and hidden units."""
-
-    embd: torch.Tensor
-    heads: list
-    hidden: list
-
-    def groups(self):
-        return [self.embd, *self.heads, *self.hidden]
 
 
 def gates_for(alpha, scores, narrowness=1.0):

@@ -18,7 +18,7 @@ from torch.nn import functional as F
 from .attention import attend
 from .backends import Fused, Reference, Ungated, check_backend, choose_backend
 from .folded import Folded
-from .gate import Scores, active_range, check_alpha, gates_for, sample_scores
+from .gate import UnitGroups, active_range, check_alpha, gates_for, sample_scores
 from .units import sort_units
 
 
@@ -145,7 +145,7 @@ class GPT(nn.Module):
 
     def scores(self):
         blocks = self.transformer.h
-        return Scores(self.embd_scores, [b.attn.head_scores for b in blocks], [b.mlp.hidden_scores for b in blocks])
+        return UnitGroups(self.embd_scores, [b.attn.head_scores for b in blocks], [b.mlp.hidden_scores for b in blocks])
 
     def host_scores(self):
         """CPU copies of the scores, made again only when a buffer changes (a load, a sort or a move):
@@ -153,9 +153,7 @@ class GPT(nn.Module):
         scores = self.scores()
         key = tuple((t.data_ptr(), t._version) for t in scores.groups())
         if getattr(self, "_host_scores_key", None) != key:
-            copy = lambda t: t.detach().to("cpu", copy=True)
-            self._host_scores = Scores(copy(scores.embd), [copy(t) for t in scores.heads],
-                                       [copy(t) for t in scores.hidden])
+            self._host_scores = scores.map(lambda t: t.detach().to("cpu", copy=True))
             self._host_scores_key = key
         return self._host_scores
 
@@ -199,11 +197,9 @@ class GPT(nn.Module):
         alpha is only on the device (finding them would be a sync) or while torch.compile traces
         (shapes must not depend on alpha)."""
         if host_alpha is None or torch.compiler.is_compiling():
-            s = self.scores()
-            return Scores((0, len(s.embd)), [(0, len(t)) for t in s.heads], [(0, len(t)) for t in s.hidden])
+            return self.scores().map(lambda s: (0, len(s)))
         host = gates_for(torch.as_tensor(host_alpha, dtype=torch.float32), self.host_scores(), self.config.narrowness)
-        return Scores(active_range(host.embd), [active_range(g) for g in host.heads],
-                      [active_range(g) for g in host.hidden])
+        return host.map(active_range)
 
     def forward(self, idx, alpha=None, targets=None, cache=None, run=None):
         """idx: (B, T) token ids. alpha: a float or 0-dim tensor, or a (B,) tensor (one per sequence).

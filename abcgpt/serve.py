@@ -130,8 +130,10 @@ def error(e):
 
 
 def create_app(service):
+    html = PAGE.read_text()  # read once, not per visit
+
     async def page(_):
-        return HTMLResponse(PAGE.read_text())
+        return HTMLResponse(html)
 
     async def info(_):
         return JSONResponse(service.info())

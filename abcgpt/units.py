@@ -18,8 +18,6 @@ from dataclasses import dataclass
 
 import torch
 
-from .gate import Scores
-
 
 @dataclass(frozen=True)
 class Axis:
@@ -68,7 +66,7 @@ def unit_map(config):
 
 
 def group_of(values, axis):
-    """The entry of a per-group collection (Scores, Gates, or the same shape of ranges) for axis."""
+    """The entry of gate.UnitGroups values (scores, gates, ranges, orders) for axis's group."""
     return values.embd if axis.group == "embd" else getattr(values, axis.group)[axis.layer]
 
 
@@ -117,9 +115,7 @@ def sort_units(model, optimizer_state=None):
     """
     if not model.config.gated:
         raise ValueError("a vanilla model has no scores to sort by")
-    scores = model.scores()
-    order = lambda s: torch.argsort(s.cpu(), stable=True)
-    orders = Scores(order(scores.embd), [order(s) for s in scores.heads], [order(s) for s in scores.hidden])
+    orders = model.scores().map(lambda s: torch.argsort(s.cpu(), stable=True))
     tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     moves = permutations(model.config, tensors, orders)
     for name, t in tensors.items():

@@ -16,13 +16,13 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
 
 from abcgpt.checkpoint import load_checkpoint, load_model
 from abcgpt.cli import HelpFormatter, Parser
+from abcgpt.config import PRESETS, TrainConfig, baseline_config
 from abcgpt.dial import classifier_for, measure
 from abcgpt.evaluate import SWEEP, corpus_for, summarize, sweep, val_loss
-from abcgpt.ngram import spearman
+from abcgpt.report import calibration_summary
 
 SETTINGS = {  # name: train.py flags on top of the CPU preset
     "default": [],
@@ -37,7 +37,7 @@ SETTINGS = {  # name: train.py flags on top of the CPU preset
 
 def train(name, flags, args, seed):
     out = Path(args.runs) / f"{name}-seed{seed}"
-    if (out / "ckpt.pt").exists() and load_checkpoint(out / "ckpt.pt")["step"] >= 2000:
+    if (out / "ckpt.pt").exists() and load_checkpoint(out / "ckpt.pt")["step"] >= PRESETS["cpu"]["max_iters"]:
         return out
     command = [sys.executable, "train.py", "--preset", "cpu", "--sources", args.sources, "--out_dir", str(out),
                "--threads", "1", "--seed", str(seed), "--overwrite", *flags]
@@ -52,12 +52,11 @@ def measure_run(path, baselines, args):
     alphas, losses = sweep(model, corpus, SWEEP, max_windows=args.windows)
     summary = summarize(corpus.names, alphas, losses)
     scores = measure(model, tokenizer, classifier_for(corpus), SWEEP, args.samples, 150, 7, "cpu")
-    curve = [float(np.mean(scores[a])) for a in SWEEP]
+    calibration = calibration_summary(SWEEP, scores)
     cost = {n: summary["corner_loss"][n] / baselines[n] - 1 for n in corpus.names if n in baselines}
     return {"contrast": summary["contrast"], "corner_loss": summary["corner_loss"], "diag": summary["diag"],
-            "middle": summary["middle"], "calibration": curve,
-            "spearman": spearman([a for a in SWEEP for _ in scores[a]], [p for a in SWEEP for p in scores[a]]),
-            "monotone": all(b >= a for a, b in zip(curve, curve[1:])), "cost_vs_best_baseline": cost}
+            "middle": summary["middle"], "calibration": calibration["mean_p_source_1"],
+            "spearman": calibration["spearman"], "monotone": calibration["monotone"], "cost_vs_best_baseline": cost}
 
 
 def baseline_losses(args):
@@ -67,9 +66,9 @@ def baseline_losses(args):
     losses = {}
     for k, name in enumerate(state["source_names"]):
         folder = Path(args.runs) / f"baseline-{name}"
-        if not (folder / "best.pt").exists():
-            tokens = state["tokens_seen"][k]
-            steps = max(1, round(tokens / (32 * 64)))
+        if not (folder / "best.pt").exists():  # trained as train.py --baselines would (config.baseline_config)
+            run = TrainConfig.from_dict(state["train_config"])
+            steps = baseline_config(run, name, state["tokens_seen"][k]).max_iters
             subprocess.run([sys.executable, "train.py", "--preset", "cpu", "--sources", args.sources, "--gated",
                             "false", "--only_source", name, "--max_iters", str(steps), "--out_dir", str(folder),
                             "--threads", "2", "--overwrite"], stdout=subprocess.DEVNULL, check=True)
