@@ -75,7 +75,7 @@ class Folded(Ungated):
         """A write to the active channels only: one index_add, no zero-padded full-width update."""
         if out.size(-1) == self.n_embd:
             return x + out
-        return x.index_add(-1, self.channel_index, out.to(x.dtype))
+        return x.index_add(-1, self.channel_index, out if out.dtype == x.dtype else out.to(x.dtype))
 
     def lm_head(self, model, x):
         return F.linear(x[..., self.channels], self.lm_w)

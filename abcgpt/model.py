@@ -74,7 +74,7 @@ class CausalSelfAttention(nn.Module):
         B, T, _ = x.size()
         qkv = run.qkv(self, x)  # the folded backend keeps only the active heads
         n_heads = qkv.size(-1) // (3 * self.head_size)
-        q, k, v = (t.view(B, T, n_heads, self.head_size).transpose(1, 2) for t in qkv.tensor_split(3, dim=2))
+        q, k, v = qkv.view(B, T, 3, n_heads, self.head_size).permute(2, 0, 3, 1, 4).unbind(0)  # each (B, nh, T, hs)
         y = attend(q, k, v, kv, self.dropout if self.training else 0.0)
         out = run.attn_proj(self, y)
         return self.resid_dropout(out) if self.training else out  # eval: skip a no-op module call per token
@@ -190,16 +190,18 @@ class GPT(nn.Module):
             return Fused(gates)
         if backend == "reference":
             return Reference(gates)
-        return Folded(self, gates, self._active_ranges(host_alpha))
+        return Folded(self, gates, self._active_ranges(host_alpha, gates))
 
-    def _active_ranges(self, host_alpha):
+    def _active_ranges(self, host_alpha, gates):
         """Each group's span of units with a nonzero gate, found on the host; every unit where
         alpha is only on the device (finding them would be a sync) or while torch.compile traces
         (shapes must not depend on alpha)."""
         if host_alpha is None or torch.compiler.is_compiling():
             return self.scores().map(lambda s: (0, len(s)))
-        host = gates_for(torch.as_tensor(host_alpha, dtype=torch.float32), self.host_scores(), self.config.narrowness)
-        return host.map(active_range)
+        if gates.embd.device.type != "cpu":  # the same gates again, from the host's copies of the scores
+            host_alpha = torch.as_tensor(host_alpha, dtype=torch.float32)
+            gates = gates_for(host_alpha, self.host_scores(), self.config.narrowness)
+        return gates.map(active_range)
 
     def forward(self, idx, alpha=None, targets=None, cache=None, run=None):
         """idx: (B, T) token ids. alpha: a float or 0-dim tensor, or a (B,) tensor (one per sequence).
@@ -219,7 +221,8 @@ class GPT(nn.Module):
 
         pos = cache.positions(T, idx.device) if cache is not None else torch.arange(T, device=idx.device)
         x = run.embed(self.transformer.wte(idx) + self.transformer.wpe(pos))
-        x = self.transformer.drop(x)
+        if self.training:  # eval: skip a no-op module call per token
+            x = self.transformer.drop(x)
         for layer, block in enumerate(self.transformer.h):
             x = block(x, run, cache.layer(layer) if cache is not None else None)
         if cache is not None:
@@ -230,7 +233,7 @@ class GPT(nn.Module):
             logits = run.lm_head(self, x)
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         else:
-            logits = run.lm_head(self, x[:, [-1], :])  # only the last position is needed to sample
+            logits = run.lm_head(self, x[:, -1:, :])  # only the last position is needed to sample
             loss = None
         return logits, loss
 

@@ -15,6 +15,7 @@ Sorting units by score (sort_units), folding and skipping (folded.py) and
 `python -m abcgpt.permute` all read this map.
 """
 from dataclasses import dataclass
+from functools import cache
 
 import torch
 
@@ -31,8 +32,13 @@ class Axis:
 
 
 def unit_map(config):
-    """{tensor name: [Axis, ...]} for every parameter and score buffer of a gated GPT."""
-    hs = config.n_embd // config.n_head
+    """{tensor name: [Axis, ...]} for every parameter and score buffer of a gated GPT. Shared and
+    read-only: made once per shape, since folding reads it at every dial setting."""
+    return _unit_map(config.n_layer, config.n_embd // config.n_head)
+
+
+@cache
+def _unit_map(n_layer, hs):
     embd = lambda dim, **kw: Axis("embd", None, dim, **kw)
     units = {
         "embd_scores": [embd(0)],
@@ -42,7 +48,7 @@ def unit_map(config):
         "transformer.ln_f.weight": [embd(0)],
         "transformer.ln_f.bias": [embd(0)],
     }
-    for i in range(config.n_layer):
+    for i in range(n_layer):
         p = f"transformer.h.{i}."
         heads = lambda dim, **kw: Axis("heads", i, dim, unit_size=hs, **kw)
         hidden = lambda dim, **kw: Axis("hidden", i, dim, **kw)
@@ -78,8 +84,10 @@ def _index(axis, units, size):
 
 
 def _expand(axis, per_unit):
-    """A per-unit vector stretched to one entry per row along axis.dim (views and a copy: no host sync)."""
-    return per_unit[:, None].expand(-1, axis.unit_size).reshape(-1).repeat(axis.parts)
+    """A per-unit vector stretched to one entry per row along axis.dim (no host sync)."""
+    if axis.unit_size > 1:
+        per_unit = per_unit[:, None].expand(-1, axis.unit_size).reshape(-1)
+    return per_unit.repeat(axis.parts) if axis.parts > 1 else per_unit
 
 
 def fold(tensor, axes, gates, ranges):

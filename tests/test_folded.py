@@ -32,7 +32,7 @@ def twin_models(**overrides):
 def folded_at(model, alpha, skip=True):
     """The folded executor at one alpha, cutting silent units (skip) or keeping every unit."""
     gates = gates_for(torch.tensor(alpha), model.scores(), model.config.narrowness)
-    return Folded(model, gates, model._active_ranges(alpha if skip else None))
+    return Folded(model, gates, model._active_ranges(alpha if skip else None, gates))
 
 
 def batch(seed=1, B=3, T=20):
@@ -53,6 +53,19 @@ def test_folded_equals_reference(alpha, overrides):
     r_loss.backward()
     for (name, p), q in zip(folded.named_parameters(), reference.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_a_layer_with_every_head_silent_equals_reference():
+    """A narrow tent can silence all of a layer's heads: attention then runs over zero heads."""
+    folded, reference = twin_models(narrowness=0.05)
+    alpha = 0.5
+    assert 0 in folded_at(folded, alpha).active_units()["heads"]
+    idx = batch()
+    torch.testing.assert_close(folded(idx, alpha, idx)[0], reference(idx, alpha, idx)[0], rtol=1e-5, atol=1e-5)
+    cache = KVCache(CONFIG["block_size"])
+    dialed = folded.at(alpha)
+    cached = torch.cat([dialed(idx[:, t : t + 1], cache=cache)[0] for t in range(idx.size(1))], dim=1)
+    torch.testing.assert_close(cached, reference(idx, alpha, idx)[0], rtol=1e-5, atol=1e-5)
 
 
 def test_folded_refuses_per_sequence_alpha():
