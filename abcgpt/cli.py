@@ -12,7 +12,13 @@ from .device import resolve_device
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The docstring as written, and every flag's default."""
+    """The docstring as written, and every flag's default where there is one to show: not for an unset
+    value, an on/off switch, or a flag whose help already says what its default is."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 class Parser(argparse.ArgumentParser):

@@ -1,4 +1,5 @@
 """The command-line entry points, run as a user runs them."""
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -61,3 +62,15 @@ def test_train_command_reports_bad_data_in_one_line(tmp_path):
     result = run("train.py", "--sources", f"a={tmp_path / 'missing.txt'},b={tmp_path / 'missing2.txt'}", "--out_dir", tmp_path)
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert result.stderr.strip() == f"error: source 'a': file not found: {tmp_path / 'missing.txt'}"
+
+
+def test_every_flag_of_every_tool_is_described_without_empty_defaults():
+    for script in ("train.py", "sample.py", "evaluate.py", "report.py", "calibrate.py", "serve.py"):
+        result = run(script, "--help")
+        assert result.returncode == 0, (script, result.stderr)
+        options = result.stdout.split("options:", 1)[1]
+        for entry in re.split(r"\n  (?=-)", options)[1:]:  # one flag and its description each
+            flag, _, description = entry.partition("  ")
+            assert description.strip() or "\n" in flag, f"{script}: {flag} has no description"
+            assert "(default: None)" not in entry and "(default: False)" not in entry, f"{script}: {entry}"
+            assert not ("(default:" in entry and entry.count("default") > 1), f"{script}: default said twice: {entry}"
