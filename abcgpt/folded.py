@@ -15,7 +15,7 @@ import torch
 from torch.nn import functional as F
 
 from .backends import Ungated, merge_heads
-from .units import fold, unit_map
+from .units import fold
 
 
 @dataclass
@@ -37,7 +37,7 @@ class Folded(Ungated):
     """
 
     def __init__(self, model, gates, ranges):
-        units = unit_map(model.config)
+        units = model.units
         tensors = dict(model.named_parameters(remove_duplicate=False))  # lm_head.weight is tied to wte
 
         def folded(name):

@@ -19,7 +19,7 @@ from .attention import attend
 from .backends import Fused, Reference, Ungated, check_backend, choose_backend
 from .folded import Folded
 from .gate import UnitGroups, active_range, check_alpha, gates_for, sample_scores
-from .units import sort_units
+from .units import sort_units, unit_map
 
 
 @dataclass
@@ -130,6 +130,7 @@ class GPT(nn.Module):
             if name.endswith("c_proj.weight"):
                 torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
         if config.gated:
+            self.units = unit_map(config)  # kept: folding reads it at every dial setting
             self._register_scores()
             if config.sort_units:
                 sort_units(self)

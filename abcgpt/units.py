@@ -15,7 +15,6 @@ Sorting units by score (sort_units), folding and skipping (folded.py) and
 `python -m abcgpt.permute` all read this map.
 """
 from dataclasses import dataclass
-from functools import cache
 
 import torch
 
@@ -32,13 +31,8 @@ class Axis:
 
 
 def unit_map(config):
-    """{tensor name: [Axis, ...]} for every parameter and score buffer of a gated GPT. Shared and
-    read-only: made once per shape, since folding reads it at every dial setting."""
-    return _unit_map(config.n_layer, config.n_embd // config.n_head)
-
-
-@cache
-def _unit_map(n_layer, hs):
+    """{tensor name: [Axis, ...]} for every parameter and score buffer of a gated GPT."""
+    n_layer, hs = config.n_layer, config.n_embd // config.n_head
     embd = lambda dim, **kw: Axis("embd", None, dim, **kw)
     units = {
         "embd_scores": [embd(0)],
