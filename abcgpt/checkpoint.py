@@ -12,6 +12,7 @@ which torch.load itself would not notice, is refused with the part it hit.
 """
 import hashlib
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -75,15 +76,33 @@ def _verify(state, path):
 def save_checkpoint(state, path):
     """Write state to path through a temporary file, so path is never half-written, and only once the
     temporary file reads back as a checkpoint: what cannot be loaded never replaces what could."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
+    def write(tmp):
         with open(tmp, "wb") as f:
             torch.save({"format": FORMAT, **state, "checksums": checksums(state)}, f)
             f.flush()
             os.fsync(f.fileno())
         load_checkpoint(tmp)
+
+    _replace(path, write)
+
+
+def copy_checkpoint(source, path):
+    """Copy a checkpoint that save_checkpoint wrote (and so read back) to path, byte for byte, as safely."""
+    def write(tmp):
+        shutil.copyfile(source, tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+
+    _replace(path, write)
+
+
+def _replace(path, write):
+    """Fill a temporary file beside path with write(tmp), then swap it in: path is whole or untouched."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        write(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

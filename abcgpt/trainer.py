@@ -19,7 +19,7 @@ from torch.distributed import destroy_process_group, init_process_group
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from . import cli
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, copy_checkpoint, load_checkpoint, save_checkpoint
 from .config import ARCHITECTURE, TrainConfig
 from .data import Corpus, training_batch
 from .device import resolve_device
@@ -230,8 +230,8 @@ class Trainer:
         state = self.checkpoint_state()  # on every process: tokens_seen gathers from all
         if self.is_master:
             save_checkpoint(state, self.out_dir / CHECKPOINT_NAME)
-            if best:
-                save_checkpoint(state, self.out_dir / BEST_NAME)
+            if best:  # the same bytes: no second round of hashing, writing and reading back
+                copy_checkpoint(self.out_dir / CHECKPOINT_NAME, self.out_dir / BEST_NAME)
             self.log_line(f"saved {self.out_dir / CHECKPOINT_NAME}" + (f" and {self.out_dir / BEST_NAME} (best so far)"
                                                                        if best else ""))
         self.saved_step = self.step
