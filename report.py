@@ -57,7 +57,8 @@ def main(argv=None):
     p.add_argument("--out_dir", required=True, help="the folder this writes report.md, report.json and the plots into")
     p.add_argument("--title", default=None, help="the report's title (default: names the checkpoint)")
     add_source_flags(p)
-    p.add_argument("--samples", type=int, default=8, help="samples per alpha for the calibration curve")
+    p.add_argument("--samples", type=int, default=32,
+                   help="samples per alpha for the calibration curve, and per mix for the calibrated dial")
     p.add_argument("--sample_tokens", type=int, default=200, help="tokens per sample")
     p.add_argument("--max_windows", type=int, default=None, help="score at most this many val windows per source")
     p.add_argument("--seed", type=int, default=1337, help="seeds the samples")

@@ -1,7 +1,7 @@
 """The recipe study: which training settings give the strongest, best-calibrated dial (issue: the dial).
 
     python -m bench.dial_study --sources tinystories=A.txt,tinyshakespeare=B.txt --runs /tmp/study \\
-        --out_dir reports/recipe-study --jobs 2
+        --out_dir reports/recipe-study-2 --jobs 2
 
 Trains the CPU preset once per setting (and two seeds for --finalists), plus one
 vanilla baseline per source, then measures for each run: contrast, diag and middle
@@ -19,26 +19,29 @@ from pathlib import Path
 
 from abcgpt.checkpoint import load_checkpoint, load_model
 from abcgpt.cli import HelpFormatter, Parser
-from abcgpt.config import PRESETS, TrainConfig, baseline_config
+from abcgpt.config import TrainConfig, baseline_config
 from abcgpt.dial import classifier_for, measure
 from abcgpt.evaluate import SWEEP, corpus_for, summarize, sweep, val_loss
 from abcgpt.report import calibration_summary
 
 SETTINGS = {  # name: train.py flags on top of the CPU preset
-    "default": [],
-    "per-sequence": ["--alpha_mode", "sequence"],
+    "default": [],  # the CPU preset as it stands: one alpha per sequence
+    "per-batch": ["--alpha_mode", "batch"],  # the reference recipe's one alpha per batch
     "narrow-0.75": ["--narrowness", "0.75"],
     "narrow-0.5": ["--narrowness", "0.5"],
     "beta-0.3": ["--score_beta", "0.3"],
     "beta-1": ["--score_beta", "1.0"],
     "dropout-0.1": ["--dropout", "0.1"],
+    "steps-2000": ["--max_iters", "2000"],  # the preset before round 2 (reports/recipe-study-2)
 }
 
 
 def train(name, flags, args, seed):
     out = Path(args.runs) / f"{name}-seed{seed}"
-    if (out / "ckpt.pt").exists() and load_checkpoint(out / "ckpt.pt")["step"] >= PRESETS["cpu"]["max_iters"]:
-        return out
+    if (out / "ckpt.pt").exists():
+        state = load_checkpoint(out / "ckpt.pt")
+        if state["step"] >= state["train_config"]["max_iters"]:
+            return out
     command = [sys.executable, "train.py", "--preset", "cpu", "--sources", args.sources, "--out_dir", str(out),
                "--threads", "1", "--seed", str(seed), "--overwrite", *flags]
     with open(Path(args.runs) / f"{name}-seed{seed}.log", "w") as log:
@@ -59,13 +62,14 @@ def measure_run(path, baselines, args):
             "spearman": calibration["spearman"], "monotone": calibration["monotone"], "cost_vs_best_baseline": cost}
 
 
-def baseline_losses(args):
-    """Each source's vanilla baseline at its best held-out val, trained on the default run's tokens."""
-    default = Path(args.runs) / "default-seed1337"
-    state = load_checkpoint(default / "ckpt.pt")
+def baseline_losses(run, args):
+    """Each source's vanilla baseline at its best held-out val, trained on as many of that source's tokens as
+    run saw; shared by the runs of run's length, which draw about as many."""
+    state = load_checkpoint(run / "ckpt.pt")
+    length = state["train_config"]["max_iters"]
     losses = {}
     for k, name in enumerate(state["source_names"]):
-        folder = Path(args.runs) / f"baseline-{name}"
+        folder = Path(args.runs) / f"baseline-{name}-{length}steps"
         if not (folder / "best.pt").exists():  # trained as train.py --baselines would (config.baseline_config)
             run = TrainConfig.from_dict(state["train_config"])
             steps = baseline_config(run, name, state["tokens_seen"][k]).max_iters
@@ -79,18 +83,21 @@ def baseline_losses(args):
 
 
 def write(results, baselines, args):
+    """baselines: {run length in steps: {source: best held-out val}}."""
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "study.json").write_text(json.dumps({"baselines_best_val": baselines, "runs": results}, indent=1) + "\n")
-    names = list(baselines)
-    lines = ["# Recipe study (CPU preset, 2000 steps, shared corpora)", "",
-             "Baselines (vanilla, one source each, best held-out val): "
-             + ", ".join(f"{n} {v:.4f}" for n, v in baselines.items()) + ".", "",
-             "| run | " + " | ".join(f"contrast {n}" for n in names) + " | diag | middle | Spearman | monotone | "
-             + " | ".join(f"cost {n}" for n in names) + " | calibration at alpha 0, 0.1, ..., 1 |",
-             "| --- |" + " ---: |" * (2 * len(names) + 4) + " --- |"]
+    names = list(next(iter(baselines.values())))
+    lines = ["# Recipe study (CPU preset, shared corpora)", "",
+             "Baselines (vanilla, one source each, as many of its tokens as the first gated run of that length saw; "
+             "best held-out val):", ""]
+    lines += [f"- {length} steps: " + ", ".join(f"{n} {v:.4f}" for n, v in losses.items())
+              for length, losses in baselines.items()]
+    lines += ["", "| run | steps | " + " | ".join(f"contrast {n}" for n in names) + " | diag | middle | Spearman | "
+              "monotone | " + " | ".join(f"cost {n}" for n in names) + " | calibration at alpha 0, 0.1, ..., 1 |",
+              "| --- |" + " ---: |" * (2 * len(names) + 5) + " --- |"]
     for run, r in results.items():
-        lines.append(f"| {run} | " + " | ".join(f"{r['contrast'][n]:+.3f}" for n in names)
+        lines.append(f"| {run} | {r['steps']} | " + " | ".join(f"{r['contrast'][n]:+.3f}" for n in names)
                      + f" | {r['diag']:.3f} | {r['middle']:.3f} | {r['spearman']:.3f} | {'yes' if r['monotone'] else 'no'} | "
                      + " | ".join(f"{r['cost_vs_best_baseline'][n]:+.1%}" for n in names)
                      + " | " + " ".join(f"{p:.2f}" for p in r["calibration"]) + " |")
@@ -127,8 +134,13 @@ def main(argv=None):
     plan = [(s, 1337) for s in args.settings.split(",")] + [(s, 7) for s in args.finalists.split(",") if s]
     with ThreadPoolExecutor(args.jobs) as pool:
         paths = list(pool.map(lambda job: train(job[0], SETTINGS[job[0]], args, job[1]), plan))
-    baselines = baseline_losses(args)
-    results = {f"{name} (seed {seed})": measure_run(path, baselines, args) for (name, seed), path in zip(plan, paths)}
+    lengths = [load_checkpoint(path / "ckpt.pt")["train_config"]["max_iters"] for path in paths]
+    baselines = {}  # by run length, on the tokens of the first run of each length
+    for path, length in zip(paths, lengths):
+        if length not in baselines:
+            baselines[length] = baseline_losses(path, args)
+    results = {f"{name} (seed {seed})": {"steps": length, **measure_run(path, baselines[length], args)}
+               for (name, seed), path, length in zip(plan, paths, lengths)}
     write(results, baselines, args)
     print(f"wrote {Path(args.out_dir) / 'study.md'}")
 
