@@ -32,7 +32,7 @@ class Axis:
 
 def unit_map(config):
     """{tensor name: [Axis, ...]} for every parameter and score buffer of a gated GPT."""
-    n_layer, hs = config.n_layer, config.n_embd // config.n_head
+    hs = config.n_embd // config.n_head
     embd = lambda dim, **kw: Axis("embd", None, dim, **kw)
     units = {
         "embd_scores": [embd(0)],
@@ -42,7 +42,7 @@ def unit_map(config):
         "transformer.ln_f.weight": [embd(0)],
         "transformer.ln_f.bias": [embd(0)],
     }
-    for i in range(n_layer):
+    for i in range(config.n_layer):
         p = f"transformer.h.{i}."
         heads = lambda dim, **kw: Axis("heads", i, dim, unit_size=hs, **kw)
         hidden = lambda dim, **kw: Axis("hidden", i, dim, **kw)
