@@ -18,7 +18,7 @@ import threading
 import time
 from pathlib import Path
 
-import httpx
+import httpx2
 import torch
 import uvicorn
 
@@ -43,7 +43,7 @@ def start_server(service):
 
 def timed_post(url, body, latencies):
     start = time.perf_counter()
-    response = httpx.post(f"{url}/api/generate", json=body, timeout=600)
+    response = httpx2.post(f"{url}/api/generate", json=body, timeout=600)
     response.raise_for_status()
     latencies.append(time.perf_counter() - start)
     return response.json()["tokens"]

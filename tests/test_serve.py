@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("starlette")
-import httpx  # noqa: E402
+import httpx2  # noqa: E402
 import uvicorn  # noqa: E402
 from starlette.testclient import TestClient  # noqa: E402
 
@@ -232,7 +232,7 @@ def test_several_clients_at_once_are_decoded_together(server):
     results = [None] * len(bodies)
 
     def call(i):
-        results[i] = httpx.post(f"{url}/api/generate", json=bodies[i], timeout=60).json()
+        results[i] = httpx2.post(f"{url}/api/generate", json=bodies[i], timeout=60).json()
 
     threads = [threading.Thread(target=call, args=(i,)) for i in range(len(bodies))]
     for t in threads:
@@ -241,12 +241,12 @@ def test_several_clients_at_once_are_decoded_together(server):
         t.join()
     assert service.decoder.largest_batch >= 2
     for body, result in zip(bodies, results):  # greedy: the same text as alone
-        assert result["text"] == httpx.post(f"{url}/api/generate", json=body, timeout=60).json()["text"]
+        assert result["text"] == httpx2.post(f"{url}/api/generate", json=body, timeout=60).json()["text"]
 
 
 def test_a_client_that_disconnects_frees_its_slot(server):
     url, service = server
-    with httpx.stream("GET", f"{url}/api/stream", params={"prompt": "one day", "max_new_tokens": "400"},
+    with httpx2.stream("GET", f"{url}/api/stream", params={"prompt": "one day", "max_new_tokens": "400"},
                       timeout=60) as response:
         next(response.iter_lines())
         assert len(service.decoder.cache.free) < 4
