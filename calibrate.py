@@ -13,14 +13,13 @@ import sys
 
 import numpy as np
 
-from abcgpt.checkpoint import CheckpointError, save_checkpoint
+from abcgpt.checkpoint import save_checkpoint
 from abcgpt.cli import (
     HelpFormatter, Parser, add_runtime_flags, add_source_flags, apply_runtime_flags, check_seed, positive,
 )
 from abcgpt.data import DataError
 from abcgpt.dial import classifier_for, fit_map, measure
-from abcgpt.evaluate import load_gated_run
-from abcgpt.tokenizer import VocabularyError
+from abcgpt.evaluate import RUN_ERRORS, load_gated_run
 
 
 def main(argv=None):
@@ -43,7 +42,7 @@ def main(argv=None):
         model, tokenizer, state, corpus = load_gated_run(args.ckpt, args.device, args.sources, args.cache_dir)
         if len(corpus.names) != 2:
             raise DataError(f"calibration needs two sources, the checkpoint has {len(corpus.names)}")
-    except (CheckpointError, DataError, ValueError, VocabularyError) as e:
+    except RUN_ERRORS as e:
         sys.exit(f"error: {e}")
 
     alphas = [round(float(a), 6) for a in np.linspace(0.0, 1.0, args.grid)]

@@ -10,13 +10,10 @@ import json
 import sys
 from pathlib import Path
 
-from abcgpt.checkpoint import CheckpointError
 from abcgpt.cli import (
     HelpFormatter, Parser, add_runtime_flags, add_source_flags, apply_runtime_flags, check_out_file, positive,
 )
-from abcgpt.data import DataError
-from abcgpt.tokenizer import VocabularyError
-from abcgpt.evaluate import SWEEP, format_table, load_gated_run, summarize, sweep
+from abcgpt.evaluate import RUN_ERRORS, SWEEP, format_table, load_gated_run, summarize, sweep
 
 
 def main(argv=None):
@@ -36,7 +33,7 @@ def main(argv=None):
         if out.resolve() == Path(args.ckpt).resolve():
             raise ValueError(f"--out: {out} is the checkpoint itself; refusing to write over it")
         model, tokenizer, state, corpus = load_gated_run(args.ckpt, args.device, args.sources, args.cache_dir)
-    except (CheckpointError, DataError, ValueError, VocabularyError) as e:
+    except RUN_ERRORS as e:
         sys.exit(f"error: {e}")
 
     alphas, losses = sweep(model, corpus, SWEEP, args.batch_size, args.max_windows, args.device, progress=True)
