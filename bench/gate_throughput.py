@@ -2,6 +2,7 @@
 
     python -m bench.gate_throughput                        # the full run for this machine
     python -m bench.gate_throughput --quick                # seconds: checks the script (CI)
+    python bench/gate_throughput.py --quick                # the same, run as a file
     python -m bench.gate_throughput --out bench/results/gate_throughput-DEVICE-DATE.json
     python -m bench.gate_throughput --shapes small --cases vanilla,reference --compile off --repeats 20
 
@@ -16,6 +17,7 @@ batches, median.
 import argparse
 import json
 import statistics
+import time
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -23,6 +25,7 @@ import torch
 
 from abcgpt.device import default_device
 from abcgpt.model import GPT, GPTConfig
+from abcgpt.recompiles import forbid_recompiles
 from abcgpt.sampling import CompiledDecoder, generate
 from bench.timing import environment, summary, time_calls
 
@@ -116,27 +119,29 @@ class Case:
         self.times, self.peak = [], 0
 
 
-def interleave(cases, args, device, compiled=False):
+def interleave(cases, args, device, deadline, compiled=False):
     """Time all cases round-robin, a few calls each per round, so that drift in the
     machine's speed falls on every case alike instead of on whichever ran last.
     Compiled cases compile in their warm-up; a recompile while timed raises instead of
-    quietly timing something else."""
+    quietly timing something else. Past the deadline, no new round starts (one always runs)."""
     cuda = device == "cuda"
     for case in cases:
         for i in range(args.warmup):
             case.fn(*case.inputs[i % len(case.inputs)])
-    torch._dynamo.config.error_on_recompile = compiled
     per_round = max(1, args.repeats // args.rounds)
-    for _ in range(args.rounds):
-        for case in cases:
-            if cuda:
-                torch.cuda.synchronize()
-                before = torch.cuda.memory_allocated()
-                torch.cuda.reset_peak_memory_stats()
-            case.times += time_calls(case.fn, case.inputs, per_round, 0, device)
-            if cuda:  # what a call needs above the models held resident
-                case.peak = max(case.peak, torch.cuda.max_memory_allocated() - before)
-    torch._dynamo.config.error_on_recompile = False
+    with forbid_recompiles() if compiled else nullcontext():
+        for round_index in range(args.rounds):
+            if round_index and time.perf_counter() > deadline:
+                print(f"  out of time after {round_index} of {args.rounds} rounds", flush=True)
+                break
+            for case in cases:
+                if cuda:
+                    torch.cuda.synchronize()
+                    before = torch.cuda.memory_allocated()
+                    torch.cuda.reset_peak_memory_stats()
+                case.times += time_calls(case.fn, case.inputs, per_round, 0, device)
+                if cuda:  # what a call needs above the models held resident
+                    case.peak = max(case.peak, torch.cuda.max_memory_allocated() - before)
     return [
         {**case.row, **summary(case.times), "peak_memory_bytes": case.peak if cuda else None,
          "tokens_per_s": case.tokens_per_call / statistics.median(case.times)}
@@ -144,13 +149,19 @@ def interleave(cases, args, device, compiled=False):
     ]
 
 
-def dials(case, alphas, device):
-    """(alpha, the device it is given on) for a case: every alpha as a CPU tensor and, on CUDA, as a
-    CUDA tensor too; "seq" (one random alpha per sequence) where the backend takes it."""
+def dials(case, alphas, devices):
+    """(alpha, the device it is given on) for a case: every alpha on each of devices; "seq" (one random
+    alpha per sequence) where the backend takes it."""
     if case == "vanilla":
         return [(None, None)]
-    on = ["cpu", "cuda"] if device == "cuda" else ["cpu"]
-    return [(a, d) for a in alphas if not (a == "seq" and case == "folded") for d in on]
+    return [(a, d) for a in alphas if not (a == "seq" and case == "folded") for d in devices]
+
+
+def alpha_devices(choice, device):
+    """Where alphas are given: on the CPU, on CUDA, or both (only the CPU without CUDA)."""
+    if device != "cuda":
+        return ["cpu"]
+    return {"cpu": ["cpu"], "cuda": ["cuda"], "both": ["cpu", "cuda"]}[choice]
 
 
 def dial_tensor(alpha, on, batch_size):
@@ -161,7 +172,8 @@ def dial_tensor(alpha, on, batch_size):
     return torch.tensor(alpha, device=on)
 
 
-def run_shape(name, args, device, cases, alphas, compile_modes):
+def run_shape(name, args, device, cases, alphas, modes, compile_modes, deadline, results, save):
+    """Measure every case of one shape into results, calling save() after each group."""
     shape = SHAPES[name]
     n_layer, n_head, n_embd, block_size, batch_size, vocab_size = shape
     if batch_size is None:  # half the largest that fits alone: the group's other models stay resident
@@ -171,13 +183,15 @@ def run_shape(name, args, device, cases, alphas, compile_modes):
     gen_batch = min(args.gen_batch, batch_size)
     prompts = [(torch.randint(vocab_size, (gen_batch, 1), generator=torch.Generator().manual_seed(i)).to(device),)
                for i in range(2)]
-    results = []
     for compiled in compile_modes:
+        if time.perf_counter() > deadline:
+            print(f"  {name}, {'compiled' if compiled else 'eager'}: not measured, out of time", flush=True)
+            continue
         group = []
         for case in cases:
             model = build_model(shape, case, device)
             step = TrainStep(model, compiled, device)
-            for alpha, on in dials(case, alphas, device):
+            for alpha, on in dials(case, alphas, alpha_devices(args.alpha_on, device)):
                 row = {"shape": name, "n_layer": n_layer, "n_head": n_head, "n_embd": n_embd, "block_size": block_size,
                        "vocab_size": vocab_size, "n_params": model.get_num_params(), "case": case,
                        "compiled": compiled, "alpha": alpha, "alpha_device": on}
@@ -186,8 +200,11 @@ def run_shape(name, args, device, cases, alphas, compile_modes):
                     model.train()
                     step(x, y, alpha)
 
-                group.append(Case({**row, "mode": "train", "batch_size": batch_size}, train, train_batches,
-                                  batch_size * block_size))
+                if "train" in modes:
+                    group.append(Case({**row, "mode": "train", "batch_size": batch_size}, train, train_batches,
+                                      batch_size * block_size))
+                if "generate" not in modes:
+                    continue
                 dial = dial_tensor(alpha, on, gen_batch)
                 # compiled: one-token steps compiled once over a static-shape key/value cache, on a model of its
                 # own (the decoder keeps the weights it folded, which the training cases go on changing)
@@ -202,11 +219,11 @@ def run_shape(name, args, device, cases, alphas, compile_modes):
                                    "kv_cache": "static" if compiled else True}, gen, prompts,
                                   gen_batch * args.gen_tokens))
         print(f"  {name}, {'compiled' if compiled else 'eager'}: {len(group)} cases, {args.rounds} rounds", flush=True)
-        results += interleave(group, args, device, compiled)
+        results += interleave(group, args, device, deadline, compiled)
+        save()
         del group
         if device == "cuda":
             torch.cuda.empty_cache()
-    return results
 
 
 def add_ratios_and_mfu(results, peak):
@@ -242,14 +259,18 @@ def main(argv=None):
     p.add_argument("--shapes", help=f"comma-separated, of {', '.join(SHAPES)} (default: reference,gpt2 on CUDA, small on CPU)")
     p.add_argument("--cases", help="comma-separated: vanilla and gate backends (default: vanilla and all available)")
     p.add_argument("--alphas", default="0,0.5,1,seq", help="dials to time; seq: one random alpha per sequence")
+    p.add_argument("--modes", default="train,generate", help="what to time: train, generate, or both")
     p.add_argument("--compile", choices=["both", "on", "off"], default="both")
     p.add_argument("--repeats", type=int, default=30, help="timed calls per case, spread over the rounds")
     p.add_argument("--rounds", type=int, default=6, help="round-robin passes over all cases")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--gen_tokens", type=int, default=64, help="new tokens per generation call")
     p.add_argument("--gen_batch", type=int, default=8, help="sequences generated at once")
+    p.add_argument("--alpha_on", choices=["both", "cpu", "cuda"], default="both",
+                   help="on CUDA: give alpha as a CPU tensor, a CUDA tensor, or each in turn")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
-    p.add_argument("--out", help="write the results as JSON here")
+    p.add_argument("--budget", type=float, help="seconds: groups of cases not started by then are left out")
+    p.add_argument("--out", help="write the results as JSON here, again after every group of cases")
     args = p.parse_args(argv)
 
     device = default_device()
@@ -270,22 +291,30 @@ def main(argv=None):
         if shape not in SHAPES:
             p.error(f"unknown shape {shape!r} (have: {', '.join(SHAPES)})")
     alphas = [a if a == "seq" else float(a) for a in args.alphas.split(",")]
+    modes = args.modes.split(",")
+    if not modes or set(modes) - {"train", "generate"}:
+        p.error(f"--modes takes train, generate or both, got {args.modes!r}")
     compile_modes = {"both": [False, True], "on": [True], "off": [False]}[args.compile]
 
     env = environment(device)
     print(f"{env['device']}, torch {env['torch']}, triton {env['triton']}")
+    deadline = time.perf_counter() + args.budget if args.budget else float("inf")
+    record = {**env, "dtype": "bfloat16 autocast" if device == "cuda" else "float32", "quick": args.quick,
+              "repeats": args.repeats, "rounds": args.rounds, "warmup": args.warmup,
+              "threads": torch.get_num_threads()}
     results = []
+
+    def save():
+        """Every result so far, with its ratios, written out: a run cut short keeps what it measured."""
+        add_ratios_and_mfu(results, peak_flops(env["device"]) if device == "cuda" else None)
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps({**record, "results": results}, indent=1) + "\n")
+
     for shape in shapes:
-        results += run_shape(shape, args, device, cases, alphas, compile_modes)
-    add_ratios_and_mfu(results, peak_flops(env["device"]) if device == "cuda" else None)
+        run_shape(shape, args, device, cases, alphas, modes, compile_modes, deadline, results, save)
     print(format_table(results))
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        record = {**env, "dtype": "bfloat16 autocast" if device == "cuda" else "float32", "quick": args.quick,
-                  "repeats": args.repeats, "rounds": args.rounds, "warmup": args.warmup,
-                  "threads": torch.get_num_threads(),
-                  "results": results}
-        Path(args.out).write_text(json.dumps(record, indent=1) + "\n")
         print(f"wrote {args.out}")
     return results
 

@@ -1,64 +1,104 @@
-"""Every GPU check in one command: tests, kernel benchmark, end-to-end throughput, a product smoke run.
+"""Every GPU check in one command, inside a time budget: kernel benchmark, GPU tests, end to end, smoke run.
 
-    python -m bench.gpu_suite --out_dir bench/results/h100-2026-11-23/     # the whole suite, 20 minutes or less
-    python -m bench.gpu_suite --quick --out_dir /tmp/suite                 # 5 minutes or less
+    python -m bench.gpu_suite --out_dir bench/results/h100-2026-11-26/     # 8 minutes or less
+    python -m bench.gpu_suite --quick --out_dir /tmp/suite                 # 4 minutes or less
+    python -m bench.gpu_suite --budget 300 --out_dir DIR                   # later steps shrink or are skipped
     python -m bench.gpu_suite --only tests,kernel_bench --out_dir DIR      # some steps
 
-Each step runs as its own process with its own time limit, and its output goes to
-DIR/STEP.log as it runs; a step that fails or runs out of time is recorded and the
-suite goes on. DIR/summary.md gets every pass or fail with its time, the kernel
-speed ratios and the end-to-end ratios to vanilla; DIR/summary.json the same as
-data. On a machine without CUDA only the steps that make sense there run (the
-interpreter's kernel tests and the quick benchmarks), which is how CI checks
-the suite itself.
+The steps run in order of value, each as its own process with its own time limit, its output
+streamed to DIR/STEP.log. A step's limit is its share of the budget, cut to what is left of it;
+a step that cannot get its minimum is skipped, and one that fails or runs out of time is recorded
+while the suite goes on. The benchmarks get their limit as a budget of their own and write their
+JSON after every group of cases, so a step cut short keeps what it measured. DIR/summary.md and
+DIR/summary.json are rewritten before and after every step: a suite killed at any moment leaves
+everything it had. On a machine without CUDA the steps that make sense there run (the
+interpreter's kernel checks and the quick benchmarks), which is how CI checks the suite itself.
 """
 import argparse
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from abcgpt.device import default_device
+from bench.kernel_bench import kernel_table
+from bench.tables import markdown_table
 
 ROOT = Path(__file__).resolve().parents[1]
+BUDGET = {False: 480, True: 240}  # seconds of wall time for the whole suite, full and --quick
+RESERVE = 15  # of the budget, kept for the suite's own start-up and summaries
+BENCH_MARGIN = 10  # a benchmark's own budget ends this long before its step's limit: time to write its JSON
 
 STORY = "the cat sat on the mat. the dog ran to the park. a girl had a red ball and she was happy. "
 PLAY = "ROMEO:\nWherefore art thou, my lord? O, hence!\n\nJULIET:\nThy grace doth shine, good sir.\n\n"
 
 
+@dataclass
+class Step:
+    name: str
+    command: list
+    share: float  # seconds this step may take at the default budget
+    minimum: float  # below this the step is skipped, not started
+    budget_flag: bool = False  # the command takes --budget SECONDS and ends itself within it
+
+
 def steps(out, quick, cuda):
-    """(name, command, time limit in seconds) of every step, in order."""
+    """Every step in order of value: the kernel against cuBLAS first, the smoke run last."""
     py = sys.executable
+    smoke = out / "smoke"
+    sources = f"stories={smoke / 'stories.txt'},plays={smoke / 'plays.txt'}"
+    run = smoke / "run" / "ckpt.pt"
+
+    kernel = [py, "-m", "bench.kernel_bench", "--out", str(out / "kernel_bench.json")]
+    if quick or not cuda:
+        kernel.append("--quick")
+    if not cuda:
+        kernel.append("--no-compile")
+
     tests = ["tests/test_cuda.py", "tests/test_kernels.py", "tests/test_kernel_fuzz.py", "tests/test_backends.py"]
     if not cuda:  # the interpreter's kernel tests run in the ordinary test suite; here a quick check
         tests = ["tests/test_cuda.py", "tests/test_backends.py"]
-    smoke = out / "smoke"
-    sources = f"stories={smoke / 'stories.txt'},plays={smoke / 'plays.txt'}"
-    iters = "40" if quick or not cuda else "300"
-    train_shape = ["--n_layer", "2", "--n_head", "2", "--n_embd", "64", "--block_size", "64", "--batch_size", "16"]
-    kernel = [py, "-m", "bench.kernel_bench", "--out", str(out / "kernel_bench.json")]
+    pytest = [py, "-m", "pytest", "-v", "-p", "no:cacheprovider", *(["-x"] if quick else []), *tests]
+    if cuda and importlib.util.find_spec("xdist") is not None:  # kernel compiles run side by side
+        pytest += ["-n", "8"]
+
+    # end to end: the compiled training step against vanilla at the reference shape; compiling each case
+    # is the slow part, so generation and the eager cases are left to a run of their own
     throughput = [py, "-m", "bench.gate_throughput", "--out", str(out / "gate_throughput.json")]
-    if quick or not cuda:
-        kernel += ["--quick", "--no-compile"] if not cuda else ["--quick"]
-        throughput += ["--quick"]
-    return [
-        ("tests", [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x" if quick else "-ra", *tests],
-         180 if cuda else 300),
-        ("kernel_bench", kernel, 300),
-        ("gate_throughput", throughput, 150 if quick else 600),
-        ("smoke_train", [py, "train.py", "--sources", sources, "--out_dir", str(smoke / "run"), "--max_iters", iters,
-                         "--eval_interval", iters, "--eval_iters", "4", "--log_interval", "20", *train_shape], 240),
-        ("smoke_sample", [py, "sample.py", "--ckpt", str(smoke / "run" / "ckpt.pt"), "--alpha", "0,0.5,1",
-                          "--max_new_tokens", "60"], 120),
-        ("smoke_evaluate", [py, "evaluate.py", "--ckpt", str(smoke / "run" / "ckpt.pt"), "--max_windows", "20",
-                            "--out", str(smoke / "eval.json")], 120),
-        ("smoke_report", [py, "report.py", "--ckpt", str(smoke / "run" / "ckpt.pt"), "--out_dir", str(smoke / "report"),
-                          "--samples", "2", "--sample_tokens", "60", "--max_windows", "20"], 180),
+    throughput += ["--quick"] if quick or not cuda else [
+        "--shapes", "reference", "--modes", "train", "--compile", "on", "--cases", "vanilla,triton,folded",
+        "--alphas", "0.5,seq", "--alpha_on", "cpu", "--repeats", "12", "--rounds", "3", "--warmup", "3"]
+
+    iters = "30" if quick or not cuda else "100"
+    train_shape = ["--n_layer", "2", "--n_head", "2", "--n_embd", "64", "--block_size", "64", "--batch_size", "16"]
+    return [  # shares in proportion: fit_to_budget scales them to the budget
+        Step("kernel_bench", kernel, 150, 40, budget_flag=True),
+        Step("tests", pytest, 115, 30),
+        Step("gate_throughput", throughput, 115, 40, budget_flag=True),
+        Step("smoke_train", [py, "train.py", "--sources", sources, "--out_dir", str(smoke / "run"), "--max_iters",
+                             iters, "--eval_interval", iters, "--eval_iters", "4", "--log_interval", "10",
+                             *train_shape], 30, 10),
+        Step("smoke_sample", [py, "sample.py", "--ckpt", str(run), "--alpha", "0,0.5,1", "--max_new_tokens", "60"],
+             15, 5),
+        Step("smoke_evaluate", [py, "evaluate.py", "--ckpt", str(run), "--max_windows", "20",
+                                "--out", str(smoke / "eval.json")], 15, 5),
+        Step("smoke_report", [py, "report.py", "--ckpt", str(run), "--out_dir", str(smoke / "report"), "--samples", "2",
+                              "--sample_tokens", "60", "--max_windows", "20"], 25, 10),
     ]
+
+
+def fit_to_budget(plan, budget):
+    """The plan with each step's share scaled so that the shares and the reserve fill the budget."""
+    scale = (budget - RESERVE) / sum(step.share for step in plan)
+    for step in plan:
+        step.share *= scale
+    return plan
 
 
 def write_corpora(folder):
@@ -68,9 +108,10 @@ def write_corpora(folder):
     (folder / "plays.txt").write_text(PLAY * 300)
 
 
-def run_step(name, command, limit, out):
-    """Run one step with its log streamed to out/NAME.log; never raises."""
-    log_path = out / f"{name}.log"
+def run_step(step, limit, out):
+    """Run one step within limit seconds, its output streamed to out/NAME.log; never raises."""
+    log_path = out / f"{step.name}.log"
+    command = step.command + (["--budget", str(max(1, int(limit - BENCH_MARGIN)))] if step.budget_flag else [])
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     start = time.perf_counter()
     with open(log_path, "w") as log:
@@ -80,10 +121,11 @@ def run_step(name, command, limit, out):
             result = subprocess.run(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, timeout=limit, env=env)
             status = "pass" if result.returncode == 0 else f"fail (exit {result.returncode})"
         except subprocess.TimeoutExpired:
-            status = f"fail (over its {limit} s limit)"
+            status = f"fail (over its {limit:.0f} s limit)"
     seconds = time.perf_counter() - start
-    print(f"{name:>16}: {status} in {seconds:.0f} s  ({log_path})", flush=True)
-    return {"step": name, "status": status, "seconds": round(seconds, 1), "log": log_path.name}
+    print(f"{step.name:>16}: {status} in {seconds:.0f} s  ({log_path})", flush=True)
+    return {"step": step.name, "status": status, "seconds": round(seconds, 1), "limit_s": round(limit),
+            "log": log_path.name}
 
 
 def kernel_lines(path):
@@ -91,29 +133,9 @@ def kernel_lines(path):
         return ["not measured (the kernel benchmark wrote no results)"]
     record = json.loads(path.read_text())
     lines = [f"{record['device']}, torch {record['torch']}, triton {record['triton']}, {record['dtype']}", "",
-             "| M x K x N | op | alpha | pass | fused ms | first call s | vs matmul | vs compiled | vs eager |",
-             "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
-    cases = {}
-    for r in record["results"]:
-        cases.setdefault((r["M"], r["K"], r["N"], r["op"], r["alpha"], r["pass"]), {})[r["impl"]] = r
-    for (M, K, N, op, alpha, pas), impl in cases.items():
-        fused = impl["fused"]
-
-        def ratio(name):
-            r = impl.get(name)
-            if r is None:
-                return "not measured"
-            if r["error"] or fused["error"]:
-                return "error"
-            return f"{r['median_s'] / fused['median_s']:.2f}"
-
-        ms = f"{fused['median_s'] * 1e3:.3f}" if not fused["error"] else "error"
-        first = f"{fused['warmup_s']:.2f}" if fused["warmup_s"] is not None else "-"
-        lines.append(f"| {M} x {K} x {N} | {op} | {alpha} | {pas} | {ms} | {first} | {ratio('matmul')} | "
-                     f"{ratio('compiled')} | {ratio('eager')} |")
-    errors = [r for r in record["results"] if r["error"]]
-    lines += [""] + [f"- error: {r['impl']} {r['op']} {r['alpha']} {r['pass']} M={r['M']} K={r['K']}: {r['error']}"
-                     for r in errors]
+             kernel_table(record["results"])]
+    if record.get("skipped"):
+        lines += ["", f"- not measured, out of time: {record['skipped']} cases"]
     return lines
 
 
@@ -121,59 +143,79 @@ def throughput_lines(path):
     if not path.exists():
         return ["not measured (the throughput benchmark wrote no results)"]
     record = json.loads(path.read_text())
-    lines = [f"{record['device']}, torch {record['torch']}, triton {record['triton']}", "",
-             "| shape | mode | compiled | case | alpha on | x vanilla at alpha 0 / 0.5 / 1 | tokens/s at 0.5 |",
-             "| --- | --- | --- | --- | --- | --- | ---: |"]
     cases = {}
     for r in record["results"]:
         key = (r["shape"], r["mode"], r["compiled"], r["case"], r.get("alpha_device"))
         cases.setdefault(key, {})[r["alpha"]] = r
+    rows = []
     for (shape, mode, compiled, case, on), by_alpha in cases.items():
-        ratios = " / ".join(f"{by_alpha[a]['ratio_to_vanilla']:.2f}" if a in by_alpha else "-" for a in (0.0, 0.5, 1.0))
+        ratios = " / ".join(f"{by_alpha[a]['ratio_to_vanilla']:.2f}" if a in by_alpha else "-"
+                            for a in (0.0, 0.5, 1.0, "seq"))
         middle = by_alpha.get(0.5) or next(iter(by_alpha.values()))
-        lines.append(f"| {shape} | {mode} | {'yes' if compiled else 'no'} | {case} | {on or '-'} | "
-                     f"{'1' if case == 'vanilla' else ratios} | {middle['tokens_per_s']:,.0f} |")
-    return lines
+        rows.append([shape, mode, "yes" if compiled else "no", case, on or "-",
+                     "1" if case == "vanilla" else ratios, f"{middle['tokens_per_s']:,.0f}"])
+    return [f"{record['device']}, torch {record['torch']}, triton {record['triton']}", "",
+            markdown_table(["shape", "mode", "compiled", "case", "alpha on", "x vanilla at alpha 0 / 0.5 / 1 / seq",
+                            "tokens/s at 0.5"], rows, numeric=[6])]
 
 
-def write_summary(out, results, quick, device):
-    lines = [f"# GPU suite: {device}", "", f"{'quick' if quick else 'full'} run, "
-             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", "", "| step | result | seconds | log |",
-             "| --- | --- | ---: | --- |"]
-    lines += [f"| {r['step']} | {r['status']} | {r['seconds']} | {r['log']} |" for r in results]
+def write_summary(out, results, quick, budget, device):
+    rows = [[r["step"], r["status"], r["seconds"], r["limit_s"], r["log"]] for r in results]
+    lines = [f"# GPU suite: {device}", "",
+             f"{'quick' if quick else 'full'} run in a budget of {budget:.0f} s, "
+             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", "",
+             markdown_table(["step", "result", "seconds", "limit s", "log"], rows, numeric=[2, 3])]
     lines += ["", "## Kernel (bench.kernel_bench)", "", "Ratios are rival time / fused time: above 1, the fused "
               "kernel is faster.", "", *kernel_lines(out / "kernel_bench.json")]
     lines += ["", "## End to end (bench.gate_throughput)", "", "Ratios are gated tokens/s over vanilla tokens/s, "
               "same run.", "", *throughput_lines(out / "gate_throughput.json")]
     (out / "summary.md").write_text("\n".join(lines) + "\n")
-    (out / "summary.json").write_text(json.dumps({"device": device, "quick": quick, "steps": results}, indent=1) + "\n")
+    record = {"device": device, "quick": quick, "budget_s": budget, "steps": results}
+    (out / "summary.json").write_text(json.dumps(record, indent=1) + "\n")
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out_dir", "--out", required=True, help="the folder this writes logs, results and summary.md into")
-    p.add_argument("--quick", action="store_true", help="small versions of every step: 5 minutes or less")
+    p.add_argument("--quick", action="store_true", help=f"small versions of every step, in {BUDGET[True]} s")
+    p.add_argument("--budget", type=float, help=f"seconds for the whole suite (default: {BUDGET[False]}, "
+                   f"or {BUDGET[True]} with --quick); later steps shrink or are skipped to fit")
     p.add_argument("--only", help="comma-separated step names (default: all)")
     args = p.parse_args(argv)
+    budget = args.budget if args.budget is not None else BUDGET[args.quick]
+    if budget <= RESERVE:
+        p.error(f"--budget must be above {RESERVE} s, got {budget:g}")
+    start = time.perf_counter()
     out = Path(args.out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     cuda = default_device() == "cuda"
     device = torch.cuda.get_device_name() if cuda else "CPU (no CUDA: the steps that make sense here)"
     write_corpora(out / "smoke")
-    plan = steps(out, args.quick, cuda)
+    plan = fit_to_budget(steps(out, args.quick, cuda), budget)
     if args.only:
         wanted = args.only.split(",")
-        unknown = sorted(set(wanted) - {name for name, _, _ in plan})
+        unknown = sorted(set(wanted) - {s.name for s in plan})
         if unknown:
-            p.error(f"unknown step(s) {', '.join(unknown)}; steps: {', '.join(name for name, _, _ in plan)}")
-        plan = [s for s in plan if s[0] in wanted]
-    print(f"GPU suite on {device}: {len(plan)} steps into {out}", flush=True)
+            p.error(f"unknown step(s) {', '.join(unknown)}; steps: {', '.join(s.name for s in plan)}")
+        plan = [s for s in plan if s.name in wanted]
+    print(f"GPU suite on {device}: {len(plan)} steps into {out}, budget {budget:.0f} s", flush=True)
     results = []
-    for name, command, limit in plan:
-        results.append(run_step(name, command, limit, out))
-        write_summary(out, results, args.quick, device)  # after every step: a suite cut short keeps what it had
+    for step in plan:
+        left = budget - RESERVE - (time.perf_counter() - start)
+        limit = min(step.share, left)
+        if limit < step.minimum:
+            results.append({"step": step.name, "status": "skipped (out of budget)", "seconds": 0,
+                            "limit_s": round(max(0, limit)), "log": "-"})
+            print(f"{step.name:>16}: skipped, {max(0, left):.0f} s of the budget left", flush=True)
+            continue
+        write_summary(out, [*results, {"step": step.name, "status": "running", "seconds": 0,
+                                       "limit_s": round(limit), "log": f"{step.name}.log"}], args.quick, budget, device)
+        results.append(run_step(step, limit, out))
+        write_summary(out, results, args.quick, budget, device)  # after every step: a suite cut short keeps what it had
+    write_summary(out, results, args.quick, budget, device)
     failed = [r["step"] for r in results if r["status"] != "pass"]
-    print(f"wrote {out / 'summary.md'}; " + (f"failed: {', '.join(failed)}" if failed else "every step passed"))
+    print(f"wrote {out / 'summary.md'} in {time.perf_counter() - start:.0f} s; "
+          + (f"not passed: {', '.join(failed)}" if failed else "every step passed"))
     return 1 if failed else 0
 
 

@@ -2,17 +2,22 @@
 
     python -m bench.kernel_bench --out bench/results/kernel-h100-2026-11-21.json   # on a GPU
     python -m bench.kernel_bench --quick                                           # smoke run, any machine
+    python bench/kernel_bench.py --budget 120 --out DIR/kernel_bench.json          # what fits in 2 minutes
 
 For each shape (M rows, K in, N = hidden), in bf16 on CUDA, with the gates given
 as the model gives them (a vector for one alpha, a (B, N) table of one row per
 sequence of T = 256 rows for per-sequence alphas), no bias, as the model has none:
   up:  h = GELU(x W^T) * G     fused kernel | eager | torch.compile of eager |
-       a plain matmul x W^T with no epilogue (the ceiling)
+       a plain matmul x W^T with no epilogue: cuBLAS (the ceiling), and our plain
+       Triton matmul (bench.plain_matmul; forward only), which tells Triton's own
+       cost from the epilogue's
   mlp: the whole gated MLP, h W2^T after the up part, with the same rivals;
 each in three passes: "fwd" (inference: nothing kept for a backward), "fwd-train"
 (the forward of a training step: the fused kernel also stores z) and "fwd+bwd".
-Every compiled rival is compiled afresh for its own case; a recompile while timing
-is reported as that case's error, never as a time. Each case also reports its
+Every compiled rival is compiled afresh for its own case, after every other case
+has its numbers (compiling is the slow part); a recompile while timing is reported
+as that case's error, never as a time. With --budget, cases not started in time are
+left out and counted, and the JSON is rewritten after every shape. Each case also reports its
 first call (warm-up: compilation included). All cases of a shape run in one
 process, so ratios come from one run. Off CUDA it runs tiny fp32 shapes through
 Triton's interpreter: that checks the script, and its times mean nothing.
@@ -21,6 +26,7 @@ import argparse
 import json
 import os
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -32,10 +38,13 @@ from torch.nn import functional as F  # noqa: E402
 
 from abcgpt.device import default_device  # noqa: E402
 from abcgpt.gate import tent_gate  # noqa: E402
+from abcgpt.recompiles import forbid_recompiles  # noqa: E402
+from bench.plain_matmul import plain_matmul  # noqa: E402
+from bench.tables import markdown_table  # noqa: E402
 from bench.timing import environment, summary, time_calls  # noqa: E402
 from kernels.ops import gated_linear_gelu, gated_mlp  # noqa: E402
 
-GPU_SHAPES = [(m, k, 4 * k) for m in (16384, 65536) for k in (384, 768)]
+GPU_SHAPES = [(m, k, 4 * k) for m in (16384, 65536) for k in (768, 384)]  # in order of value; --quick: the first
 QUICK_SHAPES = [(64, 16, 48)]
 PASSES = ("fwd", "fwd-train", "fwd+bwd")
 
@@ -71,7 +80,13 @@ def matmul_mlp(x, w, w2, gate):
     return torch.mm(torch.mm(x, w.t()), w2.t())
 
 
-IMPLS = {"fused": (fused_up, fused_mlp), "eager": (eager_up, eager_mlp), "matmul": (matmul_up, matmul_mlp)}
+def triton_matmul_up(x, w, w2, gate):
+    return plain_matmul(x, w)
+
+
+# compiled: torch.compile of the eager code, in run_case; triton_matmul: our plain Triton matmul, forward only
+IMPLS = {"fused": (fused_up, fused_mlp), "eager": (eager_up, eager_mlp), "matmul": (matmul_up, matmul_mlp),
+         "triton_matmul": (triton_matmul_up, None), "compiled": (eager_up, eager_mlp)}
 
 
 def make_inputs(M, K, N, dtype, device, per_row, n_buffers, grad, rows_per_sequence):
@@ -118,85 +133,102 @@ def run_case(name, fn, sets, backward, repeats, warmup, device):
         warmup_s = first_call_seconds(call, sets[0], device)
         for inputs in sets[1:]:  # every input set once before timing, so guards see them all
             call(*inputs)
-        if name == "compiled":
-            torch._dynamo.config.error_on_recompile = True
-        times = time_calls(call, sets, repeats, warmup, device)
+        with forbid_recompiles() if name == "compiled" else nullcontext():
+            times = time_calls(call, sets, repeats, warmup, device)
         return {**summary(times), "warmup_s": warmup_s, "error": None}
     except Exception as e:  # a failed or recompiling case is reported, not timed
         return {"median_s": None, "warmup_s": None, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
-    finally:
-        torch._dynamo.config.error_on_recompile = False
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="tiny shapes, few repeats: checks the script runs")
+    p.add_argument("--quick", action="store_true", help="one small shape, few repeats")
     p.add_argument("--repeats", type=int, default=100)
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--no-compile", action="store_true", help="leave out the torch.compile rival")
-    p.add_argument("--out", help="write the results as JSON here")
+    p.add_argument("--budget", type=float, help="seconds: cases not started by then are left out and counted")
+    p.add_argument("--out", help="write the results as JSON here, again after every group of cases")
     args = p.parse_args(argv)
+    deadline = time.perf_counter() + args.budget if args.budget else float("inf")
     device = default_device()
     quick = args.quick or device == "cpu"
     if device == "cpu":
         print("no CUDA device: tiny fp32 shapes in Triton's interpreter; the times say nothing about speed")
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    shapes = QUICK_SHAPES if quick else GPU_SHAPES
-    repeats, warmup = (3, 1) if quick else (args.repeats, args.warmup)
-    rows_per_sequence = 16 if quick else 256  # the reference recipe's block
-
-    impls = dict(IMPLS)
-    if not args.no_compile:
-        impls["compiled"] = (eager_up, eager_mlp)
-    results = []
-    for M, K, N in shapes:
-        for per_row in (False, True):
-            for pas in PASSES:
-                sets = make_inputs(M, K, N, dtype, device, per_row, 2 if quick else 4, pas != "fwd", rows_per_sequence)
-                for op_index, op in enumerate(("up", "mlp")):
-                    row = {"M": M, "K": K, "N": N, "op": op, "alpha": "per-row" if per_row else "scalar", "pass": pas}
-                    flops = 2 * M * K * N * (2 if op == "mlp" else 1) * (3 if pas == "fwd+bwd" else 1)
-                    for name, fns in impls.items():
-                        with torch.set_grad_enabled(pas != "fwd"):
-                            stats = run_case(name, fns[op_index], sets, pas == "fwd+bwd", repeats, warmup, device)
-                        tflops = flops / stats["median_s"] / 1e12 if stats["median_s"] else None
-                        results.append({**row, "impl": name, **stats, "tflops": tflops})
-    print_table(results)
+    shapes = QUICK_SHAPES if device == "cpu" else GPU_SHAPES[:1] if quick else GPU_SHAPES
+    repeats, warmup = (3, 1) if device == "cpu" else (20, 5) if quick else (args.repeats, args.warmup)
+    rows_per_sequence = 16 if device == "cpu" else 256  # the reference recipe's block
+    record = {**environment(device), "dtype": str(dtype).removeprefix("torch."), "quick": quick, "repeats": repeats,
+              "warmup": warmup, "rows_per_sequence": rows_per_sequence, "results": [], "skipped": 0}
+    # the compiled rival compiles afresh for every case: it goes last, once every cheap case has its numbers
+    phases = [["fused", "matmul", "triton_matmul", "eager"]] + ([] if args.no_compile else [["compiled"]])
+    for impls in phases:
+        for M, K, N in shapes:
+            for per_row in (False, True):
+                for pas in PASSES:
+                    sets = make_inputs(M, K, N, dtype, device, per_row, 2 if quick else 4, pas != "fwd",
+                                       rows_per_sequence)
+                    for op_index, op in enumerate(("up", "mlp")):
+                        row = {"M": M, "K": K, "N": N, "op": op, "alpha": "per-row" if per_row else "scalar",
+                               "pass": pas}
+                        flops = 2 * M * K * N * (2 if op == "mlp" else 1) * (3 if pas == "fwd+bwd" else 1)
+                        for name in impls:
+                            if IMPLS[name][op_index] is None or (name == "triton_matmul" and pas != "fwd"):
+                                continue
+                            if time.perf_counter() > deadline:
+                                record["skipped"] += 1
+                                continue
+                            with torch.set_grad_enabled(pas != "fwd"):
+                                stats = run_case(name, IMPLS[name][op_index], sets, pas == "fwd+bwd", repeats, warmup,
+                                                 device)
+                            tflops = flops / stats["median_s"] / 1e12 if stats["median_s"] else None
+                            record["results"].append({**row, "impl": name, **stats, "tflops": tflops})
+                    del sets
+            if args.out:  # after every shape: a run cut short keeps what it measured
+                Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+                Path(args.out).write_text(json.dumps(record, indent=1) + "\n")
+    print(kernel_table(record["results"]))
+    print("ratios are speed-ups of the fused kernel: rival time / fused time (the matmuls have no epilogue: the "
+          "ceiling)")
+    if record["skipped"]:
+        print(f"out of time: {record['skipped']} cases not measured")
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        record = {**environment(device), "dtype": str(dtype).removeprefix("torch."), "quick": quick,
-                  "repeats": repeats, "warmup": warmup, "rows_per_sequence": rows_per_sequence, "results": results}
-        Path(args.out).write_text(json.dumps(record, indent=1) + "\n")
         print(f"wrote {args.out}")
-    return results
+    return record["results"]
 
 
-def print_table(results):
-    """One line per case: the fused kernel's median time, first call, and speed against each rival."""
+RIVALS = {"matmul": "vs cuBLAS matmul", "triton_matmul": "vs our Triton matmul", "compiled": "vs compiled",
+          "eager": "vs eager"}
+
+
+def kernel_table(results):
+    """A Markdown table, one line per case: the fused kernel's median time, its first call (compilation
+    included), and its speed against each rival (rival time / fused time), then any errors."""
     cases = {}
     for r in results:
         cases.setdefault((r["M"], r["K"], r["N"], r["op"], r["alpha"], r["pass"]), {})[r["impl"]] = r
-    print(f"{'M':>6} {'K':>5} {'N':>5} {'op':>4} {'alpha':>8} {'pass':>9} {'fused ms':>9} {'first s':>8}"
-          f" {'vs eager':>9} {'vs compiled':>12} {'vs matmul':>10}")
+    rows = []
     for (M, K, N, op, alpha, pas), impl in cases.items():
-        fused = impl["fused"]["median_s"]
+        fused = impl.get("fused")
+        if fused is None:
+            continue
 
         def ratio(name):
-            r = impl.get(name)
-            if r is None:
+            rival = impl.get(name)
+            if rival is None:
                 return "-"
-            if r["error"] or not fused:
+            if rival["error"] or fused["error"]:
                 return "error"
-            return f"{r['median_s'] / fused:.2f}x"
+            return f"{rival['median_s'] / fused['median_s']:.2f}"
 
-        fused_ms = f"{fused * 1e3:.3f}" if fused else "error"
-        first = f"{impl['fused']['warmup_s']:.2f}" if impl["fused"]["warmup_s"] is not None else "-"
-        print(f"{M:>6} {K:>5} {N:>5} {op:>4} {alpha:>8} {pas:>9} {fused_ms:>9} {first:>8} "
-              f"{ratio('eager'):>9} {ratio('compiled'):>12} {ratio('matmul'):>10}")
-    for r in results:
-        if r["error"]:
-            print(f"error: {r['impl']} {r['op']} {r['alpha']} {r['pass']} M={r['M']} K={r['K']}: {r['error']}")
-    print("ratios are speed-ups of the fused kernel: rival time / fused time (the matmul has no epilogue: its ceiling)")
+        rows.append([f"{M} x {K} x {N}", op, alpha, pas,
+                     "error" if fused["error"] else f"{fused['median_s'] * 1e3:.3f}",
+                     "-" if fused["warmup_s"] is None else f"{fused['warmup_s']:.2f}", *map(ratio, RIVALS)])
+    table = markdown_table(["M x K x N", "op", "alpha", "pass", "fused ms", "first call s", *RIVALS.values()], rows,
+                           numeric=range(4, 6 + len(RIVALS)))
+    errors = [f"- error: {r['impl']} {r['op']} {r['alpha']} {r['pass']} M={r['M']} K={r['K']}: {r['error']}"
+              for r in results if r["error"]]
+    return "\n".join([table, *errors])
 
 
 if __name__ == "__main__":

@@ -1,58 +1,110 @@
 """Triton kernels for the gated MLP (docs/design.md, section 3).
 
-up:        h = GELU(x @ W1.T + b1) * G, and z = x @ W1.T + b1 when training;
-down-grad: dz = (dout @ W2) * G * GELU'(z), the input gradient of the down-projection
-           with the GELU and gate backward in its epilogue;
-gate-grad: dz = dh * G * GELU'(z) as one elementwise pass, for the up-projection alone.
+up:        h = GELU(z) * G with z = x @ W1.T + b1, and when training the slope
+           dh/dz = GELU'(z) * G, from the same exp2 and reciprocal as h;
+down-grad: dz = (dout @ W2) * slope, the input gradient of the down-projection
+           with the GELU and gate backward in its epilogue: one multiply.
 
-G holds precomputed gates: a vector over the hidden units for one alpha, or a
-(B, N) table read as G[row // ROWS_PER_GATE] for one alpha per sequence. The
-kernels never evaluate the tent themselves.
+G holds precomputed gates, loaded as GATE says: "vector", one gate per hidden unit for
+one alpha; "tile", a (B, N) table of one row per sequence whose sequences are whole
+multiples of BLOCK_M, so that a tile reads one row of it; "row", the same table read
+as G[row // ROWS_PER_GATE] row by row (any sequence length). The kernels never
+evaluate the tent themselves.
 
-The two matmul kernels are persistent: a grid of at most one program per SM, each
-walking its share of the output tiles, so one tile's epilogue overlaps the next
-tile's loads. Operands come through TMA tensor descriptors where the hardware and
-the strides allow (USE_TMA), else through masked pointer loads; both paths share
-the tile order and the epilogue, which works on the fp32 accumulator in two
-halves to keep register pressure down, then stores once.
+The two matmul kernels are persistent: a grid of up to two programs per SM, each
+walking its share of the output tiles, so that one program's epilogue runs while
+the other's wgmma keeps the tensor cores busy. Operands come through TMA
+tensor descriptors where the hardware and the strides allow (USE_TMA), else through
+masked pointer loads; both paths share the tile order and the epilogue, which works
+on the fp32 accumulator in two halves to keep register pressure down.
+
+GELU for 16-bit outputs (FAST_GELU) is z * sigmoid(p(z)) with sigmoid(y) = 1 / (1 + 2^-y):
+for the tanh form that is its own formula exactly, and for the erf form p is the
+polynomial below, within the accuracy contract of docs/design.md (section 3). Its
+2^x and 1/x run on the GPU's special-function unit (ASM: ex2.approx and
+rcp.approx), in the interpreter as plain float32 math. float32 outputs keep the
+exact erf.
 """
 import triton
 import triton.language as tl
 
+# p(z) = z * (Q0 + Q1 t + Q2 t^2), t = min(z^2, 36): a minimax fit of log2(Phi / (1 - Phi)), joint with
+# its derivative; past |z| = 6 p grows linearly, where the sigmoid is 0 or 1 in float32 anyway
+ERF_Q0 = tl.constexpr(2.3000950131866693)
+ERF_Q1 = tl.constexpr(0.10708386012095325)
+ERF_Q2 = tl.constexpr(-0.0010156014269278877)
+# the tanh form: 0.5 (1 + tanh(u)) = sigmoid(2u), u = sqrt(2 / pi) (z + 0.044715 z^3), in base 2
+TANH_Q0 = tl.constexpr(2.302208198144325)  # 2 sqrt(2 / pi) / ln 2
+TANH_Q1 = tl.constexpr(0.10294324353515993)  # TANH_Q0 * 0.044715
+T_MAX = tl.constexpr(36.0)
+LN2 = tl.constexpr(0.6931471805599453)
+
 
 @triton.jit
-def _tanh(u):
-    # through exp: the interpreter has no libdevice tanh; exp overflow to inf still gives +-1
-    return 1.0 - 2.0 / (tl.exp(2.0 * u) + 1.0)
+def _exp2(x, ASM: tl.constexpr):
+    if ASM:  # one MUFU.EX2; denormal results flush to zero, which a sigmoid's tail can spare
+        return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+    else:
+        return tl.exp2(x)
 
 
 @triton.jit
-def _gelu(z, TANH: tl.constexpr):
+def _reciprocal(x, ASM: tl.constexpr):
+    if ASM:  # one MUFU.RCP: within 1 ulp, against about ten instructions for an IEEE division
+        return tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+    else:
+        return 1.0 / x
+
+
+@triton.jit
+def _sigmoid_of_logit(z, TANH: tl.constexpr, ASM: tl.constexpr):
+    """(s, t): s = sigmoid(p(z)) ~ Phi(z), and t = min(z^2, 36). 2^-p overflows to inf far below zero,
+    where s is then 0 as it should be."""
+    t = tl.minimum(z * z, T_MAX)
     if TANH:
-        return 0.5 * z * (1.0 + _tanh(0.7978845608028654 * (z + 0.044715 * z * z * z)))
+        q = TANH_Q0 + TANH_Q1 * t
+    else:
+        q = ERF_Q0 + (ERF_Q1 + ERF_Q2 * t) * t
+    return _reciprocal(1.0 + _exp2(-z * q, ASM), ASM), t
+
+
+@triton.jit
+def _gelu(z, TANH: tl.constexpr, FAST: tl.constexpr, ASM: tl.constexpr):
+    if FAST or TANH:
+        s, _ = _sigmoid_of_logit(z, TANH, ASM)
+        return z * s
     else:
         return 0.5 * z * (1.0 + tl.erf(z * 0.7071067811865476))
 
 
 @triton.jit
-def _gelu_grad(z, TANH: tl.constexpr):
-    if TANH:
-        t = _tanh(0.7978845608028654 * (z + 0.044715 * z * z * z))
-        du = 0.7978845608028654 * (1.0 + 0.134145 * z * z)
-        return 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * du
+def _gelu_and_slope(z, TANH: tl.constexpr, FAST: tl.constexpr, ASM: tl.constexpr):
+    """GELU(z) and its derivative GELU'(z), from one exp2 and one reciprocal."""
+    if FAST or TANH:
+        # d/dz z s(p) = s + z s (1 - s) p' ln 2 = s (1 + z (1 - s) p' ln 2)
+        s, t = _sigmoid_of_logit(z, TANH, ASM)
+        if TANH:
+            dp = (TANH_Q0 * LN2) + (3.0 * TANH_Q1 * LN2) * t
+        else:
+            dp = (ERF_Q0 * LN2) + ((3.0 * ERF_Q1 * LN2) + (5.0 * ERF_Q2 * LN2) * t) * t
+        return z * s, s * (1.0 + (z * (1.0 - s)) * dp)
     else:
         cdf = 0.5 * (1.0 + tl.erf(z * 0.7071067811865476))
-        return cdf + z * tl.exp(-0.5 * z * z) * 0.3989422804014327
+        return z * cdf, cdf + z * tl.exp(-0.5 * z * z) * 0.3989422804014327
 
 
 @triton.jit
-def _load_gate(gate_ptr, rm, rn, M, N, stride_g, ROWS_PER_GATE, PER_ROW: tl.constexpr):
-    """The gates of a tile: one row vector shared by every row, or G[row // ROWS_PER_GATE, col]."""
-    if PER_ROW:
+def _load_gate(gate_ptr, rm, rn, off_m, M, N, stride_g, ROWS_PER_GATE, GATE: tl.constexpr):
+    """The gates of a tile, as GATE says (see the module's docstring)."""
+    if GATE == "row":
         group = (rm // ROWS_PER_GATE).to(tl.int64)
         mask = (rm[:, None] < M) & (rn[None, :] < N)
         return tl.load(gate_ptr + group[:, None] * stride_g + rn[None, :], mask=mask, other=0.0)
     else:
+        if GATE == "tile":  # every row of the tile is in one sequence
+            gate_ptr += (off_m // ROWS_PER_GATE).to(tl.int64) * stride_g
         return tl.load(gate_ptr + rn, mask=rn < N, other=0.0)[None, :]
 
 
@@ -107,111 +159,119 @@ def _halves(acc, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
+def _load_chunk(src, off_m, off_n, M, N, stride_m, stride_n, USE_TMA: tl.constexpr,
+                BLOCK_M: tl.constexpr, CHUNK_N: tl.constexpr):
+    """src[off_m:+BLOCK_M, off_n:+CHUNK_N], zero outside (M, N)."""
+    if USE_TMA:
+        return src.load([off_m, off_n])
+    else:
+        rm = (off_m + tl.arange(0, BLOCK_M)).to(tl.int64)
+        rn = off_n + tl.arange(0, CHUNK_N)
+        mask = (rm[:, None] < M) & (rn[None, :] < N)
+        return tl.load(src + rm[:, None] * stride_m + rn[None, :] * stride_n, mask=mask, other=0.0)
+
+
+@triton.jit
 def _store(out, value, off_m, off_n, M, N, stride_m, stride_n, USE_TMA: tl.constexpr,
-           BLOCK_M: tl.constexpr, HALF_N: tl.constexpr):
-    """value (BLOCK_M, HALF_N) at out[off_m:, off_n:], clipped to (M, N)."""
+           BLOCK_M: tl.constexpr, CHUNK_N: tl.constexpr):
+    """value (BLOCK_M, CHUNK_N) at out[off_m:, off_n:], clipped to (M, N)."""
     if USE_TMA:
         out.store([off_m, off_n], value.to(out.dtype))
     else:
         rm = (off_m + tl.arange(0, BLOCK_M)).to(tl.int64)
-        rn = off_n + tl.arange(0, HALF_N)
+        rn = off_n + tl.arange(0, CHUNK_N)
         mask = (rm[:, None] < M) & (rn[None, :] < N)
         tl.store(out + rm[:, None] * stride_m + rn[None, :] * stride_n, value.to(out.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _up_epilogue(z, off_m, off_n, M, N, b_ptr, gate_ptr, stride_g, ROWS_PER_GATE, h, z_out,
-                 stride_hm, stride_hn, stride_zm, stride_zn,
-                 HAS_BIAS: tl.constexpr, PER_ROW: tl.constexpr, STORE_Z: tl.constexpr, TANH: tl.constexpr,
-                 USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr, HALF_N: tl.constexpr):
+def _up_epilogue(z, off_m, off_n, M, N, b_ptr, gate_ptr, stride_g, ROWS_PER_GATE, h, slope,
+                 stride_hm, stride_hn, stride_sm, stride_sn,
+                 HAS_BIAS: tl.constexpr, GATE: tl.constexpr, STORE_SLOPE: tl.constexpr, TANH: tl.constexpr,
+                 FAST_GELU: tl.constexpr, ASM: tl.constexpr, USE_TMA: tl.constexpr,
+                 BLOCK_M: tl.constexpr, CHUNK_N: tl.constexpr):
+    """h and, with STORE_SLOPE, the slope of the columns [off_n, off_n + CHUNK_N) of a tile."""
     rm = off_m + tl.arange(0, BLOCK_M)
-    rn = off_n + tl.arange(0, HALF_N)
+    rn = off_n + tl.arange(0, CHUNK_N)
     if HAS_BIAS:
         z += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-    gate = _load_gate(gate_ptr, rm, rn, M, N, stride_g, ROWS_PER_GATE, PER_ROW)
-    _store(h, _gelu(z, TANH) * gate, off_m, off_n, M, N, stride_hm, stride_hn, USE_TMA, BLOCK_M, HALF_N)
-    if STORE_Z:
-        _store(z_out, z, off_m, off_n, M, N, stride_zm, stride_zn, USE_TMA, BLOCK_M, HALF_N)
+    gate = _load_gate(gate_ptr, rm, rn, off_m, M, N, stride_g, ROWS_PER_GATE, GATE)
+    if STORE_SLOPE:
+        value, dvalue = _gelu_and_slope(z, TANH, FAST_GELU, ASM)
+        _store(slope, dvalue * gate, off_m, off_n, M, N, stride_sm, stride_sn, USE_TMA, BLOCK_M, CHUNK_N)
+    else:
+        value = _gelu(z, TANH, FAST_GELU, ASM)
+    _store(h, value * gate, off_m, off_n, M, N, stride_hm, stride_hn, USE_TMA, BLOCK_M, CHUNK_N)
 
 
 @triton.jit
+def _up_epilogue_half(z, off_m, off_n, M, N, b_ptr, gate_ptr, stride_g, ROWS_PER_GATE, h, slope,
+                      stride_hm, stride_hn, stride_sm, stride_sn,
+                      HAS_BIAS: tl.constexpr, GATE: tl.constexpr, STORE_SLOPE: tl.constexpr, TANH: tl.constexpr,
+                      FAST_GELU: tl.constexpr, ASM: tl.constexpr, USE_TMA: tl.constexpr,
+                      BLOCK_M: tl.constexpr, HALF_N: tl.constexpr):
+    """A half tile's epilogue; with STORE_SLOPE in two quarters, as the slope needs more registers."""
+    if STORE_SLOPE:
+        first, second = _halves(z, BLOCK_M, HALF_N)
+        _up_epilogue(first, off_m, off_n, M, N, b_ptr, gate_ptr, stride_g, ROWS_PER_GATE, h, slope,
+                     stride_hm, stride_hn, stride_sm, stride_sn,
+                     HAS_BIAS, GATE, STORE_SLOPE, TANH, FAST_GELU, ASM, USE_TMA, BLOCK_M, HALF_N // 2)
+        _up_epilogue(second, off_m, off_n + HALF_N // 2, M, N, b_ptr, gate_ptr, stride_g, ROWS_PER_GATE, h, slope,
+                     stride_hm, stride_hn, stride_sm, stride_sn,
+                     HAS_BIAS, GATE, STORE_SLOPE, TANH, FAST_GELU, ASM, USE_TMA, BLOCK_M, HALF_N // 2)
+    else:
+        _up_epilogue(z, off_m, off_n, M, N, b_ptr, gate_ptr, stride_g, ROWS_PER_GATE, h, slope,
+                     stride_hm, stride_hn, stride_sm, stride_sn,
+                     HAS_BIAS, GATE, STORE_SLOPE, TANH, FAST_GELU, ASM, USE_TMA, BLOCK_M, HALF_N)
+
+
+@triton.jit(do_not_specialize=["M", "num_programs"])
 def gated_up_kernel(
-    x, w, b_ptr, gate_ptr, h, z_out,
-    M, N, K, ROWS_PER_GATE,
-    stride_xm, stride_xk, stride_wn, stride_wk, stride_g, stride_hm, stride_hn, stride_zm, stride_zn,
-    HAS_BIAS: tl.constexpr, PER_ROW: tl.constexpr, STORE_Z: tl.constexpr, TANH: tl.constexpr,
-    USE_TMA: tl.constexpr, PRECISION: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
+    x, w, b_ptr, gate_ptr, h, slope,
+    M, N, K, ROWS_PER_GATE, num_programs,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_g, stride_hm, stride_hn, stride_sm, stride_sn,
+    HAS_BIAS: tl.constexpr, GATE: tl.constexpr, STORE_SLOPE: tl.constexpr, TANH: tl.constexpr,
+    FAST_GELU: tl.constexpr, ASM: tl.constexpr, USE_TMA: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """h = GELU(x @ W.T + b) * G; z = x @ W.T + b if STORE_Z. W is (N, K) as in nn.Linear."""
+    """h = GELU(z) * G with z = x @ W.T + b, and the slope dh/dz = GELU'(z) * G if STORE_SLOPE.
+    W is (N, K) as in nn.Linear. With TMA, h's and the slope's descriptors have blocks of BLOCK_N // 2
+    columns, BLOCK_N // 4 with STORE_SLOPE (up_launch)."""
     HALF_N: tl.constexpr = BLOCK_N // 2
     tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
-    for tile in tl.range(tl.program_id(0), tiles, NUM_PROGRAMS, flatten=True):
+    for tile in range(tl.program_id(0), tiles, num_programs):
         off_m, off_n = _tile_origin(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
         acc = _accumulate(x, w, off_m, off_n, M, N, K, stride_xm, stride_xk, stride_wk, stride_wn,
                           True, USE_TMA, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
         left, right = _halves(acc, BLOCK_M, BLOCK_N)
-        _up_epilogue(left, off_m, off_n, M, N, b_ptr, gate_ptr, stride_g, ROWS_PER_GATE, h, z_out,
-                     stride_hm, stride_hn, stride_zm, stride_zn,
-                     HAS_BIAS, PER_ROW, STORE_Z, TANH, USE_TMA, BLOCK_M, HALF_N)
-        _up_epilogue(right, off_m, off_n + HALF_N, M, N, b_ptr, gate_ptr, stride_g, ROWS_PER_GATE, h, z_out,
-                     stride_hm, stride_hn, stride_zm, stride_zn,
-                     HAS_BIAS, PER_ROW, STORE_Z, TANH, USE_TMA, BLOCK_M, HALF_N)
+        _up_epilogue_half(left, off_m, off_n, M, N, b_ptr, gate_ptr, stride_g, ROWS_PER_GATE, h, slope,
+                          stride_hm, stride_hn, stride_sm, stride_sn,
+                          HAS_BIAS, GATE, STORE_SLOPE, TANH, FAST_GELU, ASM, USE_TMA, BLOCK_M, HALF_N)
+        _up_epilogue_half(right, off_m, off_n + HALF_N, M, N, b_ptr, gate_ptr, stride_g, ROWS_PER_GATE, h, slope,
+                          stride_hm, stride_hn, stride_sm, stride_sn,
+                          HAS_BIAS, GATE, STORE_SLOPE, TANH, FAST_GELU, ASM, USE_TMA, BLOCK_M, HALF_N)
 
 
-@triton.jit
-def _down_grad_epilogue(dh, off_m, off_n, M, N, z_in, gate_ptr, stride_g, ROWS_PER_GATE, dz,
-                        stride_zm, stride_zn, stride_dm, stride_dn,
-                        PER_ROW: tl.constexpr, TANH: tl.constexpr, USE_TMA: tl.constexpr,
-                        BLOCK_M: tl.constexpr, HALF_N: tl.constexpr):
-    rm = off_m + tl.arange(0, BLOCK_M)
-    rn = off_n + tl.arange(0, HALF_N)
-    if USE_TMA:
-        z = z_in.load([off_m, off_n]).to(tl.float32)
-    else:
-        rm64 = rm.to(tl.int64)
-        mask = (rm[:, None] < M) & (rn[None, :] < N)
-        z = tl.load(z_in + rm64[:, None] * stride_zm + rn[None, :] * stride_zn, mask=mask, other=0.0).to(tl.float32)
-    gate = _load_gate(gate_ptr, rm, rn, M, N, stride_g, ROWS_PER_GATE, PER_ROW)
-    _store(dz, dh * gate * _gelu_grad(z, TANH), off_m, off_n, M, N, stride_dm, stride_dn, USE_TMA, BLOCK_M, HALF_N)
-
-
-@triton.jit
+@triton.jit(do_not_specialize=["M", "num_programs"])
 def gated_down_grad_kernel(
-    dout, w, z_in, gate_ptr, dz,
-    M, N, K, ROWS_PER_GATE,
-    stride_om, stride_ok, stride_wk, stride_wn, stride_g, stride_zm, stride_zn, stride_dm, stride_dn,
-    PER_ROW: tl.constexpr, TANH: tl.constexpr, USE_TMA: tl.constexpr, PRECISION: tl.constexpr,
-    NUM_PROGRAMS: tl.constexpr,
+    dout, w, slope, dz,
+    M, N, K, num_programs,
+    stride_om, stride_ok, stride_wk, stride_wn, stride_sm, stride_sn, stride_dm, stride_dn,
+    USE_TMA: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """dz = (dout @ W2) * G * GELU'(z). dout is (M, K); W2 is (K, N) as nn.Linear(N, K) holds it."""
+    """dz = (dout @ W2) * slope, the slope the forward stored. dout is (M, K); W2 is (K, N) as
+    nn.Linear(N, K) holds it."""
     HALF_N: tl.constexpr = BLOCK_N // 2
     tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
-    for tile in tl.range(tl.program_id(0), tiles, NUM_PROGRAMS, flatten=True):
+    for tile in range(tl.program_id(0), tiles, num_programs):
         off_m, off_n = _tile_origin(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
         acc = _accumulate(dout, w, off_m, off_n, M, N, K, stride_om, stride_ok, stride_wk, stride_wn,
                           False, USE_TMA, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
         left, right = _halves(acc, BLOCK_M, BLOCK_N)
-        _down_grad_epilogue(left, off_m, off_n, M, N, z_in, gate_ptr, stride_g, ROWS_PER_GATE, dz,
-                            stride_zm, stride_zn, stride_dm, stride_dn, PER_ROW, TANH, USE_TMA, BLOCK_M, HALF_N)
-        _down_grad_epilogue(right, off_m, off_n + HALF_N, M, N, z_in, gate_ptr, stride_g, ROWS_PER_GATE, dz,
-                            stride_zm, stride_zn, stride_dm, stride_dn, PER_ROW, TANH, USE_TMA, BLOCK_M, HALF_N)
-
-
-@triton.jit
-def gate_grad_kernel(
-    dh_ptr, z_ptr, gate_ptr, dz_ptr, M, N, ROWS_PER_GATE,
-    stride_hm, stride_hn, stride_zm, stride_zn, stride_g, stride_dm, stride_dn,
-    PER_ROW: tl.constexpr, TANH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    """dz = dh * G * GELU'(z), elementwise over an (M, N) grid of tiles."""
-    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    rm64 = rm.to(tl.int64)
-    mask = (rm[:, None] < M) & (rn[None, :] < N)
-    dh = tl.load(dh_ptr + rm64[:, None] * stride_hm + rn[None, :] * stride_hn, mask=mask, other=0.0).to(tl.float32)
-    z = tl.load(z_ptr + rm64[:, None] * stride_zm + rn[None, :] * stride_zn, mask=mask, other=0.0).to(tl.float32)
-    gate = _load_gate(gate_ptr, rm, rn, M, N, stride_g, ROWS_PER_GATE, PER_ROW)
-    dz = dh * gate * _gelu_grad(z, TANH)
-    tl.store(dz_ptr + rm64[:, None] * stride_dm + rn[None, :] * stride_dn, dz.to(dz_ptr.dtype.element_ty), mask=mask)
+        slope_left = _load_chunk(slope, off_m, off_n, M, N, stride_sm, stride_sn, USE_TMA, BLOCK_M, HALF_N)
+        _store(dz, left * slope_left.to(tl.float32), off_m, off_n, M, N, stride_dm, stride_dn, USE_TMA,
+               BLOCK_M, HALF_N)
+        slope_right = _load_chunk(slope, off_m, off_n + HALF_N, M, N, stride_sm, stride_sn, USE_TMA, BLOCK_M, HALF_N)
+        _store(dz, right * slope_right.to(tl.float32), off_m, off_n + HALF_N, M, N, stride_dm, stride_dn, USE_TMA,
+               BLOCK_M, HALF_N)

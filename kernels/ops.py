@@ -7,12 +7,16 @@ gate holds precomputed gates (abcgpt.gate.gates_for): a vector over the hidden
 units, or a (G, N) table whose row g serves x's rows g*M/G up to (g+1)*M/G, i.e.
 one gate row per sequence of a flattened batch. Both ops are torch.library custom
 ops with registered autograd and fake implementations, so torch.compile keeps them
-as single nodes. Weight and input gradients use cuBLAS; the GELU and gate backward
-runs in the epilogue of the down-projection's input-gradient matmul (gated_mlp) or
-as one elementwise pass (gated_linear_gelu). Nothing here waits for the device.
+as single nodes. A forward that will be differentiated also stores the slope
+dh/dz = GELU'(z) * gate, which its epilogue computes from the same exp2 and
+reciprocal as h; the backward then multiplies by it, in the epilogue of the
+down-projection's input-gradient matmul (gated_mlp) or as one elementwise product
+(gated_linear_gelu). Weight and input gradients use cuBLAS. Nothing here waits for
+the device.
 """
 import functools
 import os
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -20,39 +24,57 @@ import triton
 from torch import Tensor
 from torch.nn import functional as F
 
-from .gated_mlp import gate_grad_kernel, gated_down_grad_kernel, gated_up_kernel
+from .gated_mlp import gated_down_grad_kernel, gated_up_kernel
 
 GELU_FORMS = ("none", "tanh")  # as nn.GELU(approximate=...)
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
+@dataclass(frozen=True)
+class Target:
+    """The GPU a launch is planned for: what tile_config and the grid depend on."""
+    sms: int
+    capability: tuple
+
+
 @functools.cache
-def _device_facts(device):
-    """(streaming multiprocessors, compute capability major) of a CUDA device."""
-    props = torch.cuda.get_device_properties(device)
-    return props.multi_processor_count, props.major
+def _cuda_target(index):
+    props = torch.cuda.get_device_properties(index)
+    return Target(props.multi_processor_count, (props.major, props.minor))
 
 
-def tile_config(M, N, device):
-    """Tile sizes and launch settings for an (M, N) output: a fixed choice per device generation
-    and size class, so a new shape compiles once and never sweeps configurations."""
-    if INTERPRET or device.type != "cuda":  # small tiles: the interpreter is slow and benchmarks nothing
-        return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, GROUP_M=4, num_warps=4, num_stages=1)
-    _, major = _device_facts(device)
-    if M <= 64:  # decoding: a few rows
-        return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=3)
-    if major >= 9:  # Hopper: 228 KB of shared memory, TMA
-        return dict(BLOCK_M=128, BLOCK_N=256 if N >= 2048 else 128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
-    if major == 8:  # Ampere and Ada
-        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=4)
-    return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=2)
-
-
-def _programs(tiles, device):
-    """At most one program per SM (persistent); the interpreter runs a few to exercise the loop."""
+def target_of(device):
+    """The Target of a CUDA device; None for Triton's CPU interpreter."""
     if INTERPRET or device.type != "cuda":
+        return None
+    return _cuda_target(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def tile_config(M, N, target, tma):
+    """(tile sizes and launch settings, programs per SM) for an (M, N) output: a fixed choice per device
+    generation, size class and load path, so a new shape compiles once and never sweeps configurations."""
+    if target is None:  # the interpreter: small tiles, and a few programs to exercise the persistent loop
+        return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, GROUP_M=4, num_warps=4, num_stages=1), 0
+    major, per_sm = target.capability[0], 1
+    if M <= 64:  # decoding: a few rows
+        cfg = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=3)
+    elif major >= 9 and tma:  # two programs per SM, so that one's epilogue runs under the other's matmul:
+        # 128 registers each, which pointer loads would spill from (bench.kernel_static checks both)
+        cfg, per_sm = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3, maxnreg=128), 2
+    elif major >= 9:
+        cfg = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
+    elif major == 8:  # Ampere and Ada
+        cfg = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=4)
+    else:
+        cfg = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=2)
+    return {**cfg, "enable_fp_fusion": True}, per_sm  # multiply-adds fused: Triton 3.10 stops doing it by default
+
+
+def _programs(tiles, target, per_sm):
+    """The persistent grid: per_sm programs per SM at most; the interpreter runs a few to exercise the loop."""
+    if target is None:
         return max(1, min(tiles, 3))
-    return max(1, min(tiles, _device_facts(device)[0]))
+    return max(1, min(tiles, per_sm * target.sms))
 
 
 def _tma_ok(*tensors):
@@ -64,12 +86,11 @@ def _tma_ok(*tensors):
     return True
 
 
-def use_tma(device, *tensors):
+def use_tma(target, *tensors):
     """Tensor descriptors on Hopper and newer (and in the interpreter, which runs them too)."""
     if os.environ.get("ABCGPT_NO_TMA") == "1":
         return False
-    supported = INTERPRET or (device.type == "cuda" and _device_facts(device)[1] >= 9)
-    return supported and _tma_ok(*tensors)
+    return (target is None or target.capability[0] >= 9) and _tma_ok(*tensors)
 
 
 def _descriptor(t, block):
@@ -85,123 +106,124 @@ def _precision(dtype):
     return "tf32"
 
 
-def _gate_layout(gate, M):
-    """(per_row, rows_per_gate, row stride) of a gate vector or table."""
+def _gate_layout(gate, M, block_m):
+    """(GATE, rows per gate row, row stride) of a gate vector or table (see kernels.gated_mlp)."""
     if gate.dim() == 1:
-        return False, 1, 0
-    return True, max(1, M // max(1, gate.shape[0])), gate.stride(0)
+        return "vector", 1, 0
+    rows = max(1, M // max(1, gate.shape[0]))
+    return ("tile" if rows % block_m == 0 else "row"), rows, gate.stride(0)
 
 
-def _launch(a, b, c, d, M, N, b_is_nk):
-    """Tile settings, the four (M, N)-tiled operands (A, B, and two outputs or epilogue inputs) as TMA
-    descriptors where the rules allow or as the tensors themselves, whether TMA serves, and the grid size."""
-    cfg = tile_config(M, N, a.device)
+@dataclass
+class Launch:
+    """A kernel launch decided in full: the static check (bench.kernel_static) compiles exactly these."""
+    kernel: object
+    grid: tuple
+    args: tuple
+    kwargs: dict
+
+    def __call__(self):
+        self.kernel[self.grid](*self.args, **self.kwargs)
+
+
+def _matmul_launch(a, b, c, d, M, N, target, b_is_nk, chunks):
+    """Tile settings, the four (M, N)-tiled operands (A, B, and two outputs or epilogue inputs, which
+    the epilogue handles in chunks column blocks per tile) as TMA descriptors where the rules allow or as
+    the tensors themselves, whether TMA serves, and the grid size."""
+    tma = use_tma(target, a, b, c, d)
+    cfg, per_sm = tile_config(M, N, target, tma)
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
-    tma = use_tma(a.device, a, b, c, d)
     if tma:
         operands = (_descriptor(a, [bm, bk]), _descriptor(b, [bn, bk] if b_is_nk else [bk, bn]),
-                    _descriptor(c, [bm, bn // 2]), _descriptor(d, [bm, bn // 2]))
+                    _descriptor(c, [bm, bn // chunks]), _descriptor(d, [bm, bn // chunks]))
     else:
         operands = (a, b, c, d)
-    programs = _programs(triton.cdiv(M, bm) * triton.cdiv(N, bn), a.device)
+    programs = _programs(triton.cdiv(M, bm) * triton.cdiv(N, bn), target, per_sm)
     return cfg, operands, tma, programs
 
 
-def _up(x, weight, bias, gate, tanh, store_z):
+def up_launch(x, weight, bias, gate, h, slope, tanh, target):
+    """h = GELU(x @ weight.T + bias) * gate into h, and its slope dh/dz into slope unless slope is empty."""
     M, K = x.shape
     N = weight.shape[0]
-    h = torch.empty((M, N), device=x.device, dtype=x.dtype)
-    z = torch.empty((M, N), device=x.device, dtype=x.dtype) if store_z else x.new_empty(0)
-    if M == 0 or N == 0:
-        return h, z
-    z_arg = z if store_z else h  # never written when STORE_Z is off
-    cfg, (x_op, w_op, h_op, z_op), tma, programs = _launch(x, weight, h, z_arg, M, N, b_is_nk=True)
-    per_row, rows_per_gate, stride_g = _gate_layout(gate, M)
-    gated_up_kernel[(programs,)](
-        x_op, w_op, bias if bias is not None else gate, gate, h_op, z_op,
-        M, N, K, rows_per_gate,
+    store_slope = slope.numel() > 0
+    slope_arg = slope if store_slope else h  # never written when STORE_SLOPE is off
+    cfg, (x_op, w_op, h_op, s_op), tma, programs = _matmul_launch(x, weight, h, slope_arg, M, N, target,
+                                                                   b_is_nk=True, chunks=4 if store_slope else 2)
+    gate_mode, rows_per_gate, stride_g = _gate_layout(gate, M, cfg["BLOCK_M"])
+    return Launch(gated_up_kernel, (programs,), (
+        x_op, w_op, bias if bias is not None else gate, gate, h_op, s_op,
+        M, N, K, rows_per_gate, programs,
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), stride_g,
-        h.stride(0), h.stride(1), z_arg.stride(0), z_arg.stride(1),
-        HAS_BIAS=bias is not None, PER_ROW=per_row, STORE_Z=store_z, TANH=tanh,
-        USE_TMA=tma, PRECISION=_precision(x.dtype), NUM_PROGRAMS=programs, **cfg,
-    )
-    return h, z
+        h.stride(0), h.stride(1), slope_arg.stride(0), slope_arg.stride(1),
+    ), dict(HAS_BIAS=bias is not None, GATE=gate_mode, STORE_SLOPE=store_slope, TANH=tanh,
+            FAST_GELU=h.element_size() <= 2, ASM=target is not None, USE_TMA=tma, PRECISION=_precision(x.dtype),
+            **cfg))
 
 
-def _down_grad(dout, weight, z, gate, tanh):
+def down_grad_launch(dout, weight, slope, dz, target):
+    """dz = (dout @ weight) * slope, weight (K, N) as an nn.Linear(N, K) holds it."""
     M, K = dout.shape
     N = weight.shape[1]
-    dz = torch.empty((M, N), device=dout.device, dtype=dout.dtype)
-    if M == 0 or N == 0:
-        return dz
-    cfg, (dout_op, w_op, z_op, dz_op), tma, programs = _launch(dout, weight, z, dz, M, N, b_is_nk=False)
-    per_row, rows_per_gate, stride_g = _gate_layout(gate, M)
-    gated_down_grad_kernel[(programs,)](
-        dout_op, w_op, z_op, gate, dz_op,
-        M, N, K, rows_per_gate,
-        dout.stride(0), dout.stride(1), weight.stride(0), weight.stride(1), stride_g,
-        z.stride(0), z.stride(1), dz.stride(0), dz.stride(1),
-        PER_ROW=per_row, TANH=tanh, USE_TMA=tma, PRECISION=_precision(dout.dtype), NUM_PROGRAMS=programs, **cfg,
-    )
-    return dz
+    cfg, (dout_op, w_op, s_op, dz_op), tma, programs = _matmul_launch(dout, weight, slope, dz, M, N, target,
+                                                                       b_is_nk=False, chunks=2)
+    return Launch(gated_down_grad_kernel, (programs,), (
+        dout_op, w_op, s_op, dz_op, M, N, K, programs,
+        dout.stride(0), dout.stride(1), weight.stride(0), weight.stride(1),
+        slope.stride(0), slope.stride(1), dz.stride(0), dz.stride(1),
+    ), dict(USE_TMA=tma, PRECISION=_precision(dout.dtype), **cfg))
+
+
+def _up(x, weight, bias, gate, tanh, store_slope):
+    M, N = x.shape[0], weight.shape[0]
+    h = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    slope = torch.empty((M, N), device=x.device, dtype=x.dtype) if store_slope else x.new_empty(0)
+    if M and N:
+        up_launch(x, weight, bias, gate, h, slope, tanh, target_of(x.device))()
+    return h, slope
 
 
 @torch.library.custom_op("abcgpt::gated_up", mutates_args=())
 def gated_up(x: Tensor, weight: Tensor, bias: Optional[Tensor], gate: Tensor, tanh: bool,
-             store_z: bool) -> tuple[Tensor, Tensor]:
-    return _up(x, weight, bias, gate, tanh, store_z)
+             store_slope: bool) -> tuple[Tensor, Tensor]:
+    return _up(x, weight, bias, gate, tanh, store_slope)
 
 
 @gated_up.register_fake
-def _(x, weight, bias, gate, tanh, store_z):
+def _(x, weight, bias, gate, tanh, store_slope):
     shape = (x.shape[0], weight.shape[0])
-    return x.new_empty(shape), x.new_empty(shape if store_z else (0,))
+    return x.new_empty(shape), x.new_empty(shape if store_slope else (0,))
 
 
 @torch.library.custom_op("abcgpt::gated_down_grad", mutates_args=())
-def gated_down_grad(dout: Tensor, weight: Tensor, z: Tensor, gate: Tensor, tanh: bool) -> Tensor:
-    """dz = (dout @ W2) * gate * GELU'(z), W2 of shape (K, N) as an nn.Linear(N, K) holds it."""
-    return _down_grad(dout, weight, z, gate, tanh)
-
-
-@gated_down_grad.register_fake
-def _(dout, weight, z, gate, tanh):
-    return dout.new_empty((dout.shape[0], weight.shape[1]))
-
-
-@torch.library.custom_op("abcgpt::gate_grad", mutates_args=())
-def gate_grad(dh: Tensor, z: Tensor, gate: Tensor, tanh: bool) -> Tensor:
-    """dz = dh * gate * GELU'(z) in one elementwise pass."""
-    M, N = dh.shape
-    dz = torch.empty_like(dh, memory_format=torch.contiguous_format)
-    if M == 0 or N == 0:
-        return dz
-    block_m, block_n = 32, 64
-    per_row, rows_per_gate, stride_g = _gate_layout(gate, M)
-    gate_grad_kernel[(triton.cdiv(M, block_m), triton.cdiv(N, block_n))](
-        dh, z, gate, dz, M, N, rows_per_gate,
-        dh.stride(0), dh.stride(1), z.stride(0), z.stride(1), stride_g, dz.stride(0), dz.stride(1),
-        PER_ROW=per_row, TANH=tanh, BLOCK_M=block_m, BLOCK_N=block_n,
-    )
+def gated_down_grad(dout: Tensor, weight: Tensor, slope: Tensor) -> Tensor:
+    """dz = (dout @ W2) * slope, W2 of shape (K, N) as an nn.Linear(N, K) holds it."""
+    dz = torch.empty((dout.shape[0], weight.shape[1]), device=dout.device, dtype=dout.dtype)
+    if dz.numel():
+        down_grad_launch(dout, weight, slope, dz, target_of(dout.device))()
     return dz
 
 
-@gate_grad.register_fake
-def _(dh, z, gate, tanh):
-    return torch.empty_like(dh, memory_format=torch.contiguous_format)
+@gated_down_grad.register_fake
+def _(dout, weight, slope):
+    return dout.new_empty((dout.shape[0], weight.shape[1]))
+
+
+def _slope_of(ctx, op):
+    if not ctx.store_slope:
+        raise RuntimeError(f"{op} ran without keeping its slope (store_slope=False), so it has no backward")
+    return ctx.saved_tensors[-1]
 
 
 def _up_setup(ctx, inputs, output):
-    x, weight, bias, gate, tanh, store_z = inputs
-    ctx.save_for_backward(x, weight, output[1], gate)
-    ctx.has_bias, ctx.tanh = bias is not None, tanh
+    x, weight, bias, gate, tanh, store_slope = inputs
+    ctx.save_for_backward(x, weight, output[1])
+    ctx.has_bias, ctx.store_slope = bias is not None, store_slope
 
 
 def _up_backward(ctx, dh, _):
-    x, weight, z, gate = ctx.saved_tensors
-    if z.numel() == 0 and dh.numel() != 0:
-        raise RuntimeError("gated_up was run with store_z=False: call it through gated_linear_gelu to train")
-    dz = gate_grad(dh, z, gate, ctx.tanh)
+    x, weight, _ = ctx.saved_tensors
+    dz = dh * _slope_of(ctx, "gated_up")
     db = dz.sum(0) if ctx.has_bias else None
     return dz @ weight, dz.t() @ x, db, None, None, None
 
@@ -211,32 +233,31 @@ gated_up.register_autograd(_up_backward, setup_context=_up_setup)
 
 @torch.library.custom_op("abcgpt::gated_mlp", mutates_args=())
 def gated_mlp_op(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Optional[Tensor], gate: Tensor,
-                 tanh: bool, store_z: bool) -> tuple[Tensor, Tensor, Tensor]:
-    h, z = _up(x, w1, b1, gate, tanh, store_z)
-    return F.linear(h, w2, b2), h, z
+                 tanh: bool, store_slope: bool) -> tuple[Tensor, Tensor, Tensor]:
+    h, slope = _up(x, w1, b1, gate, tanh, store_slope)
+    return F.linear(h, w2, b2), h, slope
 
 
 @gated_mlp_op.register_fake
-def _(x, w1, b1, w2, b2, gate, tanh, store_z):
+def _(x, w1, b1, w2, b2, gate, tanh, store_slope):
     hidden = (x.shape[0], w1.shape[0])
-    return x.new_empty((x.shape[0], w2.shape[0])), x.new_empty(hidden), x.new_empty(hidden if store_z else (0,))
+    return x.new_empty((x.shape[0], w2.shape[0])), x.new_empty(hidden), x.new_empty(hidden if store_slope else (0,))
 
 
 def _mlp_setup(ctx, inputs, output):
-    x, w1, b1, w2, b2, gate, tanh, store_z = inputs
-    _, h, z = output
-    ctx.save_for_backward(x, w1, w2, h, z, gate)
-    ctx.has_b1, ctx.has_b2, ctx.tanh = b1 is not None, b2 is not None, tanh
+    x, w1, b1, w2, b2, gate, tanh, store_slope = inputs
+    _, h, slope = output
+    ctx.save_for_backward(x, w1, w2, h, slope)
+    ctx.has_b1, ctx.has_b2, ctx.store_slope = b1 is not None, b2 is not None, store_slope
 
 
-def _mlp_backward(ctx, dout, _dh, _dz):
-    x, w1, w2, h, z, gate = ctx.saved_tensors
-    if z.numel() == 0 and dout.numel() != 0:
-        raise RuntimeError("gated_mlp was run with store_z=False: call it through gated_mlp to train")
+def _mlp_backward(ctx, dout, _dh, _dslope):
+    x, w1, w2, h, _ = ctx.saved_tensors
+    slope = _slope_of(ctx, "gated_mlp_op")
     dout = dout.contiguous()
     dw2 = dout.t() @ h
     db2 = dout.sum(0) if ctx.has_b2 else None
-    dz = gated_down_grad(dout, w2, z, gate, ctx.tanh)
+    dz = gated_down_grad(dout, w2, slope)
     db1 = dz.sum(0) if ctx.has_b1 else None
     return dz @ w1, dz.t() @ x, db1, dw2, db2, None, None, None
 

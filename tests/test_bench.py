@@ -1,16 +1,22 @@
 """The benchmark scripts run and report every case they promise, with sane numbers."""
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_json(module, *args, tmp_path):
+def run_json(module, *args, tmp_path, as_file=False):
+    """Run a benchmark as python -m bench.NAME, or as the design card writes it, python bench/NAME.py."""
     out = tmp_path / "result.json"
-    result = subprocess.run([sys.executable, "-m", module, *args, "--out", str(out)], cwd=ROOT,
+    command = [str(Path(*module.split(".")).with_suffix(".py"))] if as_file else ["-m", module]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # found as installed, not through a path
+    result = subprocess.run([sys.executable, *command, *args, "--out", str(out)], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr
     return json.loads(out.read_text()), result.stdout
@@ -21,7 +27,8 @@ def test_kernel_bench_quick(tmp_path):
     assert {"device", "date", "torch", "triton", "dtype"} <= set(record)
     cases = {(r["op"], r["alpha"], r["pass"], r["impl"]) for r in record["results"]}
     assert cases == {(op, a, p, impl) for op in ("up", "mlp") for a in ("scalar", "per-row")
-                     for p in ("fwd", "fwd-train", "fwd+bwd") for impl in ("fused", "eager", "matmul")}
+                     for p in ("fwd", "fwd-train", "fwd+bwd") for impl in ("fused", "eager", "matmul")} | {
+        ("up", a, "fwd", "triton_matmul") for a in ("scalar", "per-row")}  # our plain Triton matmul: forward only
     for r in record["results"]:
         assert r["error"] is None, r
         assert r["median_s"] > 0 and math.isfinite(r["median_s"]) and r["tflops"] > 0
@@ -29,8 +36,9 @@ def test_kernel_bench_quick(tmp_path):
     assert "vs eager" in stdout
 
 
-def test_gate_throughput_quick(tmp_path):
-    record, stdout = run_json("bench.gate_throughput", "--quick", tmp_path=tmp_path)
+@pytest.mark.parametrize("as_file", [False, True], ids=["python -m bench.gate_throughput", "python bench/gate_throughput.py"])
+def test_gate_throughput_quick(tmp_path, as_file):
+    record, stdout = run_json("bench.gate_throughput", "--quick", tmp_path=tmp_path, as_file=as_file)
     assert {"device", "date", "torch", "triton", "threads"} <= set(record)
     results = record["results"]
     # promised: vanilla once, each CPU backend at each alpha; training and generation for each

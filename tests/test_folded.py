@@ -232,6 +232,7 @@ def test_skipping_follows_scores_loaded_later():
 def test_compiled_decoder_steps_without_recompiling_and_gives_the_same_tokens(case):
     """The one-token steps over a static-shape cache trace once (a recompile would raise here) and give what
     the eager cache gives, into window mode past block_size too."""
+    from abcgpt.recompiles import forbid_recompiles
     from abcgpt.sampling import CompiledDecoder
 
     model = generation_model(gated=case != "vanilla")
@@ -240,8 +241,7 @@ def test_compiled_decoder_steps_without_recompiling_and_gives_the_same_tokens(ca
     torch._dynamo.reset()
     decoder = CompiledDecoder(model, alpha, backend="eager")  # dynamo's tracing and guards, without a compiler
     generate(model, prompt, 3, alpha, decoder=decoder)  # the first step traces
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(torch._dynamo.config, "error_on_recompile", True)
+    with forbid_recompiles():
         for new_tokens in (10, 30):  # 4 + 30 outgrows block_size 24
             runs = [generate(model, prompt, new_tokens, alpha, temperature=1.5, decoder=d,
                              generator=torch.Generator().manual_seed(3)) for d in (decoder, None)]

@@ -81,7 +81,7 @@ def test_up_projection_matches_reference(dtype, M, K, N, alpha_kind, load_path):
     x, w, b, m, g = inputs(M, K, N, dtype, seed=M * 1000 + N)
     alpha = make_alpha(alpha_kind, M, g)
     if load_path == "tma" and K % 8 == 0 and N % 8 == 0 and (ops.INTERPRET or torch.cuda.get_device_capability()[0] >= 9):
-        assert ops.use_tma(x.device, x, w, torch.empty(M, N, device=DEVICE, dtype=dtype))  # the path under test
+        assert ops.use_tma(ops.target_of(x.device), x, w, torch.empty(M, N, device=DEVICE, dtype=dtype))  # the path under test
     h = gated_linear_gelu(x, w, b, tent_gate(alpha, m))
     assert h.dtype == dtype and h.shape == (M, N)
     assert_close(h, reference_up(x, w, b, alpha, m), dtype)
@@ -191,14 +191,46 @@ def test_malformed_gates_are_refused_before_launch():
             gated_mlp(x, w, b, w.t(), None, gate.to(DEVICE))
 
 
+@pytest.mark.parametrize("sequence_rows, mode", [(32, "tile"), (20, "row")])
+def test_per_sequence_gates_whole_tiles_or_not(sequence_rows, mode, load_path):
+    """Sequences that fill whole tiles read one gate row per tile, others a row per row: both are right."""
+    n_sequences, K, N = 5, 24, 72
+    M = n_sequences * sequence_rows
+    x, w, b, m, g = inputs(M, K, N, torch.float32, seed=sequence_rows)
+    alpha = torch.rand(n_sequences, generator=g).to(DEVICE)
+    gate = tent_gate(alpha, m)
+    tile_m = ops.tile_config(M, N, ops.target_of(x.device), tma=load_path == "tma")[0]["BLOCK_M"]
+    assert ops._gate_layout(gate, M, tile_m)[0] == mode  # the layout under test
+    h = gated_linear_gelu(x, w, b, gate)
+    assert_close(h, reference_up(x, w, b, alpha, m), torch.float32)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="the H100's own tiles: 128 rows, two programs per SM")
+@pytest.mark.parametrize("M, K, N, rows_per_sequence", [(1024, 384, 1536, 256), (1000, 768, 3072, 200),
+                                                         (48, 768, 3072, 1)])
+def test_gpu_sized_shapes_in_bf16(M, K, N, rows_per_sequence, load_path):
+    """The tile configurations a GPU launches at the model's widths, forward and backward, against the
+    reference in float32 from the same bf16 inputs."""
+    x, w1, b1, m, g = inputs(M, K, N, torch.bfloat16, seed=M + K)
+    w2 = (torch.randn(K, N, generator=g) / N**0.5).to(DEVICE, torch.bfloat16)
+    for alpha in (torch.tensor(0.37, device=DEVICE), torch.rand(M // rows_per_sequence, generator=g).to(DEVICE)):
+        params = [t.detach().requires_grad_() for t in (x, w1, w2)]
+        out = gated_mlp(params[0], params[1], b1, params[2], None, tent_gate(alpha, m))
+        expected = F.linear(reference_up(params[0], params[1], b1, alpha, m), params[2].float())
+        assert_close(out, expected, torch.bfloat16)
+        dout = torch.randn(M, K, generator=g).to(DEVICE, torch.bfloat16)
+        for got, want in zip(torch.autograd.grad(out, params, dout), torch.autograd.grad(expected, params, dout.float())):
+            assert_close(got, want, torch.bfloat16)
+
+
 def test_tensor_descriptors_serve_aligned_strides_only(load_path):
     """The TMA path takes aligned row strides; a row stride off TMA's 16 bytes falls back to pointers."""
     if load_path == "pointers" or not (ops.INTERPRET or torch.cuda.get_device_capability()[0] >= 9):
         pytest.skip("tensor descriptors are not in use here")
     aligned = torch.zeros(8, 16, device=DEVICE)
-    assert ops.use_tma(aligned.device, aligned)
-    assert not ops.use_tma(aligned.device, torch.zeros(8, 5, device=DEVICE))  # 20-byte rows
-    assert not ops.use_tma(aligned.device, aligned[:, 1:])  # a base off 16 bytes
+    assert ops.use_tma(ops.target_of(aligned.device), aligned)
+    assert not ops.use_tma(ops.target_of(aligned.device), torch.zeros(8, 5, device=DEVICE))  # 20-byte rows
+    assert not ops.use_tma(ops.target_of(aligned.device), aligned[:, 1:])  # a base off 16 bytes
 
 
 def test_compiles_without_graph_breaks():

@@ -1,0 +1,360 @@
+"""What the fused kernels become on an H100, read off their machine code on any machine: no GPU needed.
+
+    python -m bench.kernel_static                          # every kernel and configuration the ops launch on an H100
+    python -m bench.kernel_static --check                  # exit 1 on a spill, a missing wgmma, too much shared memory
+    python -m bench.kernel_static --out kernel_static.json --shapes 16384x768x3072
+
+How it works. The ops' own launch code (kernels.ops: up_launch and down_grad_launch)
+plans every launch for an H100 (132 SMs, compute capability 9.0) on meta tensors, which have shapes and
+strides but no memory, at the benchmark's shapes, with a gate vector and a per-sequence gate table, on
+the TMA and the pointer path, for the forward, the training forward (h and z) and the backward. Each
+distinct specialization is compiled by Triton for sm_90a as its JIT would compile it, and read with the
+CUDA tools Triton's wheel ships: registers and stack from cuobjdump -res-usage, shared memory from the
+compiled metadata, and wgmma (HGMMA), special-function (MUFU) and epilogue instruction counts from the
+SASS. A plain persistent TMA matmul of our own (bench.plain_matmul) goes through the same model, which
+calibrates it: a model that does not put that kernel near a plain matmul is not to be trusted.
+
+Every time here is predicted by the model below, never measured; --help-model prints it.
+"""
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+os.environ.pop("TRITON_INTERPRET", None)  # the real compiler: set before triton.jit wraps the kernels
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+
+from bench.tables import markdown_table  # noqa: E402
+from kernels.ops import Target, down_grad_launch, up_launch  # noqa: E402
+
+MODEL = """The issue-bound model (per output tile, on one SM; H100 SXM figures):
+  mma      = BLOCK_M * BLOCK_N * K / 2048         wgmma cycles: 2048 bf16 multiply-adds per SM per clock
+  epilogue = max(E * W / 4, U * W / 4 * 8)        E SASS instructions per thread of the epilogue and the
+                                                  tile's other work outside the K loop, U of them MUFU, W
+                                                  warps: each of the 4 sub-partitions issues one warp
+                                                  instruction per clock, and its 4-lane special-function
+                                                  unit takes 8 clocks for a warp's MUFU
+  kstep    = max(0, S * W / 4 - mma per K step)   S instructions per thread in a K step beyond what the
+                                                  step's wgmma hides, for every K step
+  per tile = mma + epilogue + kstep               with one program per SM: the warps that issue the
+                                                  wgmma also run the epilogue, so nothing overlaps it
+  per tile = max(mma, (mma + epilogue + kstep) / P, epilogue + kstep * steps)
+                                                  with P programs resident per SM: the tensor cores serve
+                                                  one program's tile while another runs its epilogue
+  time     = max(tiles per SM * per tile / 1.83 GHz, bytes / 3.35 TB/s)
+  ratio    = the same product as a plain matmul would take at full rate, max(2 M N K / 989.4 TFLOP/s,
+             its own bytes / 3.35 TB/s), over that time; 1 would match an ideal cuBLAS.
+Latencies, waits on TMA and barriers, L2 misses and clock changes are not in it: it is an upper
+bound for comparing designs, and every ratio it gives is "predicted"."""
+
+H100 = Target(sms=132, capability=(9, 0))
+CLOCK_HZ = 1.83e9
+PEAK_FLOPS = 989.4e12  # dense bf16: 132 SMs * 4096 flops per clock * 1.83 GHz
+HBM_BYTES_PER_S = 3.35e12
+MMA_PER_CLOCK = 2048  # bf16 multiply-adds per SM per clock
+SMEM_PER_BLOCK = 232448  # the most one program may take (227 KiB)
+SMEM_PER_SM = 233472  # 228 KiB, of which each resident program also takes 1 KiB
+REGS_PER_SM = 65536
+THREADS_PER_SM = 2048
+
+SHAPES = [(16384, 384, 1536), (16384, 768, 3072), (65536, 384, 1536), (65536, 768, 3072), (16384, 1024, 4096)]
+DECODE_ROWS = (1, 8, 64)  # small batches of one-token steps: one binary for them all
+ROWS_PER_SEQUENCE = 256  # the reference recipe's block, as bench.kernel_bench gates it
+
+
+@dataclass
+class Case:
+    """One launch the ops would make: what it is, the launch, and what it moves and computes."""
+    kernel: str  # up, up-train (h and its slope), down-grad, plain
+    path: str  # tma, pointer, or - for the elementwise kernel
+    gate: str  # vector, table, or -
+    shape: tuple  # (M, K, N)
+    launch: object
+    hbm_bytes: int
+    binary: dict = field(default_factory=dict)
+
+
+def meta(*shape, dtype=torch.bfloat16):
+    return torch.empty(shape, dtype=dtype, device="meta")
+
+
+def gate_of(kind, M, N, rows_per_sequence=ROWS_PER_SEQUENCE):
+    """A gate vector, or a table of one row per sequence (decoding: one token per sequence)."""
+    if kind == "vector":
+        return meta(N, dtype=torch.float32)
+    return meta(max(1, M // rows_per_sequence), N, dtype=torch.float32)
+
+
+def planned_cases(shapes, paths):
+    """Every launch the ops plan for an H100 at these shapes, and the plain matmul at each."""
+    from bench.plain_matmul import plain_matmul_launch
+
+    cases = []
+    for path in paths:
+        os.environ["ABCGPT_NO_TMA"] = "1" if path == "pointer" else "0"
+        for M, K, N in shapes:
+            for gate in ("vector", "table"):
+                g = gate_of(gate, M, N)
+                x, w, h = meta(M, K), meta(N, K), meta(M, N)
+                gate_bytes = g.numel() * 4
+                cases.append(Case("up", path, gate, (M, K, N), up_launch(x, w, None, g, h, meta(0), False, H100),
+                                  2 * (M * K + N * K + M * N) + gate_bytes))
+                cases.append(Case("up-train", path, gate, (M, K, N),
+                                  up_launch(x, w, None, g, h, meta(M, N), False, H100),
+                                  2 * (M * K + N * K + 2 * M * N) + gate_bytes))
+            cases.append(Case("down-grad", path, "-", (M, K, N),  # the gate is in the slope the forward kept
+                              down_grad_launch(meta(M, K), meta(K, N), meta(M, N), meta(M, N), H100),
+                              2 * (M * K + N * K + 2 * M * N)))
+        for rows in DECODE_ROWS:
+            for M, K, N in sorted({(rows, k, n) for _, k, n in shapes}):
+                for gate in ("vector", "table"):
+                    cases.append(Case("up", path, gate, (M, K, N),
+                                      up_launch(meta(M, K), meta(N, K), None, gate_of(gate, M, N, 1),
+                                                meta(M, N), meta(0), False, H100), 2 * (M * K + N * K + M * N)))
+    os.environ.pop("ABCGPT_NO_TMA", None)
+    for M, K, N in shapes:
+        cases.append(Case("plain", "tma", "-", (M, K, N), plain_matmul_launch(meta(M, K), meta(N, K), meta(M, N), H100),
+                          2 * (M * K + N * K + M * N)))
+    return cases
+
+
+class Compiler:
+    """Triton's JIT steps for a launch (bind, specialize, compile) with sm_90a as the target."""
+
+    def __init__(self):
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import make_backend
+
+        self.target = GPUTarget("cuda", 90, 32)
+        self.backend = make_backend(self.target)
+        self.binders = {}
+        self.binaries = {}
+        tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+        self.cuobjdump = str(tools / "cuobjdump")
+
+    def specialize(self, launch):
+        """(key, signature, constexprs, attrs, options): what the JIT would compile for this launch."""
+        from triton.runtime.jit import create_function_from_signature
+
+        fn, kwargs = launch.kernel, dict(launch.kwargs)
+        kwargs.setdefault("debug", False)
+        if fn not in self.binders:
+            self.binders[fn] = create_function_from_signature(fn.signature, fn.params, self.backend)
+        bound, specialization, options = self.binders[fn](*launch.args, **kwargs)
+        options, signature, constexprs, attrs = fn._pack_args(self.backend, kwargs, bound, specialization, options)
+        key = json.dumps([fn.__name__, signature, sorted((str(k), repr(v)) for k, v in constexprs.items()),
+                          sorted((str(k), repr(v)) for k, v in attrs.items()), repr(options)])
+        return key, signature, constexprs, attrs, options
+
+    def binary(self, launch):
+        """The analysis of the binary this launch runs, compiled once per distinct specialization."""
+        from triton.compiler import ASTSource
+
+        key, signature, constexprs, attrs, options = self.specialize(launch)
+        if key not in self.binaries:
+            compiled = triton.compile(ASTSource(launch.kernel, signature, constexprs, attrs), target=self.target,
+                                      options=options.__dict__)
+            self.binaries[key] = {"function": launch.kernel.__name__, "num_warps": options.num_warps,
+                                  "num_stages": options.num_stages, "maxnreg": options.maxnreg,
+                                  "smem_bytes": int(compiled.metadata.shared), **self.read(compiled)}
+        return self.binaries[key]
+
+    def read(self, compiled):
+        with tempfile.TemporaryDirectory() as folder:
+            cubin = Path(folder) / "kernel.cubin"
+            cubin.write_bytes(compiled.asm["cubin"])
+            usage = subprocess.run([self.cuobjdump, "-res-usage", str(cubin)], capture_output=True, text=True,
+                                   check=True).stdout
+            sass = subprocess.run([self.cuobjdump, "-sass", str(cubin)], capture_output=True, text=True,
+                                  check=True).stdout
+        regs, stack = (int(v) for v in re.search(r"REG:(\d+) STACK:(\d+)", usage).groups())
+        instructions = parse_sass(sass)
+        opcodes = [op for _, op, _ in instructions]
+        return {"regs": regs, "stack_bytes": stack, "local_ops": sum(op in ("LDL", "STL") for op in opcodes),
+                "hgmma": sum(op == "HGMMA" for op in opcodes), "hmma": sum(op == "HMMA" for op in opcodes),
+                "instructions": len(opcodes), "regions": regions(instructions)}
+
+
+def parse_sass(text):
+    """[(index, opcode without modifiers, the branch target's address or None)] of one kernel's SASS."""
+    found = []
+    for line in text.splitlines():
+        m = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)[^;]*;", line)
+        if not m:
+            continue
+        address, opcode = int(m.group(1), 16), m.group(2)
+        target = None
+        if opcode == "BRA":
+            t = re.search(r"0x([0-9a-f]+)", line[m.end(1):])
+            target = int(t.group(1), 16) if t else None
+        if opcode != "NOP":
+            found.append((address, opcode, target))
+    return found
+
+
+def regions(instructions):
+    """Per-thread instruction counts of a matmul kernel's parts, or None: {"epilogue", "mufu" (of the
+    epilogue), "kstep" (one K step), "tile" (the rest of a tile's work: its loads' prologue, its origin)}.
+
+    The main loop is the innermost loop holding the wgmma. Triton's flattened loop nest puts the
+    epilogue inside it, behind a forward branch that the K steps before the last take around it (the
+    widest such branch after the last wgmma); a nested loop puts it after the K loop's back edge, up to
+    the tile loop's, and the tile loop's other instructions are the tile's own."""
+    index = {address: i for i, (address, _, _) in enumerate(instructions)}
+    mma = [i for i, (_, op, _) in enumerate(instructions) if op in ("HGMMA", "HMMA")]
+    if not mma:
+        return None
+    loops = sorted((i - index[t], index[t], i) for i, (_, op, t) in enumerate(instructions)
+                   if op == "BRA" and t in index and index[t] <= i)
+    loops = [(head, tail) for _, head, tail in loops if head <= mma[0] and mma[-1] <= tail]
+    if not loops:
+        return None
+    head, tail = loops[0]
+    stores = [i for i, (_, op, _) in enumerate(instructions) if op in ("UTMASTG", "STG")]
+    skips = [(index[t] - i, i + 1, index[t]) for i, (_, op, t) in enumerate(instructions)
+             if op == "BRA" and mma[-1] < i < tail and t in index and i < index[t] <= tail
+             and any(i < s < index[t] for s in stores)]
+    if skips:
+        _, start, end = max(skips)
+        epilogue, kstep, tile = range(start, end), (end - start), 0
+        kstep = tail + 1 - head - len(epilogue)
+    elif len(loops) > 1:
+        outer_head, outer_tail = loops[1]
+        epilogue = range(tail + 1, outer_tail)
+        kstep = tail + 1 - head
+        tile = (outer_tail + 1 - outer_head) - kstep - len(epilogue)
+    else:
+        return None
+    return {"epilogue": len(epilogue), "mufu": sum(instructions[i][1] == "MUFU" for i in epilogue),
+            "kstep": kstep, "tile": tile}
+
+
+def programs_per_sm(binary, launch):
+    """How many programs of this binary an SM holds at once, and how many the grid gives it."""
+    threads = 32 * binary["num_warps"]
+    regs = -(-binary["regs"] // 8) * 8  # registers are allocated per warp in steps of 8 per thread
+    fit = min(THREADS_PER_SM // threads, REGS_PER_SM // (regs * threads), SMEM_PER_SM // (binary["smem_bytes"] + 1024))
+    return fit, -(-launch.grid[0] // H100.sms)
+
+
+def predict(case):
+    """The model's time and ratio to an ideal plain matmul for one case (see MODEL); {} without a main loop."""
+    b, r = case.binary, case.binary["regions"]
+    if r is None:
+        return {}
+    M, K, N = case.shape
+    cfg = case.launch.kwargs
+    bm, bn, bk, warps = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["num_warps"]
+    fit, given = programs_per_sm(b, case.launch)
+    resident = max(1, min(fit, given))
+    steps = -(-K // bk)
+    mma = bm * bn * K / MMA_PER_CLOCK
+    issue = warps / 4  # clocks per instruction per thread: each sub-partition issues one warp instruction a clock
+    epilogue = max((r["epilogue"] + r["tile"]) * issue, r["mufu"] * issue * 8)
+    kstep = max(0.0, r["kstep"] * issue - mma / steps) * steps
+    if resident == 1:
+        per_tile = mma + epilogue + kstep
+    else:
+        per_tile = max(mma, (mma + epilogue + kstep) / resident, epilogue + kstep)
+    tiles = -(-M // bm) * -(-N // bn)
+    tiles_per_sm = -(-tiles // case.launch.grid[0]) * given  # every program the grid gives an SM runs there
+    seconds = max(tiles_per_sm * per_tile / CLOCK_HZ, case.hbm_bytes / HBM_BYTES_PER_S)
+    ideal = max(2 * M * N * K / PEAK_FLOPS, 2 * (M * K + N * K + M * N) / HBM_BYTES_PER_S)
+    return {"resident_per_sm": resident, "mma_cycles": mma, "epilogue_cycles": epilogue, "kstep_excess_cycles": kstep,
+            "predicted_us": seconds * 1e6, "predicted_ratio": ideal / seconds}
+
+
+def problems(case):
+    """What the H100 would refuse or pay for: spills, shared memory over the limit, a matmul without wgmma."""
+    b, found = case.binary, []
+    if b["stack_bytes"] or b["local_ops"]:
+        found.append(f"spills: {b['stack_bytes']} B of stack, {b['local_ops']} local loads and stores")
+    if b["smem_bytes"] > SMEM_PER_BLOCK:
+        found.append(f"needs {b['smem_bytes']} B of shared memory, over the {SMEM_PER_BLOCK} B an H100 allows")
+    if b["hgmma"] == 0:
+        found.append("a matmul without wgmma (HGMMA)")
+    return found
+
+
+def label(case):
+    cfg = case.launch.kwargs
+    config = f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}" + (f"x{cfg['BLOCK_K']}" if "BLOCK_K" in cfg else "")
+    return f"{case.kernel} {case.path} {case.gate} {config} w{cfg.get('num_warps', 4)}"
+
+
+def run(shapes, paths):
+    compiler = Compiler()
+    cases = planned_cases(shapes, paths)
+    for case in cases:
+        case.binary = compiler.binary(case.launch)
+    return cases, len(compiler.binaries)
+
+
+def report(cases):
+    plain = {c.shape: predict(c)["predicted_us"] for c in cases if c.kernel == "plain"}
+    rows = []
+    for case in cases:
+        b, p, r = case.binary, predict(case), case.binary["regions"]
+        against_plain = plain.get(case.shape) / p["predicted_us"] if p and case.shape in plain else None
+        rows.append([label(case), "x".join(map(str, case.shape)), b["regs"], b["stack_bytes"], b["smem_bytes"],
+                     p.get("resident_per_sm", "-"), b["hgmma"], f"{r['epilogue']} ({r['mufu']})" if r else "-",
+                     f"{p['predicted_ratio']:.2f}" if p else "-", f"{against_plain:.2f}" if against_plain else "-",
+                     "; ".join(problems(case)) or "ok"])
+    return markdown_table(["kernel, path, gate, tile, warps", "M x K x N", "registers", "spill B", "shared B",
+                           "programs per SM", "wgmma", "epilogue instructions (MUFU) per thread",
+                           "predicted ratio to an ideal matmul", "predicted ratio to our plain matmul", "check"],
+                          rows, numeric=range(2, 10))
+
+
+def parse_shape(text):
+    try:
+        M, K, N = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a shape is MxKxN, such as 16384x768x3072, got {text!r}") from None
+    return M, K, N
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shapes", type=lambda s: [parse_shape(v) for v in s.split(",")], default=SHAPES,
+                   help="comma-separated MxKxN (default: the kernel benchmark's, and K=1024)")
+    p.add_argument("--paths", default="tma,pointer", help="load paths: tma, pointer or both")
+    p.add_argument("--out", help="write every case and binary as JSON here")
+    p.add_argument("--check", action="store_true", help="exit 1 if any launch spills, lacks wgmma, or needs more "
+                   "shared memory than an H100 has")
+    p.add_argument("--help-model", action="store_true", help="print the model behind the predicted ratios")
+    args = p.parse_args(argv)
+    if args.help_model:
+        print(MODEL)
+        return 0
+    paths = args.paths.split(",")
+    if not paths or set(paths) - {"tma", "pointer"}:
+        p.error(f"--paths takes tma, pointer or both, got {args.paths!r}")
+    cases, n_binaries = run(args.shapes, paths)
+    print(report(cases))
+    print(f"\n{len(cases)} launches, {n_binaries} distinct binaries, compiled for sm_90a (emulated H100, "
+          f"{H100.sms} SMs); ratios are predicted by the model (--help-model), not measured")
+    if args.out:
+        record = {"target": "sm_90a", "sms": H100.sms, "triton": triton.__version__, "model": MODEL,
+                  "cases": [{"kernel": c.kernel, "path": c.path, "gate": c.gate, "shape": c.shape,
+                             "grid": c.launch.grid, "config": {k: v for k, v in c.launch.kwargs.items()
+                                                               if k.isupper() or k.startswith("num_")},
+                             **c.binary, **predict(c), "problems": problems(c)} for c in cases]}
+        Path(args.out).write_text(json.dumps(record, indent=1) + "\n")
+        print(f"wrote {args.out}")
+    failed = [c for c in cases if problems(c)]
+    if args.check and failed:
+        print(f"check failed: {len(failed)} launches with problems", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

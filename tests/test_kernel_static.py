@@ -1,0 +1,99 @@
+"""The H100 static check (bench.kernel_static): every launch the ops plan for an H100, compiled for sm_90a
+here, has no spill, fits in shared memory and uses wgmma; and the check itself trips on a launch that
+breaks each rule. The compiler cannot run inside this process (conftest puts Triton in interpreter
+mode), so each check runs in a fresh one."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+pytest.importorskip("triton.backends.nvidia", reason="needs Triton's CUDA backend (its compiler runs without a GPU)")
+
+
+def run_python(code, timeout=900):
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "ABCGPT_NO_TMA")}
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def static_check(tmp_path_factory):
+    out = tmp_path_factory.mktemp("static") / "kernel_static.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-m", "bench.kernel_static", "--check", "--out", str(out)], cwd=ROOT,
+                            env=env, capture_output=True, text=True, timeout=1800)
+    return result, json.loads(out.read_text()) if out.exists() else None
+
+
+def test_every_h100_launch_passes_the_check(static_check):
+    result, record = static_check
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    kinds = {(c["kernel"], c["path"], c["gate"]) for c in record["cases"]}
+    for kernel in ("up", "up-train"):  # every launch kind the ops make on an H100
+        assert {(kernel, p, g) for p in ("tma", "pointer") for g in ("vector", "table")} <= kinds
+    assert {("down-grad", "tma", "-"), ("down-grad", "pointer", "-")} <= kinds
+    for case in record["cases"]:
+        assert case["stack_bytes"] == 0 and case["local_ops"] == 0, case
+        assert case["smem_bytes"] <= 232448, case
+        assert case["hgmma"] > 0, case
+        assert case["problems"] == []
+
+
+def test_the_table_gates_cost_what_the_vector_costs(static_check):
+    """A per-sequence table whose sequences fill whole tiles reads one gate row per tile: no more
+    registers or shared memory than one gate vector, at every width."""
+    _, record = static_check
+    by_case = {(c["kernel"], c["path"], c["gate"], tuple(c["shape"])): c for c in record["cases"]}
+    for (kernel, path, gate, shape), case in by_case.items():
+        if gate == "table" and shape[0] > 64:
+            vector = by_case[(kernel, path, "vector", shape)]
+            assert case["config"]["GATE"] == "tile"
+            assert case["smem_bytes"] <= vector["smem_bytes"] and case["regs"] <= vector["regs"], (case, vector)
+
+
+def test_the_check_trips_on_a_spill_too_much_shared_memory_and_no_wgmma():
+    result = run_python("""
+        import torch
+        import bench.kernel_static as ks
+        from kernels.ops import up_launch
+        def case(dtype=torch.bfloat16, **settings):
+            M, K, N = 16384, 768, 3072
+            m = lambda *s: torch.empty(s, dtype=dtype, device="meta")
+            launch = up_launch(m(M, K), m(N, K), None, ks.gate_of("vector", M, N), m(M, N), m(0), False, ks.H100)
+            launch.kwargs.update(settings)
+            c = ks.Case("up", "tma", "vector", (M, K, N), launch, 0)
+            c.binary = ks.Compiler().binary(launch)
+            return ks.problems(c)
+        assert case() == [], case()
+        assert any("spills" in p for p in case(maxnreg=96)), case(maxnreg=96)  # two programs per SM need <= 128
+        assert any("shared memory" in p for p in case(num_stages=8)), case(num_stages=8)
+        torch.backends.cuda.matmul.allow_tf32 = False  # float32 in IEEE precision: no tensor-core path
+        assert any("wgmma" in p for p in case(torch.float32)), case(torch.float32)
+        print("tripped")
+    """)
+    assert result.returncode == 0 and "tripped" in result.stdout, result.stdout + result.stderr
+
+
+def test_small_batches_share_one_binary_whatever_their_grid():
+    """Decoding launches a few rows at a time: every row count and grid up to 64 rows is the same binary."""
+    result = run_python("""
+        import torch
+        import bench.kernel_static as ks
+        from kernels.ops import up_launch
+        compiler = ks.Compiler()
+        keys = set()
+        for M in (1, 3, 8, 17, 40, 64):
+            for gate in ("vector", "table"):
+                m = lambda *s: torch.empty(s, dtype=torch.bfloat16, device="meta")
+                launch = up_launch(m(M, 768), m(3072, 768), None, ks.gate_of(gate, M, 3072, 1), m(M, 3072), m(0),
+                                   False, ks.H100)
+                keys.add((gate, compiler.specialize(launch)[0]))
+        assert len(keys) == 2, len(keys)  # one binary for the vector, one for the per-row table
+        print("one binary each")
+    """)
+    assert result.returncode == 0 and "one binary each" in result.stdout, result.stdout + result.stderr
