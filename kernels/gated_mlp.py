@@ -266,12 +266,14 @@ def gated_down_grad_kernel(
     tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
     for tile in range(tl.program_id(0), tiles, num_programs):
         off_m, off_n = _tile_origin(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        # the slope first, through pointers: its loads are in flight during the matmul and waited for only
+        # at their use (Triton waits for a descriptor load where it is issued)
+        slope_left = _load_chunk(slope, off_m, off_n, M, N, stride_sm, stride_sn, False, BLOCK_M, HALF_N)
+        slope_right = _load_chunk(slope, off_m, off_n + HALF_N, M, N, stride_sm, stride_sn, False, BLOCK_M, HALF_N)
         acc = _accumulate(dout, w, off_m, off_n, M, N, K, stride_om, stride_ok, stride_wk, stride_wn,
                           False, USE_TMA, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
         left, right = _halves(acc, BLOCK_M, BLOCK_N)
-        slope_left = _load_chunk(slope, off_m, off_n, M, N, stride_sm, stride_sn, USE_TMA, BLOCK_M, HALF_N)
         _store(dz, left * slope_left.to(tl.float32), off_m, off_n, M, N, stride_dm, stride_dn, USE_TMA,
                BLOCK_M, HALF_N)
-        slope_right = _load_chunk(slope, off_m, off_n + HALF_N, M, N, stride_sm, stride_sn, USE_TMA, BLOCK_M, HALF_N)
         _store(dz, right * slope_right.to(tl.float32), off_m, off_n + HALF_N, M, N, stride_dm, stride_dn, USE_TMA,
                BLOCK_M, HALF_N)

@@ -126,18 +126,18 @@ class Launch:
         self.kernel[self.grid](*self.args, **self.kwargs)
 
 
-def _matmul_launch(a, b, c, d, M, N, target, b_is_nk, chunks):
-    """Tile settings, the four (M, N)-tiled operands (A, B, and two outputs or epilogue inputs, which
-    the epilogue handles in chunks column blocks per tile) as TMA descriptors where the rules allow or as
-    the tensors themselves, whether TMA serves, and the grid size."""
-    tma = use_tma(target, a, b, c, d)
+def _matmul_launch(a, b, outputs, M, N, target, b_is_nk, chunks):
+    """Tile settings, the operands A, B and the (M, N) outputs (which the epilogue stores in chunks column
+    blocks per tile) as TMA descriptors where the rules allow or as the tensors themselves, whether TMA
+    serves, and the grid size."""
+    tma = use_tma(target, a, b, *outputs)
     cfg, per_sm = tile_config(M, N, target, tma)
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     if tma:
         operands = (_descriptor(a, [bm, bk]), _descriptor(b, [bn, bk] if b_is_nk else [bk, bn]),
-                    _descriptor(c, [bm, bn // chunks]), _descriptor(d, [bm, bn // chunks]))
+                    *(_descriptor(out, [bm, bn // chunks]) for out in outputs))
     else:
-        operands = (a, b, c, d)
+        operands = (a, b, *outputs)
     programs = _programs(triton.cdiv(M, bm) * triton.cdiv(N, bn), target, per_sm)
     return cfg, operands, tma, programs
 
@@ -148,7 +148,7 @@ def up_launch(x, weight, bias, gate, h, slope, tanh, target):
     N = weight.shape[0]
     store_slope = slope.numel() > 0
     slope_arg = slope if store_slope else h  # never written when STORE_SLOPE is off
-    cfg, (x_op, w_op, h_op, s_op), tma, programs = _matmul_launch(x, weight, h, slope_arg, M, N, target,
+    cfg, (x_op, w_op, h_op, s_op), tma, programs = _matmul_launch(x, weight, (h, slope_arg), M, N, target,
                                                                    b_is_nk=True, chunks=4 if store_slope else 2)
     gate_mode, rows_per_gate, stride_g = _gate_layout(gate, M, cfg["BLOCK_M"])
     return Launch(gated_up_kernel, (programs,), (
@@ -165,10 +165,10 @@ def down_grad_launch(dout, weight, slope, dz, target):
     """dz = (dout @ weight) * slope, weight (K, N) as an nn.Linear(N, K) holds it."""
     M, K = dout.shape
     N = weight.shape[1]
-    cfg, (dout_op, w_op, s_op, dz_op), tma, programs = _matmul_launch(dout, weight, slope, dz, M, N, target,
-                                                                       b_is_nk=False, chunks=2)
+    cfg, (dout_op, w_op, dz_op), tma, programs = _matmul_launch(dout, weight, (dz,), M, N, target,
+                                                                 b_is_nk=False, chunks=2)
     return Launch(gated_down_grad_kernel, (programs,), (
-        dout_op, w_op, s_op, dz_op, M, N, K, programs,
+        dout_op, w_op, slope, dz_op, M, N, K, programs,
         dout.stride(0), dout.stride(1), weight.stride(0), weight.stride(1),
         slope.stride(0), slope.stride(1), dz.stride(0), dz.stride(1),
     ), dict(USE_TMA=tma, PRECISION=_precision(dout.dtype), **cfg))
