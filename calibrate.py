@@ -19,7 +19,8 @@ from abcgpt.cli import (
 )
 from abcgpt.data import DataError
 from abcgpt.dial import classifier_for, fit_map, measure
-from abcgpt.evaluate import RUN_ERRORS, load_gated_run
+from abcgpt.errors import SettingsError, UserError
+from abcgpt.evaluate import load_gated_run
 
 
 def main(argv=None):
@@ -37,12 +38,12 @@ def main(argv=None):
         for flag in ("samples", "sample_tokens"):
             positive(f"--{flag}", getattr(args, flag))
         if args.grid < 2:
-            raise ValueError(f"--grid must be at least 2, got {args.grid}")
+            raise SettingsError(f"--grid must be at least 2, got {args.grid}")
         check_seed(args.seed)
         model, tokenizer, state, corpus = load_gated_run(args.ckpt, args.device, args.sources, args.cache_dir)
         if len(corpus.names) != 2:
             raise DataError(f"calibration needs two sources, the checkpoint has {len(corpus.names)}")
-    except RUN_ERRORS as e:
+    except UserError as e:
         sys.exit(f"error: {e}")
 
     alphas = [round(float(a), 6) for a in np.linspace(0.0, 1.0, args.grid)]

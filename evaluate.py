@@ -13,7 +13,8 @@ from pathlib import Path
 from abcgpt.cli import (
     HelpFormatter, Parser, add_runtime_flags, add_source_flags, apply_runtime_flags, check_out_file, positive,
 )
-from abcgpt.evaluate import RUN_ERRORS, SWEEP, format_table, load_gated_run, summarize, sweep
+from abcgpt.errors import SettingsError, UserError
+from abcgpt.evaluate import SWEEP, format_table, load_gated_run, summarize, sweep
 
 
 def main(argv=None):
@@ -31,9 +32,9 @@ def main(argv=None):
         positive("--max_windows", args.max_windows, allow_none=True)
         out = check_out_file(args.out or Path(args.ckpt).with_name("eval.json"))
         if out.resolve() == Path(args.ckpt).resolve():
-            raise ValueError(f"--out: {out} is the checkpoint itself; refusing to write over it")
+            raise SettingsError(f"--out: {out} is the checkpoint itself; refusing to write over it")
         model, tokenizer, state, corpus = load_gated_run(args.ckpt, args.device, args.sources, args.cache_dir)
-    except RUN_ERRORS as e:
+    except UserError as e:
         sys.exit(f"error: {e}")
 
     alphas, losses = sweep(model, corpus, SWEEP, args.batch_size, args.max_windows, args.device, progress=True)

@@ -17,7 +17,8 @@ from abcgpt.checkpoint import CheckpointError, load_model
 from abcgpt.cli import (
     HelpFormatter, Parser, add_runtime_flags, add_source_flags, apply_runtime_flags, check_out_dir, check_seed, positive,
 )
-from abcgpt.evaluate import RUN_ERRORS, load_gated_run
+from abcgpt.errors import UserError
+from abcgpt.evaluate import load_gated_run
 from abcgpt.report import build_report, write_report
 
 
@@ -72,7 +73,7 @@ def main(argv=None):
         model, tokenizer, state, corpus = load_gated_run(args.ckpt, args.device, args.sources, args.cache_dir)
         baselines = load_baselines(args.ckpt, corpus.names, args.device)
         best = load_best(args.ckpt, args.device)
-    except RUN_ERRORS as e:
+    except UserError as e:
         sys.exit(f"error: {e}")
     report = build_report(model, tokenizer, state, corpus, baselines, args.samples, args.sample_tokens,
                           args.max_windows, args.device, args.seed, best)

@@ -10,15 +10,16 @@ import sys
 
 import torch
 
-from abcgpt.checkpoint import CheckpointError, load_model
+from abcgpt.checkpoint import load_model
 from abcgpt.cli import HelpFormatter, Parser, add_runtime_flags, apply_runtime_flags, check_seed
 from abcgpt.data import source_alphas
 from abcgpt.dial import mix_to_alpha
+from abcgpt.errors import SettingsError, UserError
 from abcgpt.sampling import generate
-from abcgpt.tokenizer import UnknownCharactersError, VocabularyError
+from abcgpt.tokenizer import UnknownCharactersError
 
 
-class InputError(ValueError):
+class InputError(SettingsError):
     pass
 
 
@@ -108,7 +109,7 @@ def main(argv=None):
             raise InputError(f"--start: the prompt has {e}") from None
         if not start_ids:
             raise InputError("--start: the prompt is empty")
-    except (ValueError, CheckpointError, VocabularyError) as e:
+    except UserError as e:
         sys.exit(f"error: {e}")
 
     gated = model.config.gated

@@ -6,8 +6,9 @@
 """
 import sys
 
-from abcgpt.checkpoint import CheckpointError, load_model
+from abcgpt.checkpoint import load_model
 from abcgpt.cli import HelpFormatter, Parser, add_runtime_flags, apply_runtime_flags, positive
+from abcgpt.errors import SettingsError, UserError
 
 
 def main(argv=None):
@@ -30,9 +31,9 @@ def main(argv=None):
         positive("--max_batch", args.max_batch)
         positive("--max_new_tokens", args.max_new_tokens)
         if not 0 <= args.port < 65536:
-            raise ValueError(f"--port must be in [0, 65535], got {args.port}")
+            raise SettingsError(f"--port must be in [0, 65535], got {args.port}")
         model, tokenizer, state = load_model(args.ckpt, args.device)
-    except (CheckpointError, ValueError) as e:
+    except UserError as e:
         sys.exit(f"error: {e}")
     service = Service(model, tokenizer, state, args.max_batch, args.max_new_tokens)
     print(f"serving {args.ckpt} on http://{args.host}:{args.port} (Ctrl-C stops)", flush=True)

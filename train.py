@@ -13,16 +13,14 @@ its preset's value (or, with --resume, the saved run's).
 """
 import sys
 
-import torch
 from tqdm.auto import tqdm
 
-from abcgpt.checkpoint import CheckpointError, load_checkpoint
-from abcgpt.cli import HelpFormatter, Parser
+from abcgpt.checkpoint import load_checkpoint
+from abcgpt.cli import HelpFormatter, Parser, add_threads_flag, apply_threads
 from abcgpt.config import PRESETS, add_config_flags, baseline_config, build_config, default_preset
-from abcgpt.data import DataError
 from abcgpt.device import default_device
-from abcgpt.tokenizer import VocabularyError
-from abcgpt.trainer import CHECKPOINT_NAME, Trainer, TrainingDiverged
+from abcgpt.errors import UserError
+from abcgpt.trainer import CHECKPOINT_NAME, Trainer
 
 
 def parse_args(argv=None):
@@ -34,8 +32,7 @@ def parse_args(argv=None):
     parser.add_argument("--baselines", action="store_true",
                         help="after the run, train a vanilla GPT on each source alone with as many of its tokens "
                              "as the run saw (into out_dir/baseline-NAME)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads for torch; unset: torch's choice (1 is often fastest on a shared machine)")
+    add_threads_flag(parser)
     add_config_flags(parser)
     args = vars(parser.parse_args(argv))
     options = {k: args.pop(k) for k in ("preset", "resume", "overwrite", "baselines", "threads")}
@@ -56,10 +53,7 @@ def resumed_base(overrides):
 def main(argv=None):
     options, overrides = parse_args(argv)
     try:
-        if options["threads"] is not None:
-            if options["threads"] < 1:
-                raise ValueError(f"--threads must be at least 1, got {options['threads']}")
-            torch.set_num_threads(options["threads"])
+        apply_threads(options["threads"])
         base = resumed_base(overrides) if options["resume"] else None
         preset = options["preset"] or default_preset(default_device() == "cuda")
         config = build_config(preset, overrides, base)
@@ -73,7 +67,7 @@ def main(argv=None):
                 tqdm.write(f"baseline: vanilla GPT on {name} alone, {tokens:,} tokens")
                 if run(baseline_config(config, name, tokens), False, options["overwrite"])[0] is None:
                     sys.exit(130)  # interrupted: the next baseline would start with no one asking
-    except (DataError, CheckpointError, ValueError, TrainingDiverged, VocabularyError) as e:
+    except UserError as e:
         sys.exit(f"error: {e}")
 
 

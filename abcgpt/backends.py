@@ -16,6 +16,8 @@ import os
 
 import torch
 
+from .errors import SettingsError
+
 if importlib.util.find_spec("triton") is not None:
     from kernels.ops import gated_mlp
 else:  # no triton on this platform: the other backends serve
@@ -27,7 +29,7 @@ BACKENDS = ("auto", "reference", "folded", "triton")
 
 def check_backend(name):
     if name not in BACKENDS:
-        raise ValueError(f"gate_backend must be one of {BACKENDS}, got {name!r}")
+        raise SettingsError(f"gate_backend must be one of {BACKENDS}, got {name!r}")
     return name
 
 
@@ -38,13 +40,13 @@ def choose_backend(name, device, per_row):
             return "folded"
         return "triton" if device.type == "cuda" and gated_mlp is not None else "reference"
     if name == "folded" and per_row:
-        raise ValueError("gate_backend='folded' takes one alpha per batch; per-sequence alphas need "
+        raise SettingsError("gate_backend='folded' takes one alpha per batch; per-sequence alphas need "
                          "'reference', 'triton' or 'auto'")
     if name == "triton":
         if gated_mlp is None:
-            raise ValueError("gate_backend='triton' needs the triton package")
+            raise SettingsError("gate_backend='triton' needs the triton package")
         if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-            raise ValueError("gate_backend='triton' needs a CUDA device (or TRITON_INTERPRET=1 for Triton's CPU "
+            raise SettingsError("gate_backend='triton' needs a CUDA device (or TRITON_INTERPRET=1 for Triton's CPU "
                              "interpreter)")
     return name
 

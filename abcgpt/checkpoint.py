@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from .errors import UserError
 from .model import GPT, GPTConfig
 from .tokenizer import tokenizer_from_dict
 
@@ -24,8 +25,8 @@ FORMAT = "abcgpt-checkpoint-v2"  # v1: the same without checksums, still read
 OLD_FORMATS = ("abcgpt-checkpoint-v1",)
 
 
-class CheckpointError(RuntimeError):
-    pass
+class CheckpointError(UserError, RuntimeError):
+    """A checkpoint that is missing, damaged, or not what the tool needs."""
 
 
 def _tensor_digest(t):

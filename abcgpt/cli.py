@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from .device import resolve_device
+from .errors import SettingsError
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -28,10 +29,15 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see --help)\n")
 
 
-def add_runtime_flags(parser):
-    parser.add_argument("--device", default="auto", help="auto (CUDA if there is one), cpu, cuda or cuda:N")
+def add_threads_flag(parser):
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for torch; unset: torch's choice (1 is often fastest on a shared machine)")
+
+
+def add_runtime_flags(parser):
+    """--device and --threads, for every tool but train.py (whose --device is a setting of the run)."""
+    parser.add_argument("--device", default="auto", help="auto (CUDA if there is one), cpu, cuda or cuda:N")
+    add_threads_flag(parser)
 
 
 def add_source_flags(parser):
@@ -40,13 +46,17 @@ def add_source_flags(parser):
     parser.add_argument("--cache_dir", default=None, help="where built-in sources are cached (default: the run's)")
 
 
+def apply_threads(threads):
+    if threads is not None:
+        if threads < 1:
+            raise SettingsError(f"--threads must be at least 1, got {threads}")
+        torch.set_num_threads(threads)
+
+
 def apply_runtime_flags(args):
-    """Resolve --device and apply --threads; ValueError for either one being wrong."""
+    """Resolve --device and apply --threads; SettingsError for either one being wrong."""
     args.device = resolve_device(args.device)
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads must be at least 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    apply_threads(args.threads)
 
 
 def positive(name, value, allow_none=False):
@@ -54,36 +64,36 @@ def positive(name, value, allow_none=False):
     if value is None and allow_none:
         return value
     if value is None or not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a positive number, got {value}")
+        raise SettingsError(f"{name} must be a positive number, got {value}")
     return value
 
 
 def check_seed(seed):
     if not 0 <= seed < 2**63:
-        raise ValueError(f"--seed must be in [0, 2**63 - 1], got {seed}")
+        raise SettingsError(f"--seed must be in [0, 2**63 - 1], got {seed}")
     return seed
 
 
 def _writable_folder(folder, flag):
     if folder.exists() and not folder.is_dir():
-        raise ValueError(f"{flag}: {folder} is a file, not a folder")
+        raise SettingsError(f"{flag}: {folder} is a file, not a folder")
     probe = folder
     while not probe.exists():
         probe = probe.parent
     if not os.access(probe, os.W_OK | os.X_OK):
-        raise ValueError(f"{flag}: cannot write into {probe} (no write permission)")
+        raise SettingsError(f"{flag}: cannot write into {probe} (no write permission)")
 
 
 def check_out_file(path, flag="--out"):
     """Refuse an output file that cannot be written, or one that would write over a checkpoint."""
     path = Path(path)
     if not path.parent.is_dir():
-        raise ValueError(f"{flag}: the folder {path.parent} does not exist")
+        raise SettingsError(f"{flag}: the folder {path.parent} does not exist")
     _writable_folder(path.parent, flag)
     if path.is_dir():
-        raise ValueError(f"{flag}: {path} is a folder, not a file")
+        raise SettingsError(f"{flag}: {path} is a folder, not a file")
     if path.suffix == ".pt" or (path.is_file() and zipfile.is_zipfile(path)):
-        raise ValueError(f"{flag}: {path} is (or is named like) a checkpoint; refusing to write over it")
+        raise SettingsError(f"{flag}: {path} is (or is named like) a checkpoint; refusing to write over it")
     return path
 
 

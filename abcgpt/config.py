@@ -6,6 +6,7 @@ from pathlib import Path
 
 from .backends import BACKENDS, check_backend
 from .data import DEFAULT_SOURCES
+from .errors import SettingsError
 from .model import GPTConfig
 
 # Fields that shape the model; fixed once a run has started.
@@ -71,7 +72,7 @@ class TrainConfig(GPTConfig):
         ]
         for ok, message in checks:
             if not ok:
-                raise ValueError(message)
+                raise SettingsError(message)
 
     def model_config(self, vocab_size):
         """The GPTConfig of the model this run trains."""

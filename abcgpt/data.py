@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from .errors import UserError
 from .tokenizer import BPETokenizer, CharTokenizer
 
 MiB = 2**20
@@ -42,7 +43,7 @@ BUILTIN_SOURCES = {
 DEFAULT_SOURCES = ("tinystories", "tinyshakespeare")
 
 
-class DataError(RuntimeError):
+class DataError(UserError, RuntimeError):
     """A source that cannot be had or used; the message says what to do."""
 
 

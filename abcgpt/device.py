@@ -1,6 +1,8 @@
 """Which device to run on: the one place that decides "CUDA if there is one"."""
 import torch
 
+from .errors import SettingsError
+
 
 def default_device():
     return "cuda" if torch.cuda.is_available() else "cpu"
@@ -13,9 +15,9 @@ def resolve_device(name="auto"):
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ValueError(f"device {name!r} is not a device: use auto, cpu, cuda or cuda:N") from None
+        raise SettingsError(f"device {name!r} is not a device: use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} asked for, but CUDA is not available here")
+        raise SettingsError(f"device {name!r} asked for, but CUDA is not available here")
     if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"device {name!r} is not supported: use auto, cpu, cuda or cuda:N")
+        raise SettingsError(f"device {name!r} is not supported: use auto, cpu, cuda or cuda:N")
     return name

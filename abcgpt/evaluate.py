@@ -6,7 +6,7 @@ import torch
 
 from .checkpoint import CheckpointError, load_model
 from .data import Corpus, DataError, parse_sources, source_alphas
-from .tokenizer import UnknownCharactersError, VocabularyError
+from .tokenizer import UnknownCharactersError
 
 SWEEP = tuple(round(0.1 * i, 1) for i in range(11))
 
@@ -31,10 +31,6 @@ def corpus_for(state, tokenizer, sources=None, cache_dir=None):
 def require_gated(model, path):
     if not model.config.gated:
         raise CheckpointError(f"{path} holds a vanilla (ungated) model: there is no dial to sweep")
-
-
-# What loading a gated run and its sources, or a flag of a tool that reads one, raises for a user to fix.
-RUN_ERRORS = (CheckpointError, DataError, ValueError, VocabularyError)
 
 
 def load_gated_run(path, device="cpu", sources=None, cache_dir=None):

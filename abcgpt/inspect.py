@@ -5,9 +5,10 @@
 import sys
 from pathlib import Path
 
-from .checkpoint import CheckpointError, load_checkpoint
+from .checkpoint import load_checkpoint
 from .cli import HelpFormatter, Parser
 from .data import source_alphas
+from .errors import UserError
 
 
 def describe(path, state):
@@ -48,7 +49,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     try:
         state = load_checkpoint(args.ckpt)
-    except CheckpointError as e:
+    except UserError as e:
         sys.exit(f"error: {e}")
     print("\n".join(describe(args.ckpt, state)))
 

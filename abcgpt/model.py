@@ -17,6 +17,7 @@ from torch.nn import functional as F
 
 from .attention import attend
 from .backends import Fused, Reference, Ungated, check_backend, choose_backend
+from .errors import SettingsError
 from .folded import Folded
 from .gate import UnitGroups, active_range, check_alpha, gates_for, sample_scores
 from .units import sort_units, unit_map
@@ -40,15 +41,15 @@ class GPTConfig:
     def __post_init__(self):
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+                raise SettingsError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
+            raise SettingsError(f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
         if not self.narrowness > 0:
-            raise ValueError(f"narrowness must be positive, got {self.narrowness}")
+            raise SettingsError(f"narrowness must be positive, got {self.narrowness}")
         if not self.score_beta > 0:
-            raise ValueError(f"score_beta must be positive, got {self.score_beta}")
+            raise SettingsError(f"score_beta must be positive, got {self.score_beta}")
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+            raise SettingsError(f"dropout must be in [0, 1), got {self.dropout}")
 
     def to_dict(self):
         return asdict(self)

@@ -9,6 +9,7 @@ import sys
 
 from .checkpoint import CheckpointError, load_model, save_checkpoint
 from .cli import HelpFormatter, Parser
+from .errors import UserError
 from .units import sort_units
 
 
@@ -22,7 +23,7 @@ def main(argv=None):
         if not model.config.gated:
             raise CheckpointError(f"{args.source} holds a vanilla model: there are no scores to sort by")
         state["optimizer"] = sort_units(model, state.get("optimizer"))
-    except (CheckpointError, ValueError) as e:
+    except UserError as e:
         sys.exit(f"error: {e}")
     state["model"] = model.state_dict()
     state["model_config"] = {**state["model_config"], "sort_units": True}

@@ -24,13 +24,14 @@ from starlette.routing import Route
 from .batching import BatchedDecoder, Request
 from .data import source_alphas
 from .dial import mix_to_alpha
+from .errors import UserError
 from .tokenizer import UnknownCharactersError
 
 FIELDS = {"prompt", "alpha", "mix", "max_new_tokens", "temperature", "top_k", "seed"}
 PAGE = Path(__file__).with_name("page.html")
 
 
-class BadInput(ValueError):
+class BadInput(UserError):
     """A request the server refuses, with the HTTP status to answer it with."""
 
     def __init__(self, message, status=400):

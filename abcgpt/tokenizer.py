@@ -3,10 +3,11 @@
 Both are saved into checkpoints as plain dicts (to_dict / tokenizer_from_dict), so a
 checkpoint decodes what it generates without the training data.
 """
+from .errors import UserError
 
 
-class UnknownCharactersError(ValueError):
-    pass
+class UnknownCharactersError(UserError, ValueError):
+    """Text with characters the vocabulary lacks."""
 
 
 class CharTokenizer:
@@ -43,7 +44,7 @@ class CharTokenizer:
         return {"kind": self.kind, "chars": "".join(self.chars)}
 
 
-class VocabularyError(RuntimeError):
+class VocabularyError(UserError, RuntimeError):
     """A tokenizer's vocabulary that cannot be had (GPT-2's files out of reach)."""
 
 

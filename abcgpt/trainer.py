@@ -23,6 +23,7 @@ from .checkpoint import CheckpointError, copy_checkpoint, load_checkpoint, save_
 from .config import ARCHITECTURE, TrainConfig
 from .data import Corpus, training_batch
 from .device import resolve_device
+from .errors import SettingsError, UserError
 from .evaluate import val_loss
 from .model import GPT
 from .tokenizer import tokenizer_from_dict
@@ -32,8 +33,8 @@ CHECKPOINT_NAME = "ckpt.pt"  # the latest state, written at every evaluation
 BEST_NAME = "best.pt"  # the state with the lowest held-out loss so far
 
 
-class TrainingDiverged(RuntimeError):
-    pass
+class TrainingDiverged(UserError, RuntimeError):
+    """The loss, a gradient, a weight or a held-out loss went NaN or infinite."""
 
 
 def learning_rate_at(step, config):
@@ -74,7 +75,7 @@ def check_out_dir(out_dir, resume, overwrite):
     cli.check_out_dir(out_dir, "out_dir")
     existing = [name for name in RUN_FILES if (out_dir / name).exists()]
     if existing and not resume and not overwrite:
-        raise ValueError(f"out_dir {out_dir} already holds a run ({', '.join(existing)}): continue it with "
+        raise SettingsError(f"out_dir {out_dir} already holds a run ({', '.join(existing)}): continue it with "
                          "--resume, or replace it with --overwrite")
     return [] if resume else existing
 
@@ -127,7 +128,7 @@ class Trainer:
             if self.is_master:
                 self.local_tokens = list(state.get("tokens_seen", self.local_tokens))
         if config.only_source and config.only_source not in self.corpus.names:
-            raise ValueError(f"only_source {config.only_source!r} is not one of the sources {self.corpus.names}")
+            raise SettingsError(f"only_source {config.only_source!r} is not one of the sources {self.corpus.names}")
 
         dtype = resolve_dtype(config.dtype, self.device_type)
         self.autocast = (
@@ -151,7 +152,7 @@ class Trainer:
             if use_cuda:
                 torch.cuda.set_device(self.device)
             if config.grad_accum % self.world_size:
-                raise ValueError(
+                raise SettingsError(
                     f"grad_accum ({config.grad_accum}) must be a multiple of the number of processes ({self.world_size})"
                 )
             self.micro_steps = config.grad_accum // self.world_size
