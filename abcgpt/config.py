@@ -4,7 +4,8 @@ import math
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 
-from .backends import BACKENDS, check_backend
+from .backends import NAMES as BACKEND_NAMES
+from .backends import auto_rule, check_backend
 from .data import DEFAULT_SOURCES
 from .errors import SettingsError
 from .model import GPTConfig
@@ -22,7 +23,7 @@ class TrainConfig(GPTConfig):
     tokenizer: str = "char"  # char or bpe (GPT-2, through tiktoken)
     val_fraction: float = 0.1
     cache_dir: str = ""  # where built-in sources are downloaded; empty: ~/.cache/abcgpt
-    gate_backend: str = "auto"  # auto, reference, folded or triton (abcgpt/backends.py); not saved with the model
+    gate_backend: str = "auto"  # a name in abcgpt/backends.py's registry, or auto; not saved with the model
     # the dial during training: one alpha per batch (the reference recipe) or per sequence
     alpha_mode: str = "batch"
     only_source: str = ""  # train on this source alone (the single-source baselines; needs gated=false)
@@ -115,7 +116,7 @@ FLAG_HELP = {
     "tokenizer": "characters of the sources, or GPT-2's byte-pair encoding (through tiktoken)",
     "val_fraction": "share of each source held out for validation (its last part)",
     "cache_dir": "where built-in sources are downloaded (empty: ~/.cache/abcgpt)",
-    "gate_backend": "how gated layers run; auto: folded for one alpha, triton for per-sequence alphas on CUDA",
+    "gate_backend": f"how gated layers run; {auto_rule()}",
     "alpha_mode": "one alpha (and source) per batch, or one per sequence",
     "only_source": "train on this source alone (a single-source baseline; needs --gated false)",
     "block_size": "context length in tokens",
@@ -150,7 +151,7 @@ FLAG_HELP = {
     "compile": "torch.compile the model",
     "seed": "seeds weights, batches and dropout (0 to 2**63 - 1)",
 }
-CHOICES = {"tokenizer": ("char", "bpe"), "alpha_mode": ("batch", "sequence"), "gate_backend": BACKENDS,
+CHOICES = {"tokenizer": ("char", "bpe"), "alpha_mode": ("batch", "sequence"), "gate_backend": BACKEND_NAMES,
            "dtype": ("auto", "float32", "bfloat16", "float16")}
 
 

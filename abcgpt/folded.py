@@ -14,8 +14,9 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
-from .backends import Ungated, merge_heads
-from .units import fold
+from .executors import Backend, Ungated, merge_heads
+from .gate import UnitGroups, active_range, gates_for
+from .units import fold, unit_map
 
 
 @dataclass
@@ -37,7 +38,7 @@ class Folded(Ungated):
     """
 
     def __init__(self, model, gates, ranges):
-        units = model.units
+        units = model.folding.units
         tensors = dict(model.named_parameters(remove_duplicate=False))  # lm_head.weight is tied to wte
 
         def folded(name):
@@ -87,3 +88,41 @@ class Folded(Ungated):
             "heads": [layer.qkv_w.size(0) // (3 * self.head_size) for layer in self.layers],
             "hidden": [layer.fc_w.size(0) for layer in self.layers],
         }
+
+
+class FoldingState:
+    """What folding keeps per model: the unit map (built once, read at every dial setting) and host copies
+    of the scores, from which the silent units are found without touching the device."""
+
+    def __init__(self, model):
+        self.units = unit_map(model.config)
+        self._host_scores, self._key = None, None
+
+    def host_scores(self, model) -> UnitGroups:
+        """CPU copies of the scores, made again only when a buffer changes (a load, a sort or a move)."""
+        scores = model.scores()
+        key = tuple((t.data_ptr(), t._version) for t in scores.groups())
+        if self._key != key:
+            self._host_scores = scores.map(lambda t: t.detach().to("cpu", copy=True))
+            self._key = key
+        return self._host_scores
+
+
+def active_ranges(model, host_alpha, gates):
+    """Each group's span of units with a nonzero gate, found on the host; every unit where alpha is only
+    on the device (finding them would be a sync) or while torch.compile traces (shapes must not depend on
+    alpha)."""
+    if host_alpha is None or torch.compiler.is_compiling():
+        return model.scores().map(lambda s: (0, len(s)))
+    if gates.embd.device.type != "cpu":  # the same gates again, from the host's copies of the scores
+        host_alpha = torch.as_tensor(host_alpha, dtype=torch.float32)
+        gates = gates_for(host_alpha, model.folding.host_scores(model), model.config.narrowness)
+    return gates.map(active_range)
+
+
+def _attach(model):
+    model.folding = FoldingState(model)
+
+
+FOLDED = Backend("folded", lambda model, gates, host_alpha: Folded(model, gates, active_ranges(model, host_alpha, gates)),
+                 per_row=False, devices=("cpu", "cuda"), auto_priority=2, attach=_attach)

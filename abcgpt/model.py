@@ -6,7 +6,8 @@ residual channel, attention head and MLP hidden unit carries a frozen specialty
 score (a buffer, never trained) and the dial alpha decides which of them fire.
 
 The forward is written once. Each forward computes its gates once (gate.py) and
-hands them to an executor (backends.py, folded.py) that runs the gated layers.
+hands them to an executor, built by the gate backend the registry picks
+(backends.py), that runs the gated layers.
 """
 import math
 from dataclasses import asdict, dataclass, fields
@@ -15,12 +16,11 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
+from . import backends
 from .attention import attend
-from .backends import Fused, Reference, Ungated, check_backend, choose_backend
 from .errors import SettingsError
-from .folded import Folded
-from .gate import UnitGroups, active_range, check_alpha, gates_for, sample_scores
-from .units import sort_units, unit_map
+from .gate import UnitGroups, check_alpha, gates_for, sample_scores
+from .units import sort_units
 
 
 @dataclass
@@ -109,12 +109,12 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    """backend: how gated layers run (backends.BACKENDS); a runtime choice, not part of the model."""
+    """backend: how gated layers run (backends.NAMES); a runtime choice, not part of the model."""
 
-    def __init__(self, config, backend="auto"):
+    def __init__(self, config: GPTConfig, backend: str = "auto"):
         super().__init__()
         self.config = config
-        self.backend = check_backend(backend)
+        self.backend = backends.check_backend(backend)
         self.transformer = nn.ModuleDict(
             dict(
                 wte=nn.Embedding(config.vocab_size, config.n_embd),
@@ -131,10 +131,10 @@ class GPT(nn.Module):
             if name.endswith("c_proj.weight"):
                 torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
         if config.gated:
-            self.units = unit_map(config)  # kept: folding reads it at every dial setting
             self._register_scores()
             if config.sort_units:
                 sort_units(self)
+            backends.attach(self)
 
     def _register_scores(self):
         # One generator, one fixed order: residual channels, then per layer heads and MLP units.
@@ -148,16 +148,6 @@ class GPT(nn.Module):
     def scores(self):
         blocks = self.transformer.h
         return UnitGroups(self.embd_scores, [b.attn.head_scores for b in blocks], [b.mlp.hidden_scores for b in blocks])
-
-    def host_scores(self):
-        """CPU copies of the scores, made again only when a buffer changes (a load, a sort or a move):
-        the folded backend finds silent units from them without touching the device."""
-        scores = self.scores()
-        key = tuple((t.data_ptr(), t._version) for t in scores.groups())
-        if getattr(self, "_host_scores_key", None) != key:
-            self._host_scores = scores.map(lambda t: t.detach().to("cpu", copy=True))
-            self._host_scores_key = key
-        return self._host_scores
 
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):
@@ -174,36 +164,20 @@ class GPT(nn.Module):
             n_params -= self.transformer.wpe.weight.numel()
         return n_params
 
-    def gate_backend(self, device, per_row=False):
+    def gate_backend(self, device: torch.device, per_row: bool = False) -> str:
         """The backend a forward on device uses, with one alpha (per_row=False) or one per sequence."""
-        return choose_backend(self.backend, device, per_row)
+        return backends.choose(self.backend, device, per_row).name
 
-    def executor(self, alpha, batch_size, device):
+    def executor(self, alpha, batch_size: int, device: torch.device):
         """What runs the gated layers of a forward at alpha, with its gates computed once."""
         if not self.config.gated:
             if alpha is not None:
                 raise ValueError("this model is not gated (gated=False): call it without alpha")
-            return Ungated()
+            return backends.ungated()
         host_alpha = alpha if not (isinstance(alpha, torch.Tensor) and alpha.device.type != "cpu") else None
         alpha = self._prepare_alpha(alpha, batch_size, device)
-        backend = self.gate_backend(device, per_row=alpha.dim() == 1)
-        gates = gates_for(alpha, self.scores(), self.config.narrowness)
-        if backend == "triton":
-            return Fused(gates)
-        if backend == "reference":
-            return Reference(gates)
-        return Folded(self, gates, self._active_ranges(host_alpha, gates))
-
-    def _active_ranges(self, host_alpha, gates):
-        """Each group's span of units with a nonzero gate, found on the host; every unit where
-        alpha is only on the device (finding them would be a sync) or while torch.compile traces
-        (shapes must not depend on alpha)."""
-        if host_alpha is None or torch.compiler.is_compiling():
-            return self.scores().map(lambda s: (0, len(s)))
-        if gates.embd.device.type != "cpu":  # the same gates again, from the host's copies of the scores
-            host_alpha = torch.as_tensor(host_alpha, dtype=torch.float32)
-            gates = gates_for(host_alpha, self.host_scores(), self.config.narrowness)
-        return gates.map(active_range)
+        backend = backends.choose(self.backend, device, per_row=alpha.dim() == 1)
+        return backend.build(self, gates_for(alpha, self.scores(), self.config.narrowness), host_alpha)
 
     def forward(self, idx, alpha=None, targets=None, cache=None, run=None):
         """idx: (B, T) token ids. alpha: a float or 0-dim tensor, or a (B,) tensor (one per sequence).

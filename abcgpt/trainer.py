@@ -18,7 +18,7 @@ import torch
 from torch.distributed import destroy_process_group, init_process_group
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from . import cli
+from . import backends, cli
 from .checkpoint import CheckpointError, copy_checkpoint, load_checkpoint, save_checkpoint
 from .config import ARCHITECTURE, TrainConfig
 from .data import Corpus, training_batch
@@ -320,9 +320,8 @@ class Trainer:
         if self.is_master and self.step == 0:
             n = self.model.get_num_params()
             per_row = config.alpha_mode == "sequence"
-            backend = self.model.gate_backend(torch.device(self.device), per_row) if config.gated else "none"
-            if backend == "reference" and self.model.backend == "auto":
-                backend += " (per-sequence alphas: the fused triton backend needs CUDA)"
+            backend = (backends.explain(self.model.backend, torch.device(self.device), per_row) if config.gated
+                       else "none")
             self.log_line(
                 f"model: {n / 1e6:.2f}M parameters, {'gated' if config.gated else 'vanilla'}, "
                 f"gate backend {backend}; device {self.device}; "

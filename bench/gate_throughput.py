@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from abcgpt.backends import available as available_gate_backends
 from abcgpt.device import default_device
 from abcgpt.model import GPT, GPTConfig
 from abcgpt.recompiles import forbid_recompiles
@@ -47,13 +48,6 @@ def peak_flops(device_name):
         if name in device_name:
             return flops
     return None
-
-
-def available_backends(device):
-    backends = ["reference", "folded"]
-    if device == "cuda":
-        backends.append("triton")
-    return backends
 
 
 def build_model(shape, case, device):
@@ -276,7 +270,7 @@ def main(argv=None):
     device = default_device()
     if args.threads:
         torch.set_num_threads(args.threads)
-    backends = available_backends(device)
+    backends = available_gate_backends(torch.device(device))
     if device != "cuda":
         print("no CUDA device: the triton backend needs CUDA and is left out; peak memory and MFU are not measured")
     if args.quick:

@@ -48,3 +48,37 @@ def test_alpha_as_a_tensor_or_a_float_is_the_same_dial():
     model, _ = twins("folded")
     idx = torch.randint(0, 37, (2, 9), generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(model(idx, 0.25, idx)[0], model(idx, torch.tensor(0.25), idx)[0], rtol=0, atol=0)
+
+
+def test_auto_follows_the_registry():
+    from abcgpt.backends import choose
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert choose("auto", cpu, per_row=False).name == "folded"
+    assert choose("auto", cpu, per_row=True).name == "reference"  # triton runs on CUDA
+    if torch.cuda.is_available():
+        assert choose("auto", cuda, per_row=True).name == "triton"
+    assert choose("auto", cuda, per_row=False).name == "folded"
+
+
+def test_a_new_backend_is_one_registration(monkeypatch):
+    """A backend registered with the highest priority is what auto picks, and what the model's forward runs."""
+    from abcgpt import backends
+    from abcgpt.executors import Backend, Reference
+
+    built = []
+
+    class Counting(Reference):
+        def __init__(self, gates):
+            super().__init__(gates)
+            built.append(self)
+
+    counting = Backend("counting", lambda model, gates, host_alpha: Counting(gates), per_row=True,
+                       devices=("cpu",), auto_priority=99)
+    monkeypatch.setitem(backends.REGISTRY, "counting", counting)
+    monkeypatch.setattr(backends, "NAMES", (*backends.NAMES, "counting"))
+    fast, reference = twins("auto")
+    idx = torch.randint(0, 37, (2, 5))
+    compare(fast, reference, idx, torch.tensor([0.2, 0.8]), 1e-6)
+    assert built and fast.gate_backend(torch.device("cpu"), per_row=True) == "counting"
+    assert "counting" in backends.auto_rule()

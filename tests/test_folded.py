@@ -9,7 +9,7 @@ import torch
 
 from abcgpt.attention import KVCache
 from abcgpt.checkpoint import load_checkpoint, load_model
-from abcgpt.folded import Folded
+from abcgpt.folded import Folded, active_ranges
 from abcgpt.gate import gates_for
 from abcgpt.model import GPT, GPTConfig
 from abcgpt.sampling import generate
@@ -32,7 +32,7 @@ def twin_models(**overrides):
 def folded_at(model, alpha, skip=True):
     """The folded executor at one alpha, cutting silent units (skip) or keeping every unit."""
     gates = gates_for(torch.tensor(alpha), model.scores(), model.config.narrowness)
-    return Folded(model, gates, model._active_ranges(alpha if skip else None, gates))
+    return Folded(model, gates, active_ranges(model, alpha if skip else None, gates))
 
 
 def batch(seed=1, B=3, T=20):
@@ -223,7 +223,7 @@ def test_skipping_follows_scores_loaded_later():
     torch.manual_seed(9)
     other = GPT(GPTConfig(**CONFIG, mask_seed=99, sort_units=False), "reference")
     folded.load_state_dict(other.state_dict())
-    assert torch.equal(folded.host_scores().embd, other.embd_scores)
+    assert torch.equal(folded.folding.host_scores(folded).embd, other.embd_scores)
     for alpha in (0.0, 1.0):
         torch.testing.assert_close(folded(idx, alpha, idx)[0], other(idx, alpha, idx)[0], rtol=1e-5, atol=1e-5)
 

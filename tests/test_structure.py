@@ -19,8 +19,10 @@ def imports_of(path, package):
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom):
-            if node.level:
-                found.add(f"{package}.{node.module}" if node.module else package)
+            if node.level and node.module:
+                found.add(f"{package}.{node.module}")
+            elif node.level:  # from . import name: the module package.name
+                found |= {f"{package}.{a.name}" for a in node.names}
             elif node.module and node.module.split(".")[0] in PACKAGES:
                 found.add(node.module)
         elif isinstance(node, ast.Import):
@@ -42,6 +44,12 @@ def test_no_import_cycles():
 
     for module in graph:
         visit(module, [])
+
+
+def test_the_model_knows_backends_only_through_the_registry():
+    imported = imports_of(ROOT / "abcgpt" / "model.py", "abcgpt")
+    assert "abcgpt.backends" in imported
+    assert not imported & {"abcgpt.folded", "abcgpt.fused", "abcgpt.executors", "kernels.ops"}
 
 
 def test_the_kernels_load_gates_instead_of_computing_them():
