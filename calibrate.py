@@ -13,14 +13,13 @@ import sys
 
 import numpy as np
 
-from abcgpt.checkpoint import save_checkpoint
 from abcgpt.cli import (
     HelpFormatter, Parser, add_runtime_flags, add_source_flags, apply_runtime_flags, check_seed, positive,
 )
 from abcgpt.data import DataError
 from abcgpt.dial import classifier_for, fit_map, measure
 from abcgpt.errors import SettingsError, UserError
-from abcgpt.evaluate import load_gated_run
+from abcgpt.run import load_gated_run
 
 
 def main(argv=None):
@@ -40,7 +39,7 @@ def main(argv=None):
         if args.grid < 2:
             raise SettingsError(f"--grid must be at least 2, got {args.grid}")
         check_seed(args.seed)
-        model, tokenizer, state, corpus = load_gated_run(args.ckpt, args.device, args.sources, args.cache_dir)
+        model, tokenizer, run, corpus = load_gated_run(args.ckpt, args.device, args.sources, args.cache_dir)
         if len(corpus.names) != 2:
             raise DataError(f"calibration needs two sources, the checkpoint has {len(corpus.names)}")
     except UserError as e:
@@ -54,8 +53,8 @@ def main(argv=None):
     print(f"P({corpus.names[1]} | sample), mean of {args.samples} samples, and the fitted monotone curve:")
     for a, fitted in zip(dial_map["alpha"], dial_map["p"]):
         print(f"  alpha {a:.3f}: measured {np.mean(scores[a]):.3f}, fitted {fitted:.3f}")
-    state["dial_map"] = dial_map
-    save_checkpoint({k: v for k, v in state.items() if k not in ("format", "checksums")}, args.ckpt)
+    run.dial_map = dial_map
+    run.save(args.ckpt)
     print(f"wrote the map into {args.ckpt}; sample with --mix")
 
 

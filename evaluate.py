@@ -14,7 +14,8 @@ from abcgpt.cli import (
     HelpFormatter, Parser, add_runtime_flags, add_source_flags, apply_runtime_flags, check_out_file, positive,
 )
 from abcgpt.errors import SettingsError, UserError
-from abcgpt.evaluate import SWEEP, format_table, load_gated_run, summarize, sweep
+from abcgpt.evaluate import SWEEP, format_table, summarize, sweep
+from abcgpt.run import load_gated_run
 
 
 def main(argv=None):
@@ -33,7 +34,7 @@ def main(argv=None):
         out = check_out_file(args.out or Path(args.ckpt).with_name("eval.json"))
         if out.resolve() == Path(args.ckpt).resolve():
             raise SettingsError(f"--out: {out} is the checkpoint itself; refusing to write over it")
-        model, tokenizer, state, corpus = load_gated_run(args.ckpt, args.device, args.sources, args.cache_dir)
+        model, tokenizer, run, corpus = load_gated_run(args.ckpt, args.device, args.sources, args.cache_dir)
     except UserError as e:
         sys.exit(f"error: {e}")
 
@@ -41,7 +42,7 @@ def main(argv=None):
     summary = summarize(corpus.names, alphas, losses)
     print(format_table(corpus.names, alphas, losses, summary))
     result = {
-        "checkpoint": str(args.ckpt), "step": state["step"], "sources": corpus.names,
+        "checkpoint": str(args.ckpt), "step": run.step, "sources": corpus.names,
         "val_tokens": {n: len(v) for n, v in zip(corpus.names, corpus.val)},
         "alphas": alphas, "losses": losses, **summary,
     }

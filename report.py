@@ -13,28 +13,27 @@ Plots need matplotlib (pip install matplotlib).
 import sys
 from pathlib import Path
 
-from abcgpt.checkpoint import CheckpointError, load_model
+from abcgpt.checkpoint import CheckpointError
 from abcgpt.cli import (
     HelpFormatter, Parser, add_runtime_flags, add_source_flags, apply_runtime_flags, check_out_dir, check_seed, positive,
 )
 from abcgpt.errors import UserError
-from abcgpt.evaluate import load_gated_run
 from abcgpt.report import build_report, write_report
+from abcgpt.run import RunFolder, load_gated_run, load_model
 
 
 def load_baselines(ckpt, names, device):
     """{name: {"best": (model, step), "final": (model, step)}} for each baseline found beside ckpt."""
     baselines = {}
     for name in names:
-        folder = Path(ckpt).parent / f"baseline-{name}"
+        folder = RunFolder.of(ckpt).baseline(name)
         kept = {}
-        for which, file in (("best", "best.pt"), ("final", "ckpt.pt")):
-            path = folder / file
+        for which, path in (("best", folder.best), ("final", folder.checkpoint)):
             if path.exists():
-                model, _, state = load_model(path, device)
-                if model.config.gated or state["train_config"].get("only_source") != name:
+                model, _, run = load_model(path, device)
+                if model.config.gated or run.train_config is None or run.train_config.only_source != name:
                     raise CheckpointError(f"{path} is not a single-source baseline for {name!r}")
-                kept[which] = (model, state["step"])
+                kept[which] = (model, run.step)
         if kept:
             kept.setdefault("best", kept.get("final"))
             baselines[name] = kept
@@ -43,11 +42,11 @@ def load_baselines(ckpt, names, device):
 
 def load_best(ckpt, device):
     """The gated run's best checkpoint beside ckpt, as (model, step), unless ckpt is that one."""
-    path = Path(ckpt).parent / "best.pt"
+    path = RunFolder.of(ckpt).best
     if not path.exists() or path.resolve() == Path(ckpt).resolve():
         return None
-    model, _, state = load_model(path, device)
-    return model, state["step"]
+    model, _, run = load_model(path, device)
+    return model, run.step
 
 
 def main(argv=None):
@@ -70,12 +69,12 @@ def main(argv=None):
             positive(f"--{flag}", getattr(args, flag))
         positive("--max_windows", args.max_windows, allow_none=True)
         check_seed(args.seed)
-        model, tokenizer, state, corpus = load_gated_run(args.ckpt, args.device, args.sources, args.cache_dir)
+        model, tokenizer, run, corpus = load_gated_run(args.ckpt, args.device, args.sources, args.cache_dir)
         baselines = load_baselines(args.ckpt, corpus.names, args.device)
         best = load_best(args.ckpt, args.device)
     except UserError as e:
         sys.exit(f"error: {e}")
-    report = build_report(model, tokenizer, state, corpus, baselines, args.samples, args.sample_tokens,
+    report = build_report(model, tokenizer, run, corpus, baselines, args.samples, args.sample_tokens,
                           args.max_windows, args.device, args.seed, best)
     path = write_report(report, args.out_dir, args.title or f"abcGPT report: {args.ckpt}")
     print(f"wrote {path}")

@@ -10,11 +10,11 @@ import sys
 
 import torch
 
-from abcgpt.checkpoint import load_model
 from abcgpt.cli import HelpFormatter, Parser, add_runtime_flags, apply_runtime_flags, check_seed
 from abcgpt.data import source_alphas
 from abcgpt.dial import mix_to_alpha
 from abcgpt.errors import SettingsError, UserError
+from abcgpt.run import load_model
 from abcgpt.sampling import generate
 from abcgpt.tokenizer import UnknownCharactersError
 
@@ -37,16 +37,15 @@ def parse_alphas(text, flag="--alpha"):
     return alphas
 
 
-def dials(args, state):
+def dials(args, run):
     """(alpha, label) for each dial asked for: --alpha as is, or --mix through the checkpoint's map."""
-    names = state.get("source_names", [])
     if args.mix is None:
-        return [(a, dial_label(a, names)) for a in parse_alphas(args.alpha)]
+        return [(a, dial_label(a, run.source_names)) for a in parse_alphas(args.alpha)]
     mixes = parse_alphas(args.mix, "--mix")
-    if not state.get("dial_map"):
+    if not run.dial_map:
         raise InputError(f"--mix: {args.ckpt} has no calibrated dial; make one with: python calibrate.py --ckpt "
                          f"{args.ckpt} (or use --alpha)")
-    return [(mix_to_alpha(state["dial_map"], m), f"mix {m} (alpha {mix_to_alpha(state['dial_map'], m):.3f})")
+    return [(mix_to_alpha(run.dial_map, m), f"mix {m} (alpha {mix_to_alpha(run.dial_map, m):.3f})")
             for m in mixes]
 
 
@@ -101,8 +100,8 @@ def main(argv=None):
         parse_alphas(args.alpha if args.mix is None else args.mix, "--alpha" if args.mix is None else "--mix")
         check_numbers(args)
         prompt = read_prompt(args.start)
-        model, tokenizer, state = load_model(args.ckpt, args.device)
-        settings = dials(args, state)
+        model, tokenizer, run = load_model(args.ckpt, args.device)
+        settings = dials(args, run)
         try:
             start_ids = tokenizer.encode(prompt)
         except UnknownCharactersError as e:

@@ -6,9 +6,9 @@
 """
 import sys
 
-from abcgpt.checkpoint import load_model
 from abcgpt.cli import HelpFormatter, Parser, add_runtime_flags, apply_runtime_flags, positive
 from abcgpt.errors import SettingsError, UserError
+from abcgpt.run import load_model
 
 
 def main(argv=None):
@@ -32,10 +32,10 @@ def main(argv=None):
         positive("--max_new_tokens", args.max_new_tokens)
         if not 0 <= args.port < 65536:
             raise SettingsError(f"--port must be in [0, 65535], got {args.port}")
-        model, tokenizer, state = load_model(args.ckpt, args.device)
+        model, tokenizer, run = load_model(args.ckpt, args.device)
     except UserError as e:
         sys.exit(f"error: {e}")
-    service = Service(model, tokenizer, state, args.max_batch, args.max_new_tokens)
+    service = Service(model, tokenizer, run, args.max_batch, args.max_new_tokens)
     print(f"serving {args.ckpt} on http://{args.host}:{args.port} (Ctrl-C stops)", flush=True)
     uvicorn.run(create_app(service), host=args.host, port=args.port, log_level="warning")
 

@@ -15,12 +15,12 @@ import sys
 
 from tqdm.auto import tqdm
 
-from abcgpt.checkpoint import load_checkpoint
 from abcgpt.cli import HelpFormatter, Parser, add_threads_flag, apply_threads
 from abcgpt.config import PRESETS, add_config_flags, baseline_config, build_config, default_preset
 from abcgpt.device import default_device
 from abcgpt.errors import UserError
-from abcgpt.trainer import CHECKPOINT_NAME, Trainer
+from abcgpt.run import Run, RunFolder
+from abcgpt.trainer import Trainer
 
 
 def parse_args(argv=None):
@@ -41,13 +41,13 @@ def parse_args(argv=None):
 
 def resumed_base(overrides):
     """The saved run's settings; a longer --max_iters keeps the saved decay unless --lr_decay_iters says otherwise."""
-    saved = load_checkpoint(f"{overrides.get('out_dir', 'out')}/{CHECKPOINT_NAME}")["train_config"]
-    extends = overrides.get("max_iters", saved["max_iters"]) != saved["max_iters"]
-    if extends and "lr_decay_iters" not in overrides and not saved.get("lr_decay_iters"):
-        overrides["lr_decay_iters"] = saved["max_iters"]
-        print(f"note: the learning rate keeps the saved run's decay (ending at step {saved['max_iters']}); "
+    saved = Run.load(RunFolder(overrides.get("out_dir", "out")).checkpoint).train_config
+    extends = overrides.get("max_iters", saved.max_iters) != saved.max_iters
+    if extends and "lr_decay_iters" not in overrides and not saved.lr_decay_iters:
+        overrides["lr_decay_iters"] = saved.max_iters
+        print(f"note: the learning rate keeps the saved run's decay (ending at step {saved.max_iters}); "
               "pass --lr_decay_iters to decay over the longer run instead")
-    return saved
+    return saved.to_dict()
 
 
 def main(argv=None):
@@ -65,7 +65,8 @@ def main(argv=None):
         if options["baselines"]:
             for name, tokens in tqdm(list(zip(names, tokens_seen)), desc="baselines", unit="source"):
                 tqdm.write(f"baseline: vanilla GPT on {name} alone, {tokens:,} tokens")
-                if run(baseline_config(config, name, tokens), False, options["overwrite"])[0] is None:
+                baseline = baseline_config(config, name, tokens, RunFolder(config.out_dir).baseline(name))
+                if run(baseline, False, options["overwrite"])[0] is None:
                     sys.exit(130)  # interrupted: the next baseline would start with no one asking
     except UserError as e:
         sys.exit(f"error: {e}")
@@ -80,7 +81,7 @@ def run(config, resume, overwrite):
         trainer.close()
     if trainer.interrupted:
         if trainer.is_master:
-            print(f"interrupted: saved {config.out_dir}/{CHECKPOINT_NAME} at step {trainer.step}; "
+            print(f"interrupted: saved {RunFolder(config.out_dir).checkpoint} at step {trainer.step}; "
                   f"continue with: python train.py --resume --out_dir {config.out_dir}", file=sys.stderr)
         return None, tokens_seen, trainer.corpus.names
     if trainer.is_master and losses:

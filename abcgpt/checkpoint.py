@@ -2,7 +2,8 @@
 
 A checkpoint is a dict of tensors and plain Python values: model and optimizer
 state (the frozen scores are buffers in the model state), model and training
-configs, tokenizer, step and seed. Training reseeds its random generators from
+configs, tokenizer, step and seed. Its fields are run.py's Run; this module
+only writes and reads the file. Training reseeds its random generators from
 (seed, step, micro-batch) for every micro-batch, so seed and step are the whole
 RNG state: a resumed run draws the batches and dropout masks it would have drawn.
 
@@ -18,8 +19,6 @@ from pathlib import Path
 import torch
 
 from .errors import UserError
-from .model import GPT, GPTConfig
-from .tokenizer import tokenizer_from_dict
 
 FORMAT = "abcgpt-checkpoint-v2"  # v1: the same without checksums, still read
 OLD_FORMATS = ("abcgpt-checkpoint-v1",)
@@ -123,16 +122,3 @@ def load_checkpoint(path, map_location="cpu"):
         raise CheckpointError(f"{path} is not an abcGPT checkpoint")
     _verify(state, path)
     return state
-
-
-def load_model(path, device="cpu", backend="auto"):
-    """The model and tokenizer stored in a checkpoint, ready for inference with the given gate backend."""
-    state = load_checkpoint(path)
-    try:
-        model = GPT(GPTConfig.from_dict(state["model_config"]), backend)
-        model.load_state_dict(state["model"])
-        tokenizer = tokenizer_from_dict(state["tokenizer"])
-    except (KeyError, TypeError, ValueError, RuntimeError) as e:
-        reason = " ".join(line.strip() for line in str(e).strip().splitlines())
-        raise CheckpointError(f"{path} does not hold a usable model: {reason}") from None
-    return model.to(device).eval(), tokenizer, state

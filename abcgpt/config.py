@@ -2,7 +2,6 @@
 import argparse
 import math
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
-from pathlib import Path
 
 from .backends import NAMES as BACKEND_NAMES
 from .backends import auto_rule, check_backend
@@ -178,14 +177,15 @@ def add_config_flags(parser):
                             help=f"{FLAG_HELP[f.name]} ({default})")
 
 
-def baseline_config(config, source, tokens):
+def baseline_config(config, source, tokens, out_dir):
     """A vanilla GPT trained on one source alone, on as many of its tokens as the gated run saw
-    (docs/design.md, section 5: the cost of the dial). Same shape and optimiser; its own schedule."""
+    (docs/design.md, section 5: the cost of the dial), into out_dir. Same shape and optimiser; its own
+    schedule."""
     tokens_per_step = config.batch_size * config.block_size * config.grad_accum
     return replace(
         config, gated=False, only_source=source, lr_decay_iters=0,
         max_iters=max(1, math.ceil(tokens / tokens_per_step)),
-        out_dir=str(Path(config.out_dir) / f"baseline-{source}"),
+        out_dir=str(out_dir),
     )
 
 

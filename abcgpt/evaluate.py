@@ -4,40 +4,9 @@ val_loss is the one definition of held-out loss: the trainer's evaluations and
 evaluate.py both call it, so on the same windows they give the same number."""
 import torch
 
-from .checkpoint import CheckpointError, load_model
-from .data import Corpus, DataError, parse_sources, source_alphas
-from .tokenizer import UnknownCharactersError
+from .data import source_alphas
 
 SWEEP = tuple(round(0.1 * i, 1) for i in range(11))
-
-
-def corpus_for(state, tokenizer, sources=None, cache_dir=None):
-    """The run's sources (or local copies named alike), split and tokenized as the run had them."""
-    config = state["train_config"]
-    sources = parse_sources(sources or config["sources"])
-    if [s.name for s in sources] != state["source_names"]:
-        raise DataError(f"the checkpoint was trained on {state['source_names']}, in that order; name the same sources")
-    try:
-        corpus = Corpus.from_sources(sources, tokenizer, config["val_fraction"], cache_dir or config["cache_dir"] or None)
-    except UnknownCharactersError as e:
-        raise DataError(f"the sources have text the checkpoint's tokenizer lacks: {e}") from None
-    for spec, recorded, actual in zip(sources, state.get("source_sha256", []), corpus.sha256):
-        if recorded is not None and recorded != actual:  # older checkpoints recorded none
-            raise DataError(f"source {spec.name!r}: {spec.path or 'the built-in copy'} is not the text the checkpoint "
-                            f"was trained on under that name (sha256 {actual[:12]}..., trained on {recorded[:12]}...)")
-    return corpus
-
-
-def require_gated(model, path):
-    if not model.config.gated:
-        raise CheckpointError(f"{path} holds a vanilla (ungated) model: there is no dial to sweep")
-
-
-def load_gated_run(path, device="cpu", sources=None, cache_dir=None):
-    """(model, tokenizer, state, corpus) of a gated checkpoint, with its sources as it was trained on them."""
-    model, tokenizer, state = load_model(path, device)
-    require_gated(model, path)
-    return model, tokenizer, state, corpus_for(state, tokenizer, sources, cache_dir)
 
 
 @torch.no_grad()

@@ -5,41 +5,39 @@
 import sys
 from pathlib import Path
 
-from .checkpoint import load_checkpoint
 from .cli import HelpFormatter, Parser
 from .data import source_alphas
 from .errors import UserError
+from .run import Run
 
 
-def describe(path, state):
+def describe(path, run):
     """The checkpoint as lines of text."""
-    model = state["model_config"]
-    train = state.get("train_config", {})
-    names = state.get("source_names", [])
-    digests = state.get("source_sha256") or [None] * len(names)
-    n_params = sum(t.numel() for name, t in state["model"].items()
+    model, train, names = run.model_config, run.train_config, run.source_names
+    digests = run.source_sha256 or [None] * len(names)
+    n_params = sum(t.numel() for name, t in run.model.items()
                    if not name.endswith("_scores") and name != "lm_head.weight")  # lm_head is tied to wte
     lines = [
-        f"{path}: {Path(path).stat().st_size / 2**20:.1f} MiB, step {state['step']}, format {state['format']}",
-        f"model: {'gated' if model.get('gated') else 'vanilla'}, {model['n_layer']} layers, {model['n_head']} heads, "
-        f"{model['n_embd']} wide, block {model['block_size']}, vocab {model['vocab_size']}, "
-        f"{n_params / 1e6:.2f}M parameters, narrowness {model.get('narrowness')}, mask_seed {model.get('mask_seed')}",
-        f"tokenizer: {state['tokenizer']['kind']}",
+        f"{path}: {Path(path).stat().st_size / 2**20:.1f} MiB, step {run.step}, format {run.format}, "
+        f"written by abcgpt {run.version}",
+        f"model: {'gated' if model.gated else 'vanilla'}, {model.n_layer} layers, {model.n_head} heads, "
+        f"{model.n_embd} wide, block {model.block_size}, vocab {model.vocab_size}, "
+        f"{n_params / 1e6:.2f}M parameters, narrowness {model.narrowness}, mask_seed {model.mask_seed}",
+        f"tokenizer: {run.tokenizer['kind']}",
         "sources (dial order):",
     ]
-    seen = state.get("tokens_seen") or [None] * len(names)
+    seen = run.tokens_seen or [None] * len(names)
     for name, alpha, digest, tokens in zip(names, source_alphas(max(2, len(names))), digests, seen):
         lines.append(f"  alpha {alpha:g}: {name}" + (f", sha256 {digest[:16]}..." if digest else "")
                      + (f", {tokens:,} training tokens drawn" if tokens is not None else ""))
-    if train:
-        lines.append("training: " + ", ".join(f"{k} {train[k]}" for k in (
-            "alpha_mode", "batch_size", "max_iters", "learning_rate", "min_lr", "dropout", "seed") if k in train))
-    losses = state.get("val_losses") or {}
-    if losses:
+    if train is not None:
+        lines.append("training: " + ", ".join(f"{k} {getattr(train, k)}" for k in (
+            "alpha_mode", "batch_size", "max_iters", "learning_rate", "min_lr", "dropout", "seed")))
+    if run.val_losses:
         lines.append("held-out losses at this step: " + ", ".join(f"{k.removeprefix('val/')} {v:.4f}"
-                                                                 for k, v in losses.items()))
-    if state.get("best_val_loss") is not None:
-        lines.append(f"best held-out score of the run so far: {state['best_val_loss']:.4f}")
+                                                                 for k, v in run.val_losses.items()))
+    if run.best_val_loss is not None:
+        lines.append(f"best held-out score of the run so far: {run.best_val_loss:.4f}")
     return lines
 
 
@@ -48,10 +46,10 @@ def main(argv=None):
     p.add_argument("ckpt", help="a checkpoint written by train.py")
     args = p.parse_args(argv)
     try:
-        state = load_checkpoint(args.ckpt)
+        run = Run.load(args.ckpt)
     except UserError as e:
         sys.exit(f"error: {e}")
-    print("\n".join(describe(args.ckpt, state)))
+    print("\n".join(describe(args.ckpt, run)))
 
 
 if __name__ == "__main__":

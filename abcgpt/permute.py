@@ -7,9 +7,10 @@ The map of which rows and columns move with each unit is units.py's.
 """
 import sys
 
-from .checkpoint import CheckpointError, load_model, save_checkpoint
+from .checkpoint import CheckpointError
 from .cli import HelpFormatter, Parser
 from .errors import UserError
+from .run import load_model
 from .units import sort_units
 
 
@@ -19,15 +20,15 @@ def main(argv=None):
     p.add_argument("dest", help="checkpoint to write, with units sorted")
     args = p.parse_args(argv)
     try:
-        model, _, state = load_model(args.source)
+        model, _, run = load_model(args.source)
         if not model.config.gated:
             raise CheckpointError(f"{args.source} holds a vanilla model: there are no scores to sort by")
-        state["optimizer"] = sort_units(model, state.get("optimizer"))
+        run.optimizer = sort_units(model, run.optimizer)
     except UserError as e:
         sys.exit(f"error: {e}")
-    state["model"] = model.state_dict()
-    state["model_config"] = {**state["model_config"], "sort_units": True}
-    save_checkpoint({k: v for k, v in state.items() if k != "format"}, args.dest)
+    run.model = model.state_dict()
+    run.model_config.sort_units = True
+    run.save(args.dest)
     print(f"wrote {args.dest} with units sorted by score")
 
 

@@ -65,7 +65,7 @@ def calibrated_dial(model, tokenizer, classifier, dial_map, n_samples, tokens, s
     }
 
 
-def build_report(model, tokenizer, state, corpus, baselines=None, n_samples=8, sample_tokens=200,
+def build_report(model, tokenizer, run, corpus, baselines=None, n_samples=8, sample_tokens=200,
                  max_windows=None, device="cpu", seed=1337, best=None):
     """Everything the report shows, as plain data.
 
@@ -75,7 +75,7 @@ def build_report(model, tokenizer, state, corpus, baselines=None, n_samples=8, s
     alphas, losses = sweep(model, corpus, SWEEP, max_windows=max_windows, device=device, progress=True)
     summary = summarize(corpus.names, alphas, losses)
     report = {
-        "checkpoint_step": state["step"], "sources": corpus.names, "tokens_seen": state.get("tokens_seen"),
+        "checkpoint_step": run.step, "sources": corpus.names, "tokens_seen": run.tokens_seen or None,
         "val_tokens": {n: len(v) for n, v in zip(corpus.names, corpus.val)},
         "alphas": alphas, "losses": losses, **summary,
     }
@@ -98,8 +98,8 @@ def build_report(model, tokenizer, state, corpus, baselines=None, n_samples=8, s
         scores = measure(model, tokenizer, classifier, SWEEP, n_samples, sample_tokens, seed, device)
         report["calibration"] = {**calibration_summary(SWEEP, scores), "samples_per_alpha": n_samples,
                                  "sample_tokens": sample_tokens, "scores": {str(a): s for a, s in scores.items()}}
-        if state.get("dial_map"):  # fresh seeds: not the samples the map was fitted on
-            report["calibrated_dial"] = calibrated_dial(model, tokenizer, classifier, state["dial_map"], n_samples,
+        if run.dial_map:  # fresh seeds: not the samples the map was fitted on
+            report["calibrated_dial"] = calibrated_dial(model, tokenizer, classifier, run.dial_map, n_samples,
                                                         sample_tokens, seed + 10_000, device)
     report["samples"] = {
         str(a): sample_texts(model, tokenizer, a, 1, sample_tokens, seed, device, temperature=0.8)[0]

@@ -57,10 +57,10 @@ def _number(fields, name, kind, default):
 class Service:
     """The model, its tokenizer and decoder, and how a request's fields become a Request."""
 
-    def __init__(self, model, tokenizer, state, max_batch=32, max_new_tokens=500, max_body=16_384):
-        self.model, self.tokenizer, self.state = model, tokenizer, state
-        self.names = state.get("source_names", [])
-        self.dial_map = state.get("dial_map")
+    def __init__(self, model, tokenizer, run, max_batch=32, max_new_tokens=500, max_body=16_384):
+        self.model, self.tokenizer, self.run = model, tokenizer, run
+        self.names = run.source_names
+        self.dial_map = run.dial_map
         self.max_new_tokens, self.max_body = max_new_tokens, max_body
         self.decoder = BatchedDecoder(model, max_batch)
 
@@ -69,7 +69,7 @@ class Service:
         return {
             "sources": [{"name": n, "alpha": a} for n, a in zip(self.names, source_alphas(max(2, len(self.names))))],
             "model": {k: getattr(c, k) for k in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "gated")},
-            "step": self.state.get("step"), "calibrated": bool(self.dial_map), "max_new_tokens": self.max_new_tokens,
+            "step": self.run.step, "calibrated": bool(self.dial_map), "max_new_tokens": self.max_new_tokens,
             "device": str(self.decoder.device),
         }
 

@@ -12,25 +12,23 @@ import signal
 import threading
 import time
 from contextlib import contextmanager, nullcontext
-from pathlib import Path
 
 import torch
 from torch.distributed import destroy_process_group, init_process_group
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from . import backends, cli
-from .checkpoint import CheckpointError, copy_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError
 from .config import ARCHITECTURE, TrainConfig
 from .data import Corpus, training_batch
 from .device import resolve_device
 from .errors import SettingsError, UserError
 from .evaluate import val_loss
 from .model import GPT
+from .run import Run, RunFolder
 from .tokenizer import tokenizer_from_dict
 
 EVAL_ALPHAS = (0.0, 0.5, 1.0)
-CHECKPOINT_NAME = "ckpt.pt"  # the latest state, written at every evaluation
-BEST_NAME = "best.pt"  # the state with the lowest held-out loss so far
 
 
 class TrainingDiverged(UserError, RuntimeError):
@@ -66,16 +64,13 @@ def resolve_dtype(name, device_type):
     return getattr(torch, name)
 
 
-RUN_FILES = (CHECKPOINT_NAME, BEST_NAME, "log.jsonl")
-
-
-def check_out_dir(out_dir, resume, overwrite):
+def check_run_folder(folder, resume, overwrite):
     """Refuse, before any work, an out_dir that cannot be written, or one whose run a new run would replace
     without overwrite; return the old run's files that the new run replaces."""
-    cli.check_out_dir(out_dir, "out_dir")
-    existing = [name for name in RUN_FILES if (out_dir / name).exists()]
+    cli.check_out_dir(folder.path, "out_dir")
+    existing = folder.run_files()
     if existing and not resume and not overwrite:
-        raise SettingsError(f"out_dir {out_dir} already holds a run ({', '.join(existing)}): continue it with "
+        raise SettingsError(f"out_dir {folder} already holds a run ({', '.join(existing)}): continue it with "
                          "--resume, or replace it with --overwrite")
     return [] if resume else existing
 
@@ -93,14 +88,14 @@ class Trainer:
         self.config = config
         self.log_line = log
         self._setup_distributed()
-        self.out_dir = Path(config.out_dir)
+        self.folder = RunFolder(config.out_dir)
         # an old run's files go only once this one is set up and starts, so a setup error loses nothing
-        self.replaced = check_out_dir(self.out_dir, resume, overwrite) if self.is_master else []
-        state = load_checkpoint(self.out_dir / CHECKPOINT_NAME) if resume else None
-        if state is not None:
-            self._check_resumable(state)
+        self.replaced = check_run_folder(self.folder, resume, overwrite) if self.is_master else []
+        saved = Run.load(self.folder.checkpoint) if resume else None
+        if saved is not None:
+            self._check_resumable(saved)
 
-        tokenizer = tokenizer_from_dict(state["tokenizer"]) if state else config.tokenizer
+        tokenizer = tokenizer_from_dict(saved.tokenizer) if saved else config.tokenizer
         cache_dir = config.cache_dir or None
         self.corpus = corpus or Corpus.from_sources(config.sources, tokenizer, config.val_fraction, cache_dir)
         self.corpus.check_block_size(config.block_size)
@@ -118,15 +113,14 @@ class Trainer:
         self.saved_step = None  # the step of the last checkpoint written by this run
         self.first_bad_step = torch.tensor(-1, device=self.device)  # first step with a NaN/inf loss or gradient
         self.stop_requested = self.interrupted = False
-        if state is not None:
-            self.best_val_loss = state.get("best_val_loss", math.inf)
-            self.last_losses = state.get("val_losses", {})
-            self.saved_step = state["step"]
-            self.model.load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
-            self.step = state["step"]
-            if self.is_master:
-                self.local_tokens = list(state.get("tokens_seen", self.local_tokens))
+        if saved is not None:
+            self.best_val_loss = saved.best_val_loss if saved.best_val_loss is not None else math.inf
+            self.last_losses = saved.val_losses
+            self.saved_step = self.step = saved.step
+            self.model.load_state_dict(saved.model)
+            self.optimizer.load_state_dict(saved.optimizer)
+            if self.is_master and saved.tokens_seen:
+                self.local_tokens = list(saved.tokens_seen)
         if config.only_source and config.only_source not in self.corpus.names:
             raise SettingsError(f"only_source {config.only_source!r} is not one of the sources {self.corpus.names}")
 
@@ -163,25 +157,25 @@ class Trainer:
         self.device_type = "cuda" if self.device.startswith("cuda") else "cpu"
         self.is_master = self.rank == 0
 
-    def _check_resumable(self, state):
-        saved = TrainConfig.from_dict(state["train_config"])
+    def _check_resumable(self, run):
+        saved = run.train_config
         changed = [k for k in ARCHITECTURE if getattr(saved, k) != getattr(self.config, k)]
         if changed:
             raise CheckpointError(
                 f"cannot resume with a different {', '.join(changed)} than the checkpoint's "
                 f"({', '.join(f'{k}={getattr(saved, k)!r}' for k in changed)})"
             )
-        if state["source_names"] != [s.partition("=")[0].strip() for s in self.config.sources]:
-            raise CheckpointError(f"cannot resume with other sources than the checkpoint's {state['source_names']}")
+        if run.source_names != [s.partition("=")[0].strip() for s in self.config.sources]:
+            raise CheckpointError(f"cannot resume with other sources than the checkpoint's {run.source_names}")
 
     def log(self, record, line=None):
-        """Print one line (line, or the record) and append the record to out_dir/log.jsonl (master only)."""
+        """Print one line (line, or the record) and append the record to the run's log (master only)."""
         if not self.is_master:
             return
         self.log_line(line or " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                          for k, v in record.items()))
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.out_dir / "log.jsonl", "a") as f:
+        self.folder.path.mkdir(parents=True, exist_ok=True)
+        with open(self.folder.log, "a") as f:
             f.write(json.dumps(finite_json(record), allow_nan=False) + "\n")
 
     @torch.no_grad()
@@ -209,32 +203,19 @@ class Trainer:
             torch.distributed.all_reduce(counts)
         return counts.tolist()
 
-    def checkpoint_state(self):
-        return {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "model_config": self.model_config.to_dict(),
-            "train_config": self.config.to_dict(),
-            "tokenizer": self.corpus.tokenizer.to_dict(),
-            "source_names": self.corpus.names,
-            "source_sha256": self.corpus.sha256,
-            "val_losses": self.last_losses,
-            "step": self.step,
-            "seed": self.config.seed,
-            "tokens_seen": self.tokens_seen(),
-            "best_val_loss": self.best_val_loss,
-        }
+    def run_state(self):
+        return Run(model=self.model.state_dict(), optimizer=self.optimizer.state_dict(), model_config=self.model_config,
+                   train_config=self.config, tokenizer=self.corpus.tokenizer.to_dict(), source_names=self.corpus.names,
+                   source_sha256=self.corpus.sha256, val_losses=self.last_losses, step=self.step, seed=self.config.seed,
+                   tokens_seen=self.tokens_seen(), best_val_loss=self.best_val_loss)
 
     def save(self, best=False):
         """The latest checkpoint, and the best one too when best; never a state that went non-finite."""
         self.check_finite(self.last_losses)
-        state = self.checkpoint_state()  # on every process: tokens_seen gathers from all
+        run = self.run_state()  # on every process: tokens_seen gathers from all
         if self.is_master:
-            save_checkpoint(state, self.out_dir / CHECKPOINT_NAME)
-            if best:  # the same bytes: no second round of hashing, writing and reading back
-                copy_checkpoint(self.out_dir / CHECKPOINT_NAME, self.out_dir / BEST_NAME)
-            self.log_line(f"saved {self.out_dir / CHECKPOINT_NAME}" + (f" and {self.out_dir / BEST_NAME} (best so far)"
-                                                                       if best else ""))
+            self.folder.save(run, best)
+            self.log_line(f"saved {self.folder.checkpoint}" + (f" and {self.folder.best} (best so far)" if best else ""))
         self.saved_step = self.step
 
     def check_finite(self, losses=None):
@@ -245,7 +226,7 @@ class Trainer:
             what = self._non_finite_state(losses)
             bad_step = self.step if what else -1
         if bad_step >= 0:
-            kept = (f"the last good checkpoint is {self.out_dir / CHECKPOINT_NAME} (step {self.saved_step})"
+            kept = (f"the last good checkpoint is {self.folder.checkpoint} (step {self.saved_step})"
                     if self.saved_step is not None else "no checkpoint had been written")
             raise TrainingDiverged(
                 f"training diverged at step {bad_step}: {what} is not finite (NaN or inf); "
@@ -329,7 +310,7 @@ class Trainer:
                    f"sources {', '.join(f'{name} (alpha {a:g})' for name, a in zip(self.corpus.names, self.corpus.alphas))}")
             )
         for name in self.replaced:
-            (self.out_dir / name).unlink(missing_ok=True)
+            (self.folder.path / name).unlink(missing_ok=True)
         self.replaced = []
         tokens_per_step = config.batch_size * config.block_size * config.grad_accum
         timer, timed_steps = time.perf_counter(), 0

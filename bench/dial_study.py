@@ -17,12 +17,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 
-from abcgpt.checkpoint import load_checkpoint, load_model
 from abcgpt.cli import HelpFormatter, Parser
-from abcgpt.config import TrainConfig, baseline_config
+from abcgpt.config import baseline_config
 from abcgpt.dial import classifier_for, measure
-from abcgpt.evaluate import SWEEP, corpus_for, summarize, sweep, val_loss
+from abcgpt.evaluate import SWEEP, summarize, sweep, val_loss
 from abcgpt.report import calibration_summary
+from abcgpt.run import Run, RunFolder, corpus_for, load_model
 
 SETTINGS = {  # name: train.py flags on top of the CPU preset
     "default": [],  # the CPU preset as it stands: one alpha per sequence
@@ -37,21 +37,21 @@ SETTINGS = {  # name: train.py flags on top of the CPU preset
 
 
 def train(name, flags, args, seed):
-    out = Path(args.runs) / f"{name}-seed{seed}"
-    if (out / "ckpt.pt").exists():
-        state = load_checkpoint(out / "ckpt.pt")
-        if state["step"] >= state["train_config"]["max_iters"]:
+    out = RunFolder(Path(args.runs) / f"{name}-seed{seed}")
+    if out.checkpoint.exists():
+        run = Run.load(out.checkpoint)
+        if run.step >= run.train_config.max_iters:
             return out
     command = [sys.executable, "train.py", "--preset", "cpu", "--sources", args.sources, "--out_dir", str(out),
                "--threads", "1", "--seed", str(seed), "--overwrite", *flags]
-    with open(Path(args.runs) / f"{name}-seed{seed}.log", "w") as log:
+    with open(Path(args.runs) / f"{name}-seed{seed}.log", "w") as log:  # train.py's output, beside its run
         subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, check=True)
     return out
 
 
 def measure_run(path, baselines, args):
-    model, tokenizer, state = load_model(path / "ckpt.pt")
-    corpus = corpus_for(state, tokenizer)
+    model, tokenizer, run = load_model(path.checkpoint)
+    corpus = corpus_for(run, tokenizer)
     alphas, losses = sweep(model, corpus, SWEEP, max_windows=args.windows)
     summary = summarize(corpus.names, alphas, losses)
     scores = measure(model, tokenizer, classifier_for(corpus), SWEEP, args.samples, 150, 7, "cpu")
@@ -65,18 +65,17 @@ def measure_run(path, baselines, args):
 def baseline_losses(run, args):
     """Each source's vanilla baseline at its best held-out val, trained on as many of that source's tokens as
     run saw; shared by the runs of run's length, which draw about as many."""
-    state = load_checkpoint(run / "ckpt.pt")
-    length = state["train_config"]["max_iters"]
+    saved = Run.load(run.checkpoint)
+    length = saved.train_config.max_iters
     losses = {}
-    for k, name in enumerate(state["source_names"]):
-        folder = Path(args.runs) / f"baseline-{name}-{length}steps"
-        if not (folder / "best.pt").exists():  # trained as train.py --baselines would (config.baseline_config)
-            run = TrainConfig.from_dict(state["train_config"])
-            steps = baseline_config(run, name, state["tokens_seen"][k]).max_iters
+    for k, name in enumerate(saved.source_names):
+        folder = RunFolder(Path(args.runs) / f"baseline-{name}-{length}steps")
+        if not folder.best.exists():  # trained as train.py --baselines would (config.baseline_config)
+            steps = baseline_config(saved.train_config, name, saved.tokens_seen[k], folder).max_iters
             subprocess.run([sys.executable, "train.py", "--preset", "cpu", "--sources", args.sources, "--gated",
                             "false", "--only_source", name, "--max_iters", str(steps), "--out_dir", str(folder),
                             "--threads", "2", "--overwrite"], stdout=subprocess.DEVNULL, check=True)
-        model, tokenizer, best = load_model(folder / "best.pt")
+        model, tokenizer, best = load_model(folder.best)
         corpus = corpus_for(best, tokenizer)
         losses[name] = val_loss(model, corpus.val[k], None, max_windows=args.windows)
     return losses
@@ -134,7 +133,7 @@ def main(argv=None):
     plan = [(s, 1337) for s in args.settings.split(",")] + [(s, 7) for s in args.finalists.split(",") if s]
     with ThreadPoolExecutor(args.jobs) as pool:
         paths = list(pool.map(lambda job: train(job[0], SETTINGS[job[0]], args, job[1]), plan))
-    lengths = [load_checkpoint(path / "ckpt.pt")["train_config"]["max_iters"] for path in paths]
+    lengths = [Run.load(path.checkpoint).train_config.max_iters for path in paths]
     baselines = {}  # by run length, on the tokens of the first run of each length
     for path, length in zip(paths, lengths):
         if length not in baselines:

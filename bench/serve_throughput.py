@@ -22,9 +22,9 @@ import httpx2
 import torch
 import uvicorn
 
-from abcgpt.checkpoint import load_model
-from abcgpt.model import GPT, GPTConfig
 from abcgpt.cli import HelpFormatter, Parser, add_runtime_flags, apply_runtime_flags
+from abcgpt.model import GPT, GPTConfig
+from abcgpt.run import load_model
 from abcgpt.sampling import generate
 from abcgpt.serve import Service, create_app
 from bench.timing import environment
@@ -93,8 +93,8 @@ def main(argv=None):
     if args.quick:
         args.clients, args.new_tokens = "1,4", 32  # enough tokens that four clients surely overlap
     clients = [int(n) for n in args.clients.split(",")]
-    model, tokenizer, state = load_model(args.ckpt, args.device)
-    service = Service(model, tokenizer, state, max_batch=max(clients), max_new_tokens=args.new_tokens)
+    model, tokenizer, saved = load_model(args.ckpt, args.device)
+    service = Service(model, tokenizer, saved, max_batch=max(clients), max_new_tokens=args.new_tokens)
     server, url = start_server(service)
     rng = random.Random(0)
     prompt = tokenizer.decode([rng.randrange(model.config.vocab_size)])

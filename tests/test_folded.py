@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from abcgpt.attention import KVCache
-from abcgpt.checkpoint import load_checkpoint, load_model
+from abcgpt.checkpoint import load_checkpoint
+from abcgpt.run import load_model
 from abcgpt.folded import Folded, active_ranges
 from abcgpt.gate import gates_for
 from abcgpt.model import GPT, GPTConfig
@@ -145,8 +146,8 @@ def test_permute_command_sorts_a_checkpoint(trained_checkpoint, tmp_path):
                             cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     before, _, _ = load_model(trained_checkpoint)
-    after, _, state = load_model(dest)
-    assert torch.all(after.embd_scores.diff() >= 0) and state["model_config"]["sort_units"]
+    after, _, run = load_model(dest)
+    assert torch.all(after.embd_scores.diff() >= 0) and run.model_config.sort_units
     idx = torch.randint(0, before.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
     for alpha in (0.0, 0.5, 1.0):
         torch.testing.assert_close(after(idx, alpha, idx)[0], before(idx, alpha, idx)[0], rtol=1e-5, atol=1e-6)

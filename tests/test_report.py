@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from abcgpt.checkpoint import load_checkpoint, load_model
+from abcgpt.checkpoint import load_checkpoint
+from abcgpt.run import Run, corpus_for, load_model
 from abcgpt.ngram import CharNgram, SourceClassifier, spearman
 from abcgpt.report import calibration_summary, dial_cost
 from conftest import play_text, story_text
@@ -100,7 +101,7 @@ def test_baselines_see_as_many_tokens_of_their_source(run_with_baselines):
 
 
 def test_report_command_end_to_end(run_with_baselines, tmp_path):
-    from abcgpt.evaluate import corpus_for, val_loss
+    from abcgpt.evaluate import val_loss
 
     out = tmp_path / "report"
     result = run("report.py", "--ckpt", run_with_baselines / "ckpt.pt", "--out_dir", out, "--samples", "2",
@@ -114,10 +115,10 @@ def test_report_command_end_to_end(run_with_baselines, tmp_path):
     assert report["corner_loss"] == {"stories": stories[0], "plays": plays[-1]}
     # the baseline numbers are the baselines' own held-out losses, at their best checkpoint and their last
     for which, file in (("best", "best.pt"), ("final", "ckpt.pt")):
-        model, tokenizer, state = load_model(run_with_baselines / "baseline-plays" / file)
-        corpus = corpus_for(load_checkpoint(run_with_baselines / "ckpt.pt"), tokenizer)
+        model, tokenizer, baseline = load_model(run_with_baselines / "baseline-plays" / file)
+        corpus = corpus_for(Run.load(run_with_baselines / "ckpt.pt"), tokenizer)
         expected = val_loss(model, corpus.val[1], None, max_windows=8)
-        assert report["baselines"]["plays"][which] == {"loss": pytest.approx(expected), "step": state["step"]}
+        assert report["baselines"]["plays"][which] == {"loss": pytest.approx(expected), "step": baseline.step}
     best = report["baselines"]["plays"]["best"]["loss"]
     assert report["dial_cost"]["plays"]["baseline_loss"] == pytest.approx(best)
     assert report["dial_cost"]["plays"]["excess"] == pytest.approx(plays[-1] - best)

@@ -18,7 +18,7 @@ import uvicorn  # noqa: E402
 from starlette.testclient import TestClient  # noqa: E402
 
 from abcgpt.batching import BatchedDecoder, Request  # noqa: E402
-from abcgpt.checkpoint import load_model  # noqa: E402
+from abcgpt.run import load_model  # noqa: E402
 from abcgpt.serve import Service, create_app  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -3,7 +3,8 @@ import math
 import pytest
 import torch
 
-from abcgpt.checkpoint import CheckpointError, load_checkpoint, load_model, save_checkpoint
+from abcgpt.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from abcgpt.run import load_model
 from abcgpt.config import TrainConfig, build_config
 from abcgpt.trainer import Trainer, learning_rate_at
 from conftest import tiny_config
@@ -36,10 +37,10 @@ def test_training_learns_the_dial(corpus_files, tmp_path):
 
 
 def test_checkpoint_gives_identical_logits(trained_checkpoint, corpus_files):
-    model, tokenizer, state = load_model(trained_checkpoint)
+    model, tokenizer, run = load_model(trained_checkpoint)
     trainer = Trainer(tiny_config(corpus_files, trained_checkpoint.parent), resume=True, **quiet)
     trainer.model.eval()
-    assert state["step"] == trainer.step == 6
+    assert run.step == trainer.step == 6
     idx = torch.tensor([tokenizer.encode("one day ROMEO:")])
     for alpha in (0.0, 0.3, 1.0, torch.tensor([0.7])):
         torch.testing.assert_close(model(idx, alpha, idx)[0], trainer.model(idx, alpha, idx)[0], rtol=0, atol=0)

@@ -1,0 +1,167 @@
+"""A run, typed: what a checkpoint holds (Run) and how a run's folder is laid out (RunFolder).
+
+Nothing else reads a checkpoint's fields by name or spells a run file's name. Run.load
+checks the file (checkpoint.py) and refuses, in one line, a field this version does
+not know, naming the field and the versions involved, before anything is built from it.
+"""
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Optional
+
+from .checkpoint import CheckpointError, copy_checkpoint, load_checkpoint, save_checkpoint
+from .config import TrainConfig
+from .data import Corpus, DataError, parse_sources
+from .errors import SettingsError
+from .model import GPT, GPTConfig
+from .tokenizer import UnknownCharactersError, tokenizer_from_dict
+
+VERSION = "0.1.0"  # of abcgpt, recorded in every checkpoint it writes
+LEGACY_MODEL_FIELDS = {"gate_backend"}  # model settings of older versions, ignored on load
+
+
+@dataclass
+class Run:
+    """The fields of a checkpoint. model and optimizer are state dicts; the rest plain values."""
+
+    model: dict
+    model_config: GPTConfig
+    tokenizer: dict
+    step: int = 0
+    train_config: Optional[TrainConfig] = None
+    optimizer: Optional[dict] = None
+    source_names: list = field(default_factory=list)
+    source_sha256: list = field(default_factory=list)  # of each source's text, in source_names' order
+    val_losses: dict = field(default_factory=dict)  # the held-out losses at step
+    seed: Optional[int] = None
+    tokens_seen: list = field(default_factory=list)  # training tokens drawn from each source
+    best_val_loss: Optional[float] = None  # the run's best held-out score so far
+    dial_map: Optional[dict] = None  # the calibrated dial (calibrate.py)
+    version: str = VERSION  # of abcgpt, where it wrote the checkpoint
+    format: str = ""  # of the file, as load found it
+
+    @classmethod
+    def load(cls, path) -> "Run":
+        state = load_checkpoint(path)
+        written_by = f"written by abcgpt {state.get('version', 'before 0.1.0')} ({state['format']})"
+        known = {f.name for f in fields(cls)} - {"format"}
+        unknown = sorted(set(state) - known - {"format", "checksums"})
+        if unknown:
+            raise CheckpointError(f"{path} has field {unknown[0]!r}, which abcgpt {VERSION} does not know: it was "
+                                  f"{written_by}; use that version")
+        values = {k: state[k] for k in known if k in state}
+        try:
+            values["model_config"] = _config(GPTConfig, state["model_config"], "model_config", LEGACY_MODEL_FIELDS)
+            if state.get("train_config") is not None:
+                values["train_config"] = _config(TrainConfig, state["train_config"], "train_config", set())
+            return cls(**values, format=state["format"])
+        except KeyError as e:
+            raise CheckpointError(f"{path} lacks {e.args[0]!r}: it is not a whole run ({written_by})") from None
+        except (SettingsError, _UnknownSetting) as e:
+            raise CheckpointError(f"{path}: {e} ({written_by}; this is abcgpt {VERSION})") from None
+
+    def save(self, path) -> None:
+        save_checkpoint(self.to_state(), path)
+
+    def to_state(self) -> dict:
+        state = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "format"}
+        state["model_config"] = self.model_config.to_dict()
+        state["train_config"] = self.train_config.to_dict() if self.train_config is not None else None
+        state["version"] = VERSION
+        return state
+
+    def build_model(self, device="cpu", backend="auto", path="the checkpoint") -> tuple:
+        """(model, tokenizer) ready for inference with the given gate backend."""
+        try:
+            model = GPT(self.model_config, backend)
+            model.load_state_dict(self.model)
+            tokenizer = tokenizer_from_dict(self.tokenizer)
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            reason = " ".join(line.strip() for line in str(e).strip().splitlines())
+            raise CheckpointError(f"{path} does not hold a usable model: {reason}") from None
+        return model.to(device).eval(), tokenizer
+
+
+class _UnknownSetting(Exception):
+    pass
+
+
+def _config(kind, values, name, legacy):
+    unknown = sorted(set(values) - {f.name for f in fields(kind)} - legacy)
+    if unknown:
+        raise _UnknownSetting(f"its {name} has setting {unknown[0]!r}, which this version does not know")
+    return kind.from_dict(values)
+
+
+class RunFolder:
+    """A run's folder: its latest checkpoint, its best one, its log, and its baselines' folders."""
+
+    FILES = ("ckpt.pt", "best.pt", "log.jsonl")
+
+    def __init__(self, path):
+        self.path = Path(path)
+
+    def __str__(self):
+        return str(self.path)
+
+    @classmethod
+    def of(cls, checkpoint) -> "RunFolder":
+        """The folder a checkpoint file is in."""
+        return cls(Path(checkpoint).parent)
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.path / self.FILES[0]  # the latest state, written at every evaluation
+
+    @property
+    def best(self) -> Path:
+        return self.path / self.FILES[1]  # the state with the lowest held-out loss so far
+
+    @property
+    def log(self) -> Path:
+        return self.path / self.FILES[2]
+
+    def baseline(self, source) -> "RunFolder":
+        """Where train.py --baselines trains a vanilla GPT on one source alone."""
+        return RunFolder(self.path / f"baseline-{source}")
+
+    def run_files(self) -> list:
+        """The names of the run files that exist here."""
+        return [name for name in self.FILES if (self.path / name).exists()]
+
+    def save(self, run: Run, best=False) -> None:
+        """The latest checkpoint, and the same bytes as the best one too when best."""
+        run.save(self.checkpoint)
+        if best:  # no second round of hashing, writing and reading back
+            copy_checkpoint(self.checkpoint, self.best)
+
+
+def load_model(path, device="cpu", backend="auto"):
+    """(model, tokenizer, run) of a checkpoint, the model ready for inference with the given gate backend."""
+    run = Run.load(path)
+    model, tokenizer = run.build_model(device, backend, path)
+    return model, tokenizer, run
+
+
+def corpus_for(run, tokenizer, sources=None, cache_dir=None):
+    """The run's sources (or local copies named alike), split and tokenized as the run had them."""
+    config = run.train_config
+    sources = parse_sources(sources or config.sources)
+    if [s.name for s in sources] != run.source_names:
+        raise DataError(f"the checkpoint was trained on {run.source_names}, in that order; name the same sources")
+    try:
+        corpus = Corpus.from_sources(sources, tokenizer, config.val_fraction, cache_dir or config.cache_dir or None)
+    except UnknownCharactersError as e:
+        raise DataError(f"the sources have text the checkpoint's tokenizer lacks: {e}") from None
+    for spec, recorded, actual in zip(sources, run.source_sha256, corpus.sha256):
+        if recorded is not None and recorded != actual:  # older checkpoints recorded none
+            raise DataError(f"source {spec.name!r}: {spec.path or 'the built-in copy'} is not the text the checkpoint "
+                            f"was trained on under that name (sha256 {actual[:12]}..., trained on {recorded[:12]}...)")
+    return corpus
+
+
+def load_gated_run(path, device="cpu", sources=None, cache_dir=None):
+    """(model, tokenizer, run, corpus) of a gated checkpoint, with its sources as it was trained on them."""
+    model, tokenizer, run = load_model(path, device)
+    if not model.config.gated:
+        raise CheckpointError(f"{path} holds a vanilla (ungated) model: there is no dial to sweep")
+    return model, tokenizer, run, corpus_for(run, tokenizer, sources, cache_dir)

@@ -1,0 +1,42 @@
+"""The typed run: a checkpoint's fields round-trip through Run, the run folder's layout is RunFolder's,
+and a field this version does not know is refused in one line that names it and the versions."""
+import pytest
+
+from abcgpt.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from abcgpt.run import VERSION, Run, RunFolder
+
+
+def test_a_run_round_trips(trained_checkpoint, tmp_path):
+    run = Run.load(trained_checkpoint)
+    assert run.step == 6 and run.source_names == ["stories", "plays"] and run.train_config.max_iters == 6
+    run.save(tmp_path / "copy.pt")
+    again = Run.load(tmp_path / "copy.pt")
+    assert again.to_state().keys() == run.to_state().keys()
+    assert again.model_config == run.model_config and again.train_config == run.train_config
+    assert again.version == VERSION
+
+
+@pytest.mark.parametrize("where, field", [("top", "future_field"), ("model_config", "n_experts"),
+                                          ("train_config", "schedule")])
+def test_an_unknown_field_is_refused_naming_it_and_the_versions(trained_checkpoint, tmp_path, where, field):
+    state = {k: v for k, v in load_checkpoint(trained_checkpoint).items() if k not in ("format", "checksums")}
+    state["version"] = "9.9.0"
+    if where == "top":
+        state[field] = 1
+    else:
+        state[where] = {**state[where], field: 1}
+    save_checkpoint(state, tmp_path / "future.pt")
+    with pytest.raises(CheckpointError) as error:
+        Run.load(tmp_path / "future.pt")
+    message = str(error.value)
+    assert repr(field) in message and "9.9.0" in message and VERSION in message and "\n" not in message
+
+
+def test_the_run_folder_names_every_file(tmp_path):
+    folder = RunFolder(tmp_path)
+    assert folder.run_files() == []
+    for path in (folder.checkpoint, folder.best, folder.log):
+        path.write_text("x")
+    assert folder.run_files() == ["ckpt.pt", "best.pt", "log.jsonl"]
+    assert RunFolder.of(folder.checkpoint).path == tmp_path
+    assert folder.baseline("plays").path == tmp_path / "baseline-plays"
