@@ -1,6 +1,40 @@
-"""Causal attention over the new positions and, when generating, a cache of past keys and values."""
+"""Causal attention over the new positions and, when generating, a cache of past keys and values.
+
+Every cache implements Cache: the model asks it for the new tokens' positions, checks
+their length, hands each layer's keys and values to that layer's LayerCache together
+with those positions (explicit, as gpt-fast passes input_pos), and advances it after
+the forward. Three implement it: KVCache (eager, every row at one position), StaticKVCache
+(fixed shapes and a device-side position, for a compiled decoder) and
+batching.SlotCache's rows (each row at a position of its own, for serving).
+"""
+from typing import Optional, Protocol, runtime_checkable
+
 import torch
+from torch import Tensor
 from torch.nn import functional as F
+
+
+@runtime_checkable
+class LayerCache(Protocol):
+    def update(self, k: Tensor, v: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+        """Store k, v (B, nh, T, hs) at positions ((T,) or (B, T)); return every key and value the new
+        queries attend over, and the mask of which each query sees (None: the new queries are the last
+        positions and see every key before them)."""
+
+
+@runtime_checkable
+class Cache(Protocol):
+    def positions(self, T: int, device: torch.device) -> Tensor:
+        """The positions of the next T tokens: (T,) for every row, or (B, T) for a position per row."""
+
+    def check(self, T: int, block_size: int) -> None:
+        """Refuse T more tokens where they would not fit."""
+
+    def layer(self, index: int) -> LayerCache:
+        """The cache of one attention layer."""
+
+    def advance(self, T: int) -> None:
+        """T tokens were added to every row."""
 
 
 class LayerKV:
@@ -8,9 +42,8 @@ class LayerKV:
         self.cache = cache
         self.k = self.v = None
 
-    def extend(self, k, v):
-        """Store k, v (B, nh, T, hs) at the next positions; return keys and values of all so far, and
-        no mask (the new queries are the last positions, see attend)."""
+    def update(self, k, v, positions):
+        """Write at the next positions, which the host knows (cache.pos): no device value is read."""
         start, end = self.cache.pos, self.cache.pos + k.size(2)
         if end > self.cache.max_len:
             raise ValueError(f"the cache holds {self.cache.max_len} positions, {end} asked for")
@@ -23,16 +56,12 @@ class LayerKV:
 
 
 class KVCache:
-    """Past keys and values of every attention layer, filled as generation goes; every sequence of
-    the batch at the same position (batching.SlotCache holds sequences at positions of their own).
-
-    The model asks it for the new tokens' positions, checks the length, and advances it after
-    each forward; pos counts the positions cached so far.
-    """
+    """Past keys and values of every attention layer, filled as generation goes; every sequence of the batch
+    at the same position, counted on the host (pos)."""
 
     layer_type = LayerKV
 
-    def __init__(self, max_len):
+    def __init__(self, max_len: int):
         self.max_len = max_len
         self.pos = 0
         self.layers = []
@@ -54,17 +83,15 @@ class KVCache:
 
 
 class StaticLayerKV(LayerKV):
-    def extend(self, k, v):
-        """Write k, v (B, nh, T, hs) at the current positions; return the whole buffers and which keys
-        each new query sees."""
-        where = self.cache.positions(k.size(2), k.device)
+    def update(self, k, v, positions):
+        """Write at positions in buffers of the full length; return them whole, with each query's mask."""
         if self.k is None:
             shape = (k.size(0), k.size(1), self.cache.max_len, k.size(3))
             self.k, self.v = k.new_zeros(shape), v.new_zeros(shape)
-        self.k.index_copy_(2, where, k)
-        self.v.index_copy_(2, where, v)
+        self.k.index_copy_(2, positions, k)
+        self.v.index_copy_(2, positions, v)
         keys = torch.arange(self.cache.max_len, device=k.device)
-        return self.k, self.v, keys[None, :] <= where[:, None]
+        return self.k, self.v, keys[None, :] <= positions[:, None]
 
 
 class StaticKVCache(KVCache):
@@ -73,7 +100,7 @@ class StaticKVCache(KVCache):
 
     layer_type = StaticLayerKV
 
-    def __init__(self, max_len):
+    def __init__(self, max_len: int):
         super().__init__(max_len)
         self.pos = None  # a 0-dim tensor, made on the first forward's device
 
@@ -88,11 +115,12 @@ class StaticKVCache(KVCache):
             raise ValueError(f"sequence of length {T} is longer than block_size {block_size}")
 
 
-def attend(q, k, v, kv=None, dropout_p=0.0):
-    """Causal attention of q over k, v, and over the cached past when kv (a layer of a cache) is given;
-    a cache may return the mask of which keys each query sees."""
+def attend(q: Tensor, k: Tensor, v: Tensor, kv: Optional[LayerCache] = None, positions: Optional[Tensor] = None,
+           dropout_p: float = 0.0) -> Tensor:
+    """Causal attention of q over k, v, and over the cached past when kv (a layer of a cache) is given, the
+    new tokens at positions; a cache may return the mask of which keys each query sees."""
     if kv is not None:
-        k, v, mask = kv.extend(k, v)
+        k, v, mask = kv.update(k, v, positions)
         if mask is not None:
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
     t_q, t_k = q.size(2), k.size(2)

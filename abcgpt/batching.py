@@ -34,7 +34,7 @@ class SlotCache:
 
 
 class SlotRows:
-    """The cache a forward over some slots sees: per-row positions, and a mask per row."""
+    """The cache a forward over some slots sees (an attention.Cache): per-row positions, and a mask per row."""
 
     def __init__(self, cache, slots):
         self.cache = cache
@@ -62,12 +62,10 @@ class SlotLayer:
     def __init__(self, rows, index):
         self.rows, self.index = rows, index
 
-    def extend(self, k, v):
-        """Write k, v (B, nh, T, hs) at each row's next positions; return every row's keys and values and
-        the mask of the keys each new query may see (its own past and itself)."""
+    def update(self, k, v, where):
+        """Write k, v (B, nh, T, hs) at each row's positions where (B, T); return every row's keys and values
+        and the mask of the keys each new query may see (its own past and itself)."""
         rows, cache = self.rows, self.rows.cache
-        T = k.size(2)
-        where = rows.positions(T, k.device)
         slots = rows.index[:, None].expand_as(where)
         cache.k[self.index][slots, :, where] = k.transpose(1, 2).to(cache.k.dtype)
         cache.v[self.index][slots, :, where] = v.transpose(1, 2).to(cache.v.dtype)

@@ -11,13 +11,14 @@ hands them to an executor, built by the gate backend the registry picks
 """
 import math
 from dataclasses import asdict, dataclass, fields
+from typing import Optional
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
 from . import backends
-from .attention import attend
+from .attention import Cache, attend
 from .errors import SettingsError
 from .gate import UnitGroups, check_alpha, gates_for, sample_scores
 from .units import sort_units
@@ -71,12 +72,12 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, run, kv=None):
+    def forward(self, x, run, kv=None, positions=None):
         B, T, _ = x.size()
         qkv = run.qkv(self, x)  # the folded backend keeps only the active heads
         n_heads = qkv.size(-1) // (3 * self.head_size)
         q, k, v = qkv.view(B, T, 3, n_heads, self.head_size).permute(2, 0, 3, 1, 4).unbind(0)  # each (B, nh, T, hs)
-        y = attend(q, k, v, kv, self.dropout if self.training else 0.0)
+        y = attend(q, k, v, kv, positions, self.dropout if self.training else 0.0)
         out = run.attn_proj(self, y)
         return self.resid_dropout(out) if self.training else out  # eval: skip a no-op module call per token
 
@@ -103,8 +104,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config, layer)
 
-    def forward(self, x, run, kv=None):
-        x = run.add(x, self.attn(self.ln_1(x), run, kv))
+    def forward(self, x, run, kv=None, positions=None):
+        x = run.add(x, self.attn(self.ln_1(x), run, kv, positions))
         return run.add(x, self.mlp(self.ln_2(x), run))
 
 
@@ -179,10 +180,10 @@ class GPT(nn.Module):
         backend = backends.choose(self.backend, device, per_row=alpha.dim() == 1)
         return backend.build(self, gates_for(alpha, self.scores(), self.config.narrowness), host_alpha)
 
-    def forward(self, idx, alpha=None, targets=None, cache=None, run=None):
+    def forward(self, idx: torch.Tensor, alpha=None, targets: Optional[torch.Tensor] = None,
+                cache: Optional[Cache] = None, run=None) -> tuple:
         """idx: (B, T) token ids. alpha: a float or 0-dim tensor, or a (B,) tensor (one per sequence).
-        cache: a KVCache (or batching.SlotCache rows) when generating; idx then holds only the positions
-        not yet cached.
+        cache: an attention.Cache when generating; idx then holds only the positions not yet cached.
         run: an executor made beforehand (see at()); alpha is then not given.
 
         Returns (logits, loss); logits cover only the last position when no targets are given.
@@ -200,7 +201,7 @@ class GPT(nn.Module):
         if self.training:  # eval: skip a no-op module call per token
             x = self.transformer.drop(x)
         for layer, block in enumerate(self.transformer.h):
-            x = block(x, run, cache.layer(layer) if cache is not None else None)
+            x = block(x, run, cache.layer(layer) if cache is not None else None, pos)
         if cache is not None:
             cache.advance(T)
         x = self.transformer.ln_f(x)
