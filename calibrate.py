@@ -13,9 +13,8 @@ import sys
 
 import numpy as np
 
-from abcgpt.cli import (
-    HelpFormatter, Parser, add_runtime_flags, add_source_flags, apply_runtime_flags, check_seed, positive,
-)
+from abcgpt import settings
+from abcgpt.cli import HelpFormatter, Parser, add_runtime_flags, add_source_flags, apply_runtime_flags, positive
 from abcgpt.data import DataError
 from abcgpt.dial import classifier_for, fit_map, measure
 from abcgpt.errors import SettingsError, UserError
@@ -38,7 +37,7 @@ def main(argv=None):
             positive(f"--{flag}", getattr(args, flag))
         if args.grid < 2:
             raise SettingsError(f"--grid must be at least 2, got {args.grid}")
-        check_seed(args.seed)
+        settings.check_seed(args.seed, "--seed")
         model, tokenizer, run, corpus = load_gated_run(args.ckpt, args.device, args.sources, args.cache_dir)
         if len(corpus.names) != 2:
             raise DataError(f"calibration needs two sources, the checkpoint has {len(corpus.names)}")

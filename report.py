@@ -13,9 +13,10 @@ Plots need matplotlib (pip install matplotlib).
 import sys
 from pathlib import Path
 
+from abcgpt import settings
 from abcgpt.checkpoint import CheckpointError
 from abcgpt.cli import (
-    HelpFormatter, Parser, add_runtime_flags, add_source_flags, apply_runtime_flags, check_out_dir, check_seed, positive,
+    HelpFormatter, Parser, add_runtime_flags, add_source_flags, apply_runtime_flags, check_out_dir, positive,
 )
 from abcgpt.errors import UserError
 from abcgpt.report import build_report, write_report
@@ -68,7 +69,7 @@ def main(argv=None):
         for flag in ("samples", "sample_tokens"):
             positive(f"--{flag}", getattr(args, flag))
         positive("--max_windows", args.max_windows, allow_none=True)
-        check_seed(args.seed)
+        settings.check_seed(args.seed, "--seed")
         model, tokenizer, run, corpus = load_gated_run(args.ckpt, args.device, args.sources, args.cache_dir)
         baselines = load_baselines(args.ckpt, corpus.names, args.device)
         best = load_best(args.ckpt, args.device)

@@ -5,14 +5,13 @@
     python sample.py --alpha 1 --start FILE:prompt.txt --max_new_tokens 500 --top_k 50
     python sample.py --mix 0.3      # 30% of source 1's voice, through the map calibrate.py stored
 """
-import math
 import sys
 
 import torch
 
-from abcgpt.cli import HelpFormatter, Parser, add_runtime_flags, apply_runtime_flags, check_seed
+from abcgpt import settings
+from abcgpt.cli import HelpFormatter, Parser, add_runtime_flags, apply_runtime_flags
 from abcgpt.data import source_alphas
-from abcgpt.dial import mix_to_alpha
 from abcgpt.errors import SettingsError, UserError
 from abcgpt.run import load_model
 from abcgpt.sampling import generate
@@ -23,30 +22,33 @@ class InputError(SettingsError):
     pass
 
 
-def parse_alphas(text, flag="--alpha"):
+def parse_dials(text, flag="--alpha"):
     """'0.3' or '0,0.5,1' to a list of floats in [0, 1]."""
-    alphas = []
+    values = []
     for part in text.split(","):
         try:
-            alpha = float(part)
+            value = float(part)
         except ValueError:
             raise InputError(f"{flag}: {part.strip()!r} is not a number (give one value or a list like 0,0.5,1)") from None
-        if math.isnan(alpha) or not 0.0 <= alpha <= 1.0:
-            raise InputError(f"{flag}: {part.strip()} is outside [0, 1]")
-        alphas.append(alpha)
-    return alphas
+        values.append(settings.check_unit(value, flag))
+    return values
 
 
 def dials(args, run):
-    """(alpha, label) for each dial asked for: --alpha as is, or --mix through the checkpoint's map."""
+    """(alpha, label, temperature, top_k) for each dial asked for: --alpha as is, at the sampling settings
+    given or the defaults; or --mix through the checkpoint's map, at the settings it was calibrated at."""
     if args.mix is None:
-        return [(a, dial_label(a, run.source_names)) for a in parse_alphas(args.alpha)]
-    mixes = parse_alphas(args.mix, "--mix")
-    if not run.dial_map:
-        raise InputError(f"--mix: {args.ckpt} has no calibrated dial; make one with: python calibrate.py --ckpt "
-                         f"{args.ckpt} (or use --alpha)")
-    return [(mix_to_alpha(run.dial_map, m), f"mix {m} (alpha {mix_to_alpha(run.dial_map, m):.3f})")
-            for m in mixes]
+        temperature = args.temperature if args.temperature is not None else settings.DEFAULTS.temperature
+        top_k = args.top_k if args.top_k is not None else settings.DEFAULTS.top_k
+        return [(a, dial_label(a, run.source_names), temperature, top_k) for a in parse_dials(args.alpha)]
+    missing = (f"--mix: {args.ckpt} has no calibrated dial; make one with: python calibrate.py --ckpt {args.ckpt} "
+               "(or use --alpha)")
+    resolved = []
+    for mix in parse_dials(args.mix, "--mix"):
+        alpha, temperature, top_k = settings.resolve_mix(mix, run.dial_map, args.temperature, args.top_k,
+                                                         force=args.force, name="--mix", missing=missing)
+        resolved.append((alpha, f"mix {mix} (alpha {alpha:.3f})", temperature, top_k))
+    return resolved
 
 
 def read_prompt(start):
@@ -61,6 +63,7 @@ def read_prompt(start):
 
 
 def parse_args(argv=None):
+    d = settings.DEFAULTS
     p = Parser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--ckpt", default="out/ckpt.pt", help="checkpoint written by train.py")
     dial = p.add_mutually_exclusive_group()
@@ -69,22 +72,27 @@ def parse_args(argv=None):
                                                    "the calibrated map calibrate.py stored; instead of --alpha")
     p.add_argument("--start", default="\n", help="the prompt, or FILE:path to read it from a file (default: %(default)r)")
     p.add_argument("--num_samples", type=int, default=1, help="samples per alpha")
-    p.add_argument("--max_new_tokens", type=int, default=300, help="tokens to generate per sample")
-    p.add_argument("--temperature", type=float, default=0.8, help="above 0; lower is more conservative")
-    p.add_argument("--top_k", type=int, default=200, help="sample from the k likeliest tokens only")
+    p.add_argument("--max_new_tokens", type=int, default=d.max_new_tokens,
+                   help=f"tokens to generate per sample, at most {settings.MAX_NEW_TOKENS:,}")
+    p.add_argument("--temperature", type=float, default=None,
+                   help=f"above 0; lower is more conservative (default: {d.temperature}; with --mix, the calibration's)")
+    p.add_argument("--top_k", type=int, default=None,
+                   help=f"sample from the k likeliest tokens only (default: {d.top_k}; with --mix, the calibration's)")
+    p.add_argument("--force", action="store_true", help="with --mix, sample at a --temperature or --top_k other than "
+                                                        "the calibration's, where the mix no longer holds")
     p.add_argument("--seed", type=int, default=1337, help="the same seed gives the same text")
     add_runtime_flags(p)
     return p.parse_args(argv)
 
 
 def check_numbers(args):
-    if not (math.isfinite(args.temperature) and args.temperature > 0):
-        raise InputError(f"--temperature must be a positive number, got {args.temperature}")
-    if args.top_k < 1 or args.num_samples < 1:
-        raise InputError(f"--top_k and --num_samples must be at least 1, got {args.top_k} and {args.num_samples}")
-    if args.max_new_tokens < 0:
-        raise InputError(f"--max_new_tokens must not be negative, got {args.max_new_tokens}")
-    check_seed(args.seed)
+    if args.temperature is not None:
+        settings.check_temperature(args.temperature, "--temperature")
+    settings.check_top_k(args.top_k, "--top_k")
+    if args.num_samples < 1:
+        raise InputError(f"--num_samples must be at least 1, got {args.num_samples}")
+    settings.check_new_tokens(args.max_new_tokens, "--max_new_tokens")
+    settings.check_seed(args.seed, "--seed")
 
 
 def dial_label(alpha, names):
@@ -97,11 +105,11 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         apply_runtime_flags(args)
-        parse_alphas(args.alpha if args.mix is None else args.mix, "--alpha" if args.mix is None else "--mix")
+        parse_dials(args.alpha if args.mix is None else args.mix, "--alpha" if args.mix is None else "--mix")
         check_numbers(args)
         prompt = read_prompt(args.start)
         model, tokenizer, run = load_model(args.ckpt, args.device)
-        settings = dials(args, run)
+        resolved = dials(args, run)
         try:
             start_ids = tokenizer.encode(prompt)
         except UnknownCharactersError as e:
@@ -112,10 +120,12 @@ def main(argv=None):
         sys.exit(f"error: {e}")
 
     gated = model.config.gated
-    for alpha, label in settings if gated else [(None, "")]:
+    default = (None, "", settings.DEFAULTS.temperature if args.temperature is None else args.temperature,
+               settings.DEFAULTS.top_k if args.top_k is None else args.top_k)
+    for alpha, label, temperature, top_k in resolved if gated else [default]:
         generator = torch.Generator(device=args.device).manual_seed(args.seed)
         idx = torch.tensor([start_ids] * args.num_samples, dtype=torch.long, device=args.device)
-        out = generate(model, idx, args.max_new_tokens, alpha, args.temperature, args.top_k, generator)
+        out = generate(model, idx, args.max_new_tokens, alpha, temperature, top_k, generator)
         for row in out.tolist():
             print(f"--- {label}" if gated else "---")
             print(tokenizer.decode(row))

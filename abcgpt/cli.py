@@ -68,12 +68,6 @@ def positive(name, value, allow_none=False):
     return value
 
 
-def check_seed(seed):
-    if not 0 <= seed < 2**63:
-        raise SettingsError(f"--seed must be in [0, 2**63 - 1], got {seed}")
-    return seed
-
-
 def _writable_folder(folder, flag):
     if folder.exists() and not folder.is_dir():
         raise SettingsError(f"{flag}: {folder} is a file, not a folder")

@@ -14,6 +14,8 @@ from tqdm.auto import tqdm
 from .ngram import SourceClassifier
 from .sampling import generate
 
+CALIBRATION = {"temperature": 1.0, "top_k": None}  # what the curve is sampled at; stored with the map
+
 
 def prompt_ids(tokenizer):
     """A neutral start: a newline where the vocabulary has one."""
@@ -23,11 +25,12 @@ def prompt_ids(tokenizer):
         return [0]
 
 
-def sample_texts(model, tokenizer, alpha, n, tokens, seed, device, temperature=1.0):
+def sample_texts(model, tokenizer, alpha, n, tokens, seed, device, temperature=CALIBRATION["temperature"],
+                 top_k=CALIBRATION["top_k"]):
     start = prompt_ids(tokenizer)
     idx = torch.tensor([start] * n, dtype=torch.long, device=device)
     generator = torch.Generator(device=device).manual_seed(seed)
-    out = generate(model, idx, tokens, alpha, temperature=temperature, generator=generator)
+    out = generate(model, idx, tokens, alpha, temperature=temperature, top_k=top_k, generator=generator)
     return [tokenizer.decode(row[len(start):]) for row in out.tolist()]
 
 
@@ -58,10 +61,12 @@ def isotonic(y, weights=None):
 
 
 def fit_map(scores):
-    """The dial map from measured scores {alpha: [P, ...]}: each alpha's mean P, made non-decreasing."""
+    """The dial map from measured scores {alpha: [P, ...]}: each alpha's mean P, made non-decreasing, with
+    the sampling settings it holds at."""
     alphas = sorted(scores)
     means = [float(np.mean(scores[a])) for a in alphas]
-    return {"alpha": [float(a) for a in alphas], "p": isotonic(means, [len(scores[a]) for a in alphas])}
+    return {"alpha": [float(a) for a in alphas], "p": isotonic(means, [len(scores[a]) for a in alphas]),
+            **CALIBRATION}
 
 
 def mix_to_alpha(dial_map, mix):

@@ -15,6 +15,7 @@ from .data import source_alphas
 from .dial import classifier_for, measure, mix_to_alpha, sample_texts
 from .evaluate import SWEEP, format_table, summarize, sweep, val_loss
 from .ngram import spearman
+from .settings import DEFAULTS
 
 SAMPLE_ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 MIXES = tuple(round(0.1 * i, 1) for i in range(11))
@@ -102,7 +103,7 @@ def build_report(model, tokenizer, run, corpus, baselines=None, n_samples=8, sam
             report["calibrated_dial"] = calibrated_dial(model, tokenizer, classifier, run.dial_map, n_samples,
                                                         sample_tokens, seed + 10_000, device)
     report["samples"] = {
-        str(a): sample_texts(model, tokenizer, a, 1, sample_tokens, seed, device, temperature=0.8)[0]
+        str(a): sample_texts(model, tokenizer, a, 1, sample_tokens, seed, device, temperature=DEFAULTS.temperature)[0]
         for a in SAMPLE_ALPHAS
     }
     return report
@@ -199,7 +200,7 @@ def render_markdown(report, title, plots):
                   ""]
     lines += ["## Samples", ""]
     for a, text in report["samples"].items():
-        lines += [f"alpha {a} (temperature 0.8):", "", "```", text.strip("\n"), "```", ""]
+        lines += [f"alpha {a} (temperature {DEFAULTS.temperature}):", "", "```", text.strip("\n"), "```", ""]
     return "\n".join(lines)
 
 

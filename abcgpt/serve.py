@@ -21,10 +21,10 @@ from starlette.requests import Request as HttpRequest
 from starlette.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.routing import Route
 
+from . import settings
 from .batching import BatchedDecoder, Request
 from .data import source_alphas
-from .dial import mix_to_alpha
-from .errors import UserError
+from .errors import SettingsError, UserError
 from .tokenizer import UnknownCharactersError
 
 FIELDS = {"prompt", "alpha", "mix", "max_new_tokens", "temperature", "top_k", "seed"}
@@ -40,8 +40,10 @@ class BadInput(UserError):
 
 
 def _number(fields, name, kind, default):
-    """fields[name] as kind (int or float), from JSON or from a query string."""
-    value = fields.get(name, default)
+    """fields[name] as kind (int or float), from JSON or from a query string; default where it is absent."""
+    if name not in fields:
+        return default
+    value = fields[name]
     if isinstance(value, str):
         try:
             value = kind(value)
@@ -70,8 +72,13 @@ class Service:
             "sources": [{"name": n, "alpha": a} for n, a in zip(self.names, source_alphas(max(2, len(self.names))))],
             "model": {k: getattr(c, k) for k in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "gated")},
             "step": self.run.step, "calibrated": bool(self.dial_map), "max_new_tokens": self.max_new_tokens,
-            "device": str(self.decoder.device),
+            "device": str(self.decoder.device), "defaults": self.defaults(),
         }
+
+    def defaults(self):
+        """The page's starting values: the sampling settings' defaults, or the calibration's for a mix."""
+        values = {**settings.defaults(), "max_new_tokens": min(settings.DEFAULTS.max_new_tokens, self.max_new_tokens)}
+        return {**values, **(settings.calibrated_at(self.dial_map) if self.dial_map else {})}
 
     def request(self, fields):
         """A Request from the fields of a JSON body or a query string; BadInput for anything wrong."""
@@ -87,38 +94,36 @@ class Service:
             raise BadInput(f"the prompt has {e}") from None
         if len(ids) > self.model.config.block_size:
             raise BadInput(f"the prompt is {len(ids)} tokens long; the context holds {self.model.config.block_size}")
-        alpha, mix = self._dial(fields)
-        new_tokens = _number(fields, "max_new_tokens", int, min(200, self.max_new_tokens))
-        if not 1 <= new_tokens <= self.max_new_tokens:
-            raise BadInput(f"max_new_tokens must be between 1 and {self.max_new_tokens}, got {new_tokens}")
-        temperature = _number(fields, "temperature", float, 0.8)
-        if temperature <= 0:
-            raise BadInput(f"temperature must be positive, got {temperature}")
-        top_k = _number(fields, "top_k", int, 200)
-        if top_k < 1:
-            raise BadInput(f"top_k must be at least 1, got {top_k}")
-        seed = _number(fields, "seed", int, random.randrange(2**31))
-        if not 0 <= seed < 2**63:
-            raise BadInput(f"seed must be in [0, 2**63 - 1], got {seed}")
+        try:
+            new_tokens = settings.check_new_tokens(
+                _number(fields, "max_new_tokens", int, min(settings.DEFAULTS.max_new_tokens, self.max_new_tokens)),
+                least=1, most=self.max_new_tokens)
+            temperature = _number(fields, "temperature", float, None)
+            top_k = _number(fields, "top_k", int, None)
+            alpha, mix, temperature, top_k = self._dial(fields, temperature, top_k)
+            settings.check_temperature(temperature)
+            settings.check_top_k(top_k)
+            seed = settings.check_seed(_number(fields, "seed", int, random.randrange(2**31)))
+        except SettingsError as e:
+            raise BadInput(str(e)) from None
         return Request(ids, alpha, new_tokens, temperature, top_k, seed, mix)
 
-    def _dial(self, fields):
-        """(alpha, mix): alpha as given, or the calibrated map's alpha for a mix."""
+    def _dial(self, fields, temperature, top_k):
+        """(alpha, mix, temperature, top_k): alpha as given at the sampling settings given or the defaults,
+        or a mix through the calibrated map, at the settings it was calibrated at."""
         if "alpha" in fields and "mix" in fields:
             raise BadInput("give alpha or mix, not both")
-        if not self.model.config.gated:
-            return None, None
-        if "mix" in fields:
+        if self.model.config.gated and "mix" in fields:
             mix = _number(fields, "mix", float, None)
-            if not 0 <= mix <= 1:
-                raise BadInput(f"mix must be in [0, 1], got {mix}")
-            if not self.dial_map:
-                raise BadInput("this checkpoint has no calibrated dial: give alpha, or run calibrate.py on it")
-            return mix_to_alpha(self.dial_map, mix), mix
-        alpha = _number(fields, "alpha", float, 0.5)
-        if not 0 <= alpha <= 1:
-            raise BadInput(f"alpha must be in [0, 1], got {alpha}")
-        return alpha, None
+            alpha, temperature, top_k = settings.resolve_mix(
+                mix, self.dial_map, temperature, top_k,
+                missing="this checkpoint has no calibrated dial: give alpha, or run calibrate.py on it")
+            return alpha, mix, temperature, top_k
+        temperature = settings.DEFAULTS.temperature if temperature is None else temperature
+        top_k = settings.DEFAULTS.top_k if top_k is None else top_k
+        if not self.model.config.gated:
+            return None, None, temperature, top_k
+        return settings.check_unit(_number(fields, "alpha", float, 0.5), "alpha"), None, temperature, top_k
 
     def result(self, request):
         return {"text": self.tokenizer.decode(request.tokens), "alpha": request.alpha, "mix": request.mix,

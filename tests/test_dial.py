@@ -62,13 +62,24 @@ def test_calibrate_stores_a_monotone_map_and_keeps_the_rest(calibrated, trained_
 
 
 def test_sample_with_a_mix_is_sampling_at_its_alpha(calibrated):
+    """... at the temperature the map was calibrated at, which the map stores: there the mix holds."""
     state = load_checkpoint(calibrated)
     alpha = mix_to_alpha(state["dial_map"], 0.3)
+    assert state["dial_map"]["temperature"] == 1.0 and state["dial_map"]["top_k"] is None
     common = ("sample.py", "--ckpt", calibrated, "--max_new_tokens", "25", "--seed", "5", "--start", "one day")
-    by_mix, by_alpha = run(*common, "--mix", "0.3"), run(*common, "--alpha", repr(alpha))
+    by_mix, by_alpha = run(*common, "--mix", "0.3"), run(*common, "--alpha", repr(alpha), "--temperature", "1.0")
     assert by_mix.returncode == 0 and by_alpha.returncode == 0, by_mix.stderr + by_alpha.stderr
     assert by_mix.stdout.startswith(f"--- mix 0.3 (alpha {alpha:.3f})")
     assert by_mix.stdout.split("\n", 1)[1] == by_alpha.stdout.split("\n", 1)[1]
+
+
+def test_a_mix_at_another_temperature_is_refused_unless_forced(calibrated):
+    common = ("sample.py", "--ckpt", calibrated, "--max_new_tokens", "5", "--mix", "0.3")
+    refused = run(*common, "--temperature", "0.8")
+    assert refused.returncode == 1 and refused.stderr.count("\n") == 1
+    assert "calibrated at temperature 1.0" in refused.stderr and "force" in refused.stderr
+    forced = run(*common, "--temperature", "0.8", "--force")
+    assert forced.returncode == 0 and forced.stdout.startswith("--- mix 0.3")
 
 
 def test_report_scores_the_calibrated_dial(calibrated, tmp_path):

@@ -102,7 +102,7 @@ def test_the_stream_sends_the_same_text_token_by_token(client):
     ({"max_new_tokens": 61}, "max_new_tokens must be between 1 and 60, got 61"),
     ({"max_new_tokens": 0}, "max_new_tokens must be between 1 and 60, got 0"),
     ({"max_new_tokens": 2.5}, "max_new_tokens must be an integer, got 2.5"),
-    ({"temperature": 0}, "temperature must be positive, got 0.0"),
+    ({"temperature": 0}, "temperature must be a positive number, got 0.0"),
     ({"top_k": 0}, "top_k must be at least 1, got 0"),
     ({"seed": -1}, "seed must be in [0, 2**63 - 1], got -1"),
     ({"alpha": 0.5, "color": "red"}, "unknown field(s): color"),
