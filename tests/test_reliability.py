@@ -99,6 +99,6 @@ def test_overwrite_replaces_a_run_only_once_the_new_one_starts(corpus_files, tmp
 
 def test_log_lines_are_strict_json(corpus_files, tmp_path):
     trainer = Trainer(tiny_config(corpus_files, tmp_path), **quiet)
-    trainer.log({"step": 1, "loss": float("nan"), "val": float("inf")})
+    trainer.log.record({"step": 1, "loss": float("nan"), "val": float("inf")})
     assert json.loads((tmp_path / "log.jsonl").read_text(), parse_constant=lambda c: 1 / 0) == \
         {"step": 1, "loss": None, "val": None}
