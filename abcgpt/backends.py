@@ -14,6 +14,7 @@ from .folded import FOLDED
 from .fused import TRITON
 
 REGISTRY = {b.name: b for b in (FOLDED, TRITON, REFERENCE)}
+Executor = Ungated  # every executor's base class: the type a forward hands its gated layers to
 NAMES = ("auto", *REGISTRY)
 
 
@@ -68,6 +69,6 @@ def attach(model) -> None:
             backend.attach(model)
 
 
-def ungated() -> Ungated:
+def ungated() -> Executor:
     """The executor of a vanilla model (gated=False)."""
     return Ungated()

@@ -11,7 +11,7 @@ hands them to an executor, built by the gate backend the registry picks
 """
 import math
 from dataclasses import asdict, dataclass, fields
-from typing import Optional
+from typing import Callable, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -22,6 +22,9 @@ from .attention import Cache, attend
 from .errors import SettingsError
 from .gate import UnitGroups, check_alpha, gates_for, sample_scores
 from .units import sort_units
+
+# one alpha (a float or 0-dim tensor), one per sequence (a (B,) tensor), or None for a vanilla model
+Alpha = Union[float, torch.Tensor, None]
 
 
 @dataclass
@@ -146,7 +149,7 @@ class GPT(nn.Module):
             block.attn.register_buffer("head_scores", sample_scores(c.n_head, generator, c.score_beta))
             block.mlp.register_buffer("hidden_scores", sample_scores(4 * c.n_embd, generator, c.score_beta))
 
-    def scores(self):
+    def scores(self) -> UnitGroups:
         blocks = self.transformer.h
         return UnitGroups(self.embd_scores, [b.attn.head_scores for b in blocks], [b.mlp.hidden_scores for b in blocks])
 
@@ -169,7 +172,7 @@ class GPT(nn.Module):
         """The backend a forward on device uses, with one alpha (per_row=False) or one per sequence."""
         return backends.choose(self.backend, device, per_row).name
 
-    def executor(self, alpha, batch_size: int, device: torch.device):
+    def executor(self, alpha: Alpha, batch_size: int, device: torch.device) -> backends.Executor:
         """What runs the gated layers of a forward at alpha, with its gates computed once."""
         if not self.config.gated:
             if alpha is not None:
@@ -180,8 +183,8 @@ class GPT(nn.Module):
         backend = backends.choose(self.backend, device, per_row=alpha.dim() == 1)
         return backend.build(self, gates_for(alpha, self.scores(), self.config.narrowness), host_alpha)
 
-    def forward(self, idx: torch.Tensor, alpha=None, targets: Optional[torch.Tensor] = None,
-                cache: Optional[Cache] = None, run=None) -> tuple:
+    def forward(self, idx: torch.Tensor, alpha: Alpha = None, targets: Optional[torch.Tensor] = None,
+                cache: Optional[Cache] = None, run: Optional[backends.Executor] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """idx: (B, T) token ids. alpha: a float or 0-dim tensor, or a (B,) tensor (one per sequence).
         cache: an attention.Cache when generating; idx then holds only the positions not yet cached.
         run: an executor made beforehand (see at()); alpha is then not given.
@@ -231,7 +234,7 @@ class GPT(nn.Module):
         return alpha
 
     @torch.no_grad()
-    def at(self, alpha=None):
+    def at(self, alpha: Alpha = None) -> Callable[..., tuple[torch.Tensor, Optional[torch.Tensor]]]:
         """The model fixed at one dial setting, for inference: call it as f(idx, cache=...).
 
         The gates are computed (and, where the folded backend serves, folded into the

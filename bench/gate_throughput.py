@@ -28,10 +28,9 @@ from abcgpt.device import default_device
 from abcgpt.model import GPT, GPTConfig
 from abcgpt.recompiles import forbid_recompiles
 from abcgpt.sampling import CompiledDecoder, generate
+from bench.tables import markdown_table
 from bench.timing import environment, summary, time_calls
 
-# every compiled case is its own compiled code for the same functions: room for all of them
-torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
 
 SHAPES = {  # name: (n_layer, n_head, n_embd, block_size, batch_size, vocab_size)
     "reference": (6, 6, 384, 256, 64, 65),  # the reference recipe
@@ -233,18 +232,32 @@ def add_ratios_and_mfu(results, peak):
 
 
 def format_table(results):
-    lines = [f"{'shape':>9} {'mode':>8} {'case':>9} {'compile':>8} {'alpha':>10} {'tokens/s':>12} "
-             f"{'vs vanilla':>10} {'spread':>7} {'step MiB':>9} {'MFU':>6}"]
+    """Every measured case, one row each: tokens/s, its ratio to vanilla, spread, step memory and MFU."""
+    rows = []
     for r in results:
-        peak = f"{r['peak_memory_bytes'] / 2**20:,.0f}" if r["peak_memory_bytes"] else "n/a"
-        mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
-        ratio = f"{r['ratio_to_vanilla']:.3f}" if r["ratio_to_vanilla"] else "n/a"
         alpha = "-" if r["alpha"] is None else r["alpha"] if r["alpha"] == "seq" else f"{r['alpha']:g}"
         alpha += f" ({r['alpha_device']})" if r["alpha_device"] == "cuda" else ""
-        spread = f"{r['iqr_s'] / r['median_s']:.1%}"  # IQR relative to the median
-        lines.append(f"{r['shape']:>9} {r['mode']:>8} {r['case']:>9} {'yes' if r['compiled'] else 'no':>8} {alpha:>10} "
-                     f"{r['tokens_per_s']:>12,.0f} {ratio:>10} {spread:>7} {peak:>9} {mfu:>6}")
-    return "\n".join(lines)
+        rows.append([r["shape"], r["mode"], r["case"], "yes" if r["compiled"] else "no", alpha,
+                     f"{r['tokens_per_s']:,.0f}", f"{r['ratio_to_vanilla']:.3f}" if r["ratio_to_vanilla"] else "n/a",
+                     f"{r['iqr_s'] / r['median_s']:.1%}",  # IQR relative to the median
+                     f"{r['peak_memory_bytes'] / 2**20:,.0f}" if r["peak_memory_bytes"] else "n/a",
+                     f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"])
+    return markdown_table(["shape", "mode", "case", "compiled", "alpha", "tokens/s", "vs vanilla", "spread",
+                           "step MiB", "MFU"], rows, numeric=range(5, 10))
+
+
+def ratio_rows(results):
+    """One row per case across its alphas: (shape, mode, compiled, case, alpha device, the middle alpha's
+    row, "x vanilla at alpha 0 / 0.5 / 1 / per-sequence"); the summaries' tables are made of these."""
+    cases = {}
+    for r in results:
+        cases.setdefault((r["shape"], r["mode"], r["compiled"], r["case"], r.get("alpha_device")), {})[r["alpha"]] = r
+    for (shape, mode, compiled, case, on), by_alpha in cases.items():
+        middle = by_alpha.get(0.5) or by_alpha.get(None) or next(iter(by_alpha.values()))
+        ratios = "1" if case == "vanilla" else " / ".join(
+            f"{by_alpha[a]['ratio_to_vanilla']:.2f}" if a in by_alpha and by_alpha[a]["ratio_to_vanilla"] else "-"
+            for a in (0.0, 0.5, 1.0, "seq"))
+        yield shape, mode, compiled, case, on, middle, ratios
 
 
 def main(argv=None):
@@ -268,6 +281,8 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     device = default_device()
+    # every compiled case is its own compiled code for the same functions: room for all of them
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
     if args.threads:
         torch.set_num_threads(args.threads)
     backends = available_gate_backends(torch.device(device))

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from abcgpt.device import default_device
+from bench.gate_throughput import ratio_rows
 from bench.kernel_bench import kernel_table
 from bench.tables import markdown_table
 
@@ -143,17 +144,8 @@ def throughput_lines(path):
     if not path.exists():
         return ["not measured (the throughput benchmark wrote no results)"]
     record = json.loads(path.read_text())
-    cases = {}
-    for r in record["results"]:
-        key = (r["shape"], r["mode"], r["compiled"], r["case"], r.get("alpha_device"))
-        cases.setdefault(key, {})[r["alpha"]] = r
-    rows = []
-    for (shape, mode, compiled, case, on), by_alpha in cases.items():
-        ratios = " / ".join(f"{by_alpha[a]['ratio_to_vanilla']:.2f}" if a in by_alpha else "-"
-                            for a in (0.0, 0.5, 1.0, "seq"))
-        middle = by_alpha.get(0.5) or next(iter(by_alpha.values()))
-        rows.append([shape, mode, "yes" if compiled else "no", case, on or "-",
-                     "1" if case == "vanilla" else ratios, f"{middle['tokens_per_s']:,.0f}"])
+    rows = [[shape, mode, "yes" if compiled else "no", case, on or "-", ratios, f"{middle['tokens_per_s']:,.0f}"]
+            for shape, mode, compiled, case, on, middle, ratios in ratio_rows(record["results"])]
     return [f"{record['device']}, torch {record['torch']}, triton {record['triton']}", "",
             markdown_table(["shape", "mode", "compiled", "case", "alpha on", "x vanilla at alpha 0 / 0.5 / 1 / seq",
                             "tokens/s at 0.5"], rows, numeric=[6])]

@@ -7,6 +7,9 @@ import argparse
 import json
 from pathlib import Path
 
+from bench.gate_throughput import ratio_rows
+from bench.tables import markdown_table
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 START, END = "<!-- results:start -->", "<!-- results:end -->"
@@ -14,32 +17,17 @@ START, END = "<!-- results:start -->", "<!-- results:end -->"
 
 def rows_of(path):
     record = json.loads(path.read_text())
-    cases = {}
-    for r in record["results"]:
-        key = (r["shape"], r["mode"], r["compiled"], r["case"], r.get("alpha_device"))
-        cases.setdefault(key, {})[r["alpha"]] = r
-    name = path.relative_to(RESULTS)
-    for (shape, mode, compiled, case, on), by_alpha in cases.items():
-        middle = by_alpha.get(0.5) or by_alpha.get(None) or next(iter(by_alpha.values()))
-        ratios = " / ".join(
-            f"{by_alpha[a]['ratio_to_vanilla']:.2f}" if a in by_alpha and by_alpha[a]["ratio_to_vanilla"] else "-"
-            for a in (0.0, 0.5, 1.0, "seq")
-        ) if case != "vanilla" else "1"
-        label = f"{case} (CUDA alpha)" if on == "cuda" else case
-        yield (f"| {record['device']} | {record['date']} | {shape} (batch {middle['batch_size']}) | {mode} | "
-               f"{'yes' if compiled else 'no'} | {label} | {middle['tokens_per_s']:,.0f} | {ratios} | {name} |")
+    for shape, mode, compiled, case, on, middle, ratios in ratio_rows(record["results"]):
+        yield [record["device"], record["date"], f"{shape} (batch {middle['batch_size']})", mode,
+               "yes" if compiled else "no", f"{case} (CUDA alpha)" if on == "cuda" else case,
+               f"{middle['tokens_per_s']:,.0f}", ratios, path.relative_to(RESULTS)]
 
 
 def table():
     files = sorted(RESULTS.glob("gate_throughput-*.json")) + sorted(RESULTS.glob("*/gate_throughput.json"))
-    lines = [
-        "| device | date | shape | mode | compiled | case | tokens/s (alpha 0.5) "
-        "| x vanilla at alpha 0 / 0.5 / 1 / per-sequence | file |",
-        "| --- | --- | --- | --- | --- | --- | ---: | --- | --- |",
-    ]
-    for path in files:
-        lines.extend(rows_of(path))
-    return "\n".join(lines)
+    return markdown_table(["device", "date", "shape", "mode", "compiled", "case", "tokens/s (alpha 0.5)",
+                           "x vanilla at alpha 0 / 0.5 / 1 / per-sequence", "file"],
+                          [row for path in files for row in rows_of(path)], numeric=[6])
 
 
 def readme_with_table(readme):

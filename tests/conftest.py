@@ -9,9 +9,28 @@ if not torch.cuda.is_available():  # kernels run in Triton's CPU interpreter; se
 import pytest  # noqa: E402
 
 from abcgpt.config import TrainConfig  # noqa: E402
+from abcgpt.model import GPT, GPTConfig  # noqa: E402
 from abcgpt.trainer import Trainer  # noqa: E402
 
 torch.set_num_threads(2)
+
+
+SMALL_GPT = dict(block_size=24, vocab_size=30, n_layer=2, n_head=4, n_embd=32, dropout=0.0)  # a model to test on
+
+
+def token_batch(seed=1, B=3, T=20, vocab_size=SMALL_GPT["vocab_size"]):
+    """Random token ids (B, T), the same for the same seed."""
+    return torch.randint(0, vocab_size, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def twin_models(backend, device="cpu", seed=0, **config):
+    """A model on the given gate backend and a reference-backend copy with the same weights: what every
+    fast path is held to."""
+    torch.manual_seed(seed)
+    fast = GPT(GPTConfig(**config), backend).to(device)
+    reference = GPT(GPTConfig(**config), "reference").to(device)
+    reference.load_state_dict(fast.state_dict())
+    return fast, reference
 
 
 def story_text(n_sentences, seed=0):

@@ -3,17 +3,14 @@ import pytest
 import torch
 
 from abcgpt.model import GPT, GPTConfig
+from conftest import twin_models
 
 # none of these a multiple of a kernel tile: 5 heads of 4, 80 hidden units, 19 positions
 CONFIG = dict(block_size=24, vocab_size=37, n_layer=2, n_head=5, n_embd=20, dropout=0.0, bias=True, narrowness=0.8)
 
 
 def twins(backend):
-    torch.manual_seed(0)
-    fast = GPT(GPTConfig(**CONFIG), backend)
-    reference = GPT(GPTConfig(**CONFIG), "reference")
-    reference.load_state_dict(fast.state_dict())
-    return fast, reference
+    return twin_models(backend, **CONFIG)
 
 
 def compare(fast, reference, idx, alpha, tol):
@@ -82,3 +79,11 @@ def test_a_new_backend_is_one_registration(monkeypatch):
     compare(fast, reference, idx, torch.tensor([0.2, 0.8]), 1e-6)
     assert built and fast.gate_backend(torch.device("cpu"), per_row=True) == "counting"
     assert "counting" in backends.auto_rule()
+
+
+def test_auto_backend_picks_by_alpha_and_device():
+    model = GPT(GPTConfig(**CONFIG))
+    assert model.gate_backend(torch.device("cpu")) == "folded"
+    assert model.gate_backend(torch.device("cuda")) == "folded"
+    assert model.gate_backend(torch.device("cpu"), per_row=True) == "reference"
+    assert model.gate_backend(torch.device("cuda"), per_row=True) == "triton"

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from abcgpt.model import GPT, GPTConfig
+from conftest import twin_models
 from abcgpt.sampling import generate
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -68,10 +69,7 @@ def test_generation_never_syncs(kind):
 @pytest.mark.parametrize("backend", ["folded", "triton"])
 def test_bf16_training_matches_the_reference(backend):
     """Autocast casts the fused op's inputs as F.linear would; losses and gradients agree at bf16 precision."""
-    torch.manual_seed(0)
-    fast = GPT(GPTConfig(**{**CONFIG, "dropout": 0.0}), backend).cuda()
-    reference = GPT(GPTConfig(**{**CONFIG, "dropout": 0.0}), "reference").cuda()
-    reference.load_state_dict(fast.state_dict())
+    fast, reference = twin_models(backend, "cuda", **{**CONFIG, "dropout": 0.0})
     idx = torch.randint(0, 65, (4, 64), device="cuda")
     alpha = 0.6 if backend == "folded" else torch.tensor([0.1, 0.6, 0.9, 1.0], device="cuda")
     losses = []

@@ -12,7 +12,7 @@ import torch
 from torch.nn import functional as F
 
 from abcgpt.gate import tent_gate
-from abcgpt.model import GPT, GPTConfig
+from conftest import twin_models
 from kernels import ops
 from kernels.ops import gated_linear_gelu, gated_mlp
 
@@ -252,10 +252,7 @@ def test_compiles_without_graph_breaks():
 @pytest.mark.parametrize("alpha_kind", ["0.37", "1", "rows"])
 def test_model_triton_backend_matches_reference(alpha_kind):
     config = dict(block_size=24, vocab_size=40, n_layer=2, n_head=2, n_embd=20, dropout=0.0, bias=True, narrowness=0.8)
-    torch.manual_seed(0)
-    fused = GPT(GPTConfig(**config), "triton").to(DEVICE)
-    reference = GPT(GPTConfig(**config), "reference").to(DEVICE)
-    reference.load_state_dict(fused.state_dict())
+    fused, reference = twin_models("triton", DEVICE, **config)
     g = torch.Generator().manual_seed(1)
     idx = torch.randint(0, 40, (3, 19), generator=g).to(DEVICE)
     alpha = torch.rand(3, generator=g).to(DEVICE) if alpha_kind == "rows" else float(alpha_kind)
