@@ -11,11 +11,12 @@
 Every setting below is a field of abcgpt.config.TrainConfig; a flag left out keeps
 its preset's value (or, with --resume, the saved run's).
 """
+import argparse
 import sys
 
 from tqdm.auto import tqdm
 
-from abcgpt.cli import HelpFormatter, Parser, add_threads_flag, apply_threads
+from abcgpt.cli import HelpFormatter, Parser, add_runtime_flags, apply_runtime_flags
 from abcgpt.config import PRESETS, add_config_flags, baseline_config, build_config, default_preset
 from abcgpt.device import default_device
 from abcgpt.errors import UserError
@@ -32,11 +33,11 @@ def parse_args(argv=None):
     parser.add_argument("--baselines", action="store_true",
                         help="after the run, train a vanilla GPT on each source alone with as many of its tokens "
                              "as the run saw (into out_dir/baseline-NAME)")
-    add_threads_flag(parser)
+    runtime = add_runtime_flags(parser, device=False)
     add_config_flags(parser)
     args = vars(parser.parse_args(argv))
-    options = {k: args.pop(k) for k in ("preset", "resume", "overwrite", "baselines", "threads")}
-    return options, args
+    options = {k: args.pop(k) for k in ("preset", "resume", "overwrite", "baselines")}
+    return options, argparse.Namespace(**{k: args.pop(k) for k in runtime}), args
 
 
 def resumed_base(overrides):
@@ -51,9 +52,9 @@ def resumed_base(overrides):
 
 
 def main(argv=None):
-    options, overrides = parse_args(argv)
+    options, runtime, overrides = parse_args(argv)
     try:
-        apply_threads(options["threads"])
+        apply_runtime_flags(runtime)
         base = resumed_base(overrides) if options["resume"] else None
         preset = options["preset"] or default_preset(default_device() == "cuda")
         config = build_config(preset, overrides, base)

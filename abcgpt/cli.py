@@ -29,15 +29,14 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see --help)\n")
 
 
-def add_threads_flag(parser):
+def add_runtime_flags(parser, device=True):
+    """The flags of how a tool runs (not what it computes), for every tool; device=False where --device is
+    a setting of its own (train.py's, saved with the run). Returns the names of the flags added."""
+    if device:
+        parser.add_argument("--device", default="auto", help="auto (CUDA if there is one), cpu, cuda or cuda:N")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for torch; unset: torch's choice (1 is often fastest on a shared machine)")
-
-
-def add_runtime_flags(parser):
-    """--device and --threads, for every tool but train.py (whose --device is a setting of the run)."""
-    parser.add_argument("--device", default="auto", help="auto (CUDA if there is one), cpu, cuda or cuda:N")
-    add_threads_flag(parser)
+    return ["device", "threads"] if device else ["threads"]
 
 
 def add_source_flags(parser):
@@ -46,17 +45,14 @@ def add_source_flags(parser):
     parser.add_argument("--cache_dir", default=None, help="where built-in sources are cached (default: the run's)")
 
 
-def apply_threads(threads):
-    if threads is not None:
-        if threads < 1:
-            raise SettingsError(f"--threads must be at least 1, got {threads}")
-        torch.set_num_threads(threads)
-
-
 def apply_runtime_flags(args):
-    """Resolve --device and apply --threads; SettingsError for either one being wrong."""
-    args.device = resolve_device(args.device)
-    apply_threads(args.threads)
+    """Resolve --device (where the tool has it) and apply --threads; SettingsError for either one being wrong."""
+    if "device" in vars(args):
+        args.device = resolve_device(args.device)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise SettingsError(f"--threads must be at least 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
 
 
 def positive(name, value, allow_none=False):
