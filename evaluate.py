@@ -11,10 +11,12 @@ import sys
 from pathlib import Path
 
 from abcgpt.cli import (
-    HelpFormatter, Parser, add_runtime_flags, add_source_flags, apply_runtime_flags, check_out_file, positive,
+    HelpFormatter, Parser, add_runtime_flags, add_source_flags, apply_runtime_flags, check_out_file, is_json_object,
+    positive, run_tool,
 )
 from abcgpt.errors import SettingsError, UserError
 from abcgpt.evaluate import SWEEP, format_table, summarize, sweep
+from abcgpt.preflight import check_memory, forward_bytes
 from abcgpt.run import load_gated_run
 
 
@@ -31,10 +33,12 @@ def main(argv=None):
         apply_runtime_flags(args)
         positive("--batch_size", args.batch_size)
         positive("--max_windows", args.max_windows, allow_none=True)
-        out = check_out_file(args.out or Path(args.ckpt).with_name("eval.json"))
+        out = check_out_file(args.out or Path(args.ckpt).with_name("eval.json"), "--out", "an evaluation",
+                             lambda path: is_json_object(path, "checkpoint", "losses", "alphas"))
         if out.resolve() == Path(args.ckpt).resolve():
             raise SettingsError(f"--out: {out} is the checkpoint itself; refusing to write over it")
         model, tokenizer, run, corpus = load_gated_run(args.ckpt, args.device, args.sources, args.cache_dir)
+        check_memory(forward_bytes(model.config, args.batch_size), args.device, f"--batch_size {args.batch_size:,}")
     except UserError as e:
         sys.exit(f"error: {e}")
 
@@ -51,4 +55,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_tool(main)

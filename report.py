@@ -8,33 +8,52 @@ Baselines are found beside the checkpoint (out/baseline-NAME/, as train.py
 their final value beside; without them the cost of the dial is "not measured".
 The gated run's corners are also given at its own best.pt. With a calibrated dial
 in the checkpoint (calibrate.py), the report scores it on fresh samples.
-Plots need matplotlib (pip install matplotlib).
+Plots need matplotlib (pip install -e ".[report]"); without it the report says they were skipped.
 """
 import sys
 from pathlib import Path
 
 from abcgpt import settings
 from abcgpt.checkpoint import CheckpointError
+from abcgpt.config import ARCHITECTURE
 from abcgpt.cli import (
-    HelpFormatter, Parser, add_runtime_flags, add_source_flags, apply_runtime_flags, check_out_dir, positive,
+    HelpFormatter, Parser, add_generation_flags, add_runtime_flags, add_source_flags, apply_runtime_flags,
+    check_generation_flags, positive, run_tool,
 )
 from abcgpt.errors import UserError
-from abcgpt.report import build_report, write_report
+from abcgpt.report import build_report, check_report_folder, plots_unavailable, write_report
 from abcgpt.run import RunFolder, load_gated_run, load_model
 
 
-def load_baselines(ckpt, names, device):
+SHAPE = [f for f in ARCHITECTURE if f not in ("gated", "narrowness", "mask_seed", "score_beta", "sort_units")]
+
+
+def check_baseline(path, baseline, run, name):
+    """A baseline is judged against the run only if it trained on the run's own text of its source with the
+    run's model shape and tokenizer."""
+    config = baseline.train_config
+    if baseline.model_config.gated or config is None or config.only_source != name:
+        raise CheckpointError(f"{path} is not a single-source baseline for {name!r}")
+    k = run.source_names.index(name)
+    if baseline.source_sha256[k:k + 1] != run.source_sha256[k:k + 1]:
+        raise CheckpointError(f"{path} was trained on other text for {name!r} than the run was: it is not this "
+                              "run's baseline (train it again with train.py --baselines)")
+    shape = [f for f in SHAPE if getattr(config, f) != getattr(run.train_config, f)]
+    if shape:
+        raise CheckpointError(f"{path} has another {', '.join(shape)} than the run: it is not this run's baseline")
+
+
+def load_baselines(ckpt, run, device):
     """{name: {"best": (model, step), "final": (model, step)}} for each baseline found beside ckpt."""
     baselines = {}
-    for name in names:
+    for name in run.source_names:
         folder = RunFolder.of(ckpt).baseline(name)
         kept = {}
         for which, path in (("best", folder.best), ("final", folder.checkpoint)):
             if path.exists():
-                model, _, run = load_model(path, device)
-                if model.config.gated or run.train_config is None or run.train_config.only_source != name:
-                    raise CheckpointError(f"{path} is not a single-source baseline for {name!r}")
-                kept[which] = (model, run.step)
+                model, _, baseline = load_model(path, device)
+                check_baseline(path, baseline, run, name)
+                kept[which] = (model, baseline.step)
         if kept:
             kept.setdefault("best", kept.get("final"))
             baselines[name] = kept
@@ -56,30 +75,29 @@ def main(argv=None):
     p.add_argument("--out_dir", required=True, help="the folder this writes report.md, report.json and the plots into")
     p.add_argument("--title", default=None, help="the report's title (default: names the checkpoint)")
     add_source_flags(p)
-    p.add_argument("--samples", type=int, default=32,
-                   help="samples per alpha for the calibration curve, and per mix for the calibrated dial")
-    p.add_argument("--sample_tokens", type=int, default=200, help="tokens per sample")
+    add_generation_flags(p, 32, "samples per alpha for the calibration curve, and per mix for the calibrated dial",
+                         200)
     p.add_argument("--max_windows", type=int, default=None, help="score at most this many val windows per source")
     p.add_argument("--seed", type=int, default=1337, help="seeds the samples")
     add_runtime_flags(p)
     args = p.parse_args(argv)
     try:
         apply_runtime_flags(args)
-        check_out_dir(args.out_dir)
-        for flag in ("samples", "sample_tokens"):
-            positive(f"--{flag}", getattr(args, flag))
+        check_report_folder(args.out_dir)
         positive("--max_windows", args.max_windows, allow_none=True)
         settings.check_seed(args.seed, "--seed")
         model, tokenizer, run, corpus = load_gated_run(args.ckpt, args.device, args.sources, args.cache_dir)
-        baselines = load_baselines(args.ckpt, corpus.names, args.device)
+        check_generation_flags(args, args.device, model.config)
+        baselines = load_baselines(args.ckpt, run, args.device)
         best = load_best(args.ckpt, args.device)
     except UserError as e:
         sys.exit(f"error: {e}")
-    report = build_report(model, tokenizer, run, corpus, baselines, args.samples, args.sample_tokens,
+    report = build_report(model, tokenizer, run, corpus, baselines, args.samples, args.max_new_tokens,
                           args.max_windows, args.device, args.seed, best)
     path = write_report(report, args.out_dir, args.title or f"abcGPT report: {args.ckpt}")
-    print(f"wrote {path}")
+    skipped = plots_unavailable()
+    print(f"wrote {path}" + (f"; plots skipped: {skipped}" if skipped else ""))
 
 
 if __name__ == "__main__":
-    main()
+    run_tool(main)

@@ -10,7 +10,10 @@ import sys
 import torch
 
 from abcgpt import settings
-from abcgpt.cli import HelpFormatter, Parser, add_runtime_flags, apply_runtime_flags
+from abcgpt.cli import (
+    HelpFormatter, Parser, add_generation_flags, add_runtime_flags, apply_runtime_flags, check_generation_flags,
+    run_tool,
+)
 from abcgpt.data import source_alphas
 from abcgpt.errors import SettingsError, UserError
 from abcgpt.run import load_model
@@ -71,11 +74,10 @@ def parse_args(argv=None):
     dial.add_argument("--mix", default=None, help="the share of source 1's voice, in [0, 1] (or a list), through "
                                                    "the calibrated map calibrate.py stored; instead of --alpha")
     p.add_argument("--start", default="\n", help="the prompt, or FILE:path to read it from a file (default: %(default)r)")
-    p.add_argument("--num_samples", type=int, default=1, help="samples per alpha")
-    p.add_argument("--max_new_tokens", type=int, default=d.max_new_tokens,
-                   help=f"tokens to generate per sample, at most {settings.MAX_NEW_TOKENS:,}")
+    add_generation_flags(p, 1, "samples per alpha", d.max_new_tokens)
     p.add_argument("--temperature", type=float, default=None,
-                   help=f"above 0; lower is more conservative (default: {d.temperature}; with --mix, the calibration's)")
+                   help=f"above 0; lower is more conservative (default: {d.temperature}; with --mix, the "
+                        "calibration's)")
     p.add_argument("--top_k", type=int, default=None,
                    help=f"sample from the k likeliest tokens only (default: {d.top_k}; with --mix, the calibration's)")
     p.add_argument("--force", action="store_true", help="with --mix, sample at a --temperature or --top_k other than "
@@ -89,9 +91,6 @@ def check_numbers(args):
     if args.temperature is not None:
         settings.check_temperature(args.temperature, "--temperature")
     settings.check_top_k(args.top_k, "--top_k")
-    if args.num_samples < 1:
-        raise InputError(f"--num_samples must be at least 1, got {args.num_samples}")
-    settings.check_new_tokens(args.max_new_tokens, "--max_new_tokens")
     settings.check_seed(args.seed, "--seed")
 
 
@@ -109,6 +108,7 @@ def main(argv=None):
         check_numbers(args)
         prompt = read_prompt(args.start)
         model, tokenizer, run = load_model(args.ckpt, args.device)
+        check_generation_flags(args, args.device, model.config)
         resolved = dials(args, run)
         try:
             start_ids = tokenizer.encode(prompt)
@@ -124,7 +124,7 @@ def main(argv=None):
                settings.DEFAULTS.top_k if args.top_k is None else args.top_k)
     for alpha, label, temperature, top_k in resolved if gated else [default]:
         generator = torch.Generator(device=args.device).manual_seed(args.seed)
-        idx = torch.tensor([start_ids] * args.num_samples, dtype=torch.long, device=args.device)
+        idx = torch.tensor([start_ids] * args.samples, dtype=torch.long, device=args.device)
         out = generate(model, idx, args.max_new_tokens, alpha, temperature, top_k, generator)
         for row in out.tolist():
             print(f"--- {label}" if gated else "---")
@@ -132,4 +132,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_tool(main)

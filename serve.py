@@ -6,8 +6,9 @@
 """
 import sys
 
-from abcgpt.cli import HelpFormatter, Parser, add_runtime_flags, apply_runtime_flags, positive
+from abcgpt.cli import HelpFormatter, Parser, add_runtime_flags, apply_runtime_flags, positive, run_tool
 from abcgpt.errors import SettingsError, UserError
+from abcgpt.preflight import check_memory, generation_bytes
 from abcgpt.run import load_model
 
 
@@ -33,6 +34,7 @@ def main(argv=None):
         if not 0 <= args.port < 65536:
             raise SettingsError(f"--port must be in [0, 65535], got {args.port}")
         model, tokenizer, run = load_model(args.ckpt, args.device)
+        check_memory(generation_bytes(model.config, args.max_batch), args.device, f"--max_batch {args.max_batch:,}")
     except UserError as e:
         sys.exit(f"error: {e}")
     service = Service(model, tokenizer, run, args.max_batch, args.max_new_tokens)
@@ -41,4 +43,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_tool(main)

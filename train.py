@@ -12,14 +12,15 @@ Every setting below is a field of abcgpt.config.TrainConfig; a flag left out kee
 its preset's value (or, with --resume, the saved run's).
 """
 import argparse
+import signal
 import sys
 
 from tqdm.auto import tqdm
 
-from abcgpt.cli import HelpFormatter, Parser, add_runtime_flags, apply_runtime_flags
+from abcgpt.cli import HelpFormatter, Parser, add_runtime_flags, apply_runtime_flags, run_tool
 from abcgpt.config import PRESETS, add_config_flags, baseline_config, build_config, default_preset
 from abcgpt.device import default_device
-from abcgpt.errors import UserError
+from abcgpt.errors import SettingsError, UserError
 from abcgpt.run import Run, RunFolder
 from abcgpt.trainer import Trainer
 
@@ -33,10 +34,13 @@ def parse_args(argv=None):
     parser.add_argument("--baselines", action="store_true",
                         help="after the run, train a vanilla GPT on each source alone with as many of its tokens "
                              "as the run saw (into out_dir/baseline-NAME)")
+    parser.add_argument("--new_sources", action="store_true",
+                        help="with --resume, go on with sources whose text differs from what the run recorded "
+                             "(the log records the change)")
     runtime = add_runtime_flags(parser, device=False)
     add_config_flags(parser)
     args = vars(parser.parse_args(argv))
-    options = {k: args.pop(k) for k in ("preset", "resume", "overwrite", "baselines")}
+    options = {k: args.pop(k) for k in ("preset", "resume", "overwrite", "baselines", "new_sources")}
     return options, argparse.Namespace(**{k: args.pop(k) for k in runtime}), args
 
 
@@ -60,21 +64,21 @@ def main(argv=None):
         config = build_config(preset, overrides, base)
         if not options["resume"]:
             print(f"preset: {preset}")
-        losses, tokens_seen, names = run(config, options["resume"], options["overwrite"])
-        if losses is None:
-            sys.exit(130)
+        if options["new_sources"] and not options["resume"]:
+            raise SettingsError("--new_sources goes with --resume: a new run records whatever sources it has")
+        losses, tokens_seen, names = run(config, options["resume"], options["overwrite"], options["new_sources"])
         if options["baselines"]:
             for name, tokens in tqdm(list(zip(names, tokens_seen)), desc="baselines", unit="source"):
                 tqdm.write(f"baseline: vanilla GPT on {name} alone, {tokens:,} tokens")
                 baseline = baseline_config(config, name, tokens, RunFolder(config.out_dir).baseline(name))
-                if run(baseline, False, options["overwrite"])[0] is None:
-                    sys.exit(130)  # interrupted: the next baseline would start with no one asking
+                run(baseline, False, options["overwrite"])
     except UserError as e:
         sys.exit(f"error: {e}")
 
 
-def run(config, resume, overwrite):
-    trainer = Trainer(config, resume=resume, overwrite=overwrite)
+def run(config, resume, overwrite, new_sources=False):
+    """Train one run; a stop by signal ends the program, after its checkpoint, with 128 + the signal."""
+    trainer = Trainer(config, resume=resume, overwrite=overwrite, new_sources=new_sources)
     try:
         losses = trainer.train()
         tokens_seen = trainer.tokens_seen()
@@ -82,13 +86,14 @@ def run(config, resume, overwrite):
         trainer.close()
     if trainer.interrupted:
         if trainer.is_master:
-            print(f"interrupted: saved {RunFolder(config.out_dir).checkpoint} at step {trainer.step}; "
-                  f"continue with: python train.py --resume --out_dir {config.out_dir}", file=sys.stderr)
-        return None, tokens_seen, trainer.corpus.names
+            print(f"interrupted: saved {RunFolder(config.out_dir).checkpoint} at step {trainer.step} "
+                  f"({signal.Signals(trainer.interrupted).name}); continue with: python train.py --resume --out_dir "
+                  f"{config.out_dir}", file=sys.stderr)
+        sys.exit(128 + trainer.interrupted)  # as a shell reports a program a signal stopped
     if trainer.is_master and losses:
         print("final held-out losses: " + ", ".join(f"{k} {v:.4f}" for k, v in losses.items()))
     return losses, tokens_seen, trainer.corpus.names
 
 
 if __name__ == "__main__":
-    main()
+    run_tool(main)

@@ -53,7 +53,8 @@ def explain(name: str, device: torch.device, per_row: bool) -> str:
     chosen = choose(name, device, per_row)
     if name != "auto":
         return chosen.name
-    passed = [b.name for b in REGISTRY.values() if b.auto_priority > chosen.auto_priority and (b.per_row or not per_row)]
+    passed = [b.name for b in REGISTRY.values()
+              if b.auto_priority > chosen.auto_priority and (b.per_row or not per_row)]
     return chosen.name + (f" (auto; {', '.join(passed)} cannot run on {device.type})" if passed else "")
 
 

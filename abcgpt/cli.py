@@ -1,8 +1,10 @@
 """What the command-line tools share: help layout, device and thread flags, and output checks made
 before any work starts, so a bad flag costs a one-line error, not a lost minute."""
 import argparse
+import json
 import math
 import os
+import sys
 import zipfile
 from pathlib import Path
 
@@ -10,6 +12,22 @@ import torch
 
 from .device import resolve_device
 from .errors import SettingsError
+from .preflight import check_memory, generation_bytes
+from .settings import MAX_NEW_TOKENS, check_new_tokens
+
+
+def run_tool(main):
+    """Run a tool's main() as its command line: output line by line even into a file or pipe, Ctrl-C ends
+    it with one line and status 130, and a reader that goes away (| head) ends it quietly."""
+    sys.stdout.reconfigure(line_buffering=True)
+    try:
+        main()
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)  # 128 + SIGINT
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error as Python exits
+        sys.exit(141)  # 128 + SIGPIPE, as a shell reports a pipe's writer that was cut off
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -39,6 +57,21 @@ def add_runtime_flags(parser, device=True):
     return ["device", "threads"] if device else ["threads"]
 
 
+def add_generation_flags(parser, samples, samples_help, tokens):
+    """--samples and --max_new_tokens, one name for each in every tool (the older names stay as aliases)."""
+    parser.add_argument("--samples", "--num_samples", type=int, default=samples, help=samples_help)
+    parser.add_argument("--max_new_tokens", "--sample_tokens", type=int, default=tokens,
+                        help=f"tokens to generate per sample, at most {MAX_NEW_TOKENS:,}")
+
+
+def check_generation_flags(args, device, config):
+    """--samples at least 1, --max_new_tokens within its bound, and room for --samples rows in memory."""
+    if args.samples < 1:
+        raise SettingsError(f"--samples must be at least 1, got {args.samples}")
+    check_new_tokens(args.max_new_tokens, "--max_new_tokens", least=1)
+    check_memory(generation_bytes(config, args.samples), device, f"generating {args.samples:,} samples at once")
+
+
 def add_source_flags(parser):
     """--sources and --cache_dir, for tools that read a run's sources again."""
     parser.add_argument("--sources", help="NAME or NAME=PATH, comma-separated (default: the run's own)")
@@ -53,6 +86,21 @@ def apply_runtime_flags(args):
         if args.threads < 1:
             raise SettingsError(f"--threads must be at least 1, got {args.threads}")
         torch.set_num_threads(args.threads)
+    elif sys.stderr.isatty():  # a hint for a person at a terminal; logs and tests stay as they are
+        hint = busy_machine_hint()
+        if hint:
+            print(hint, file=sys.stderr)
+
+
+def busy_machine_hint(load=None, cores=None):
+    """A one-line note when other work already keeps this machine's cores busy: torch's default threads
+    then fight it, and one thread can be several times faster."""
+    load = os.getloadavg()[0] if load is None else load
+    cores = len(os.sched_getaffinity(0)) if cores is None else cores
+    if cores > 1 and load >= cores - 0.5:
+        return (f"note: this machine is busy (load {load:.1f} on {cores} cores); --threads 1 may be several times "
+                "faster")
+    return None
 
 
 def positive(name, value, allow_none=False):
@@ -64,7 +112,17 @@ def positive(name, value, allow_none=False):
     return value
 
 
+SYSTEM_FOLDERS = ("/dev", "/proc", "/sys")  # never written into, through a link or not
+
+
+def _system_path(path):
+    resolved = str(Path(path).resolve())
+    return any(resolved == top or resolved.startswith(top + "/") for top in SYSTEM_FOLDERS)
+
+
 def _writable_folder(folder, flag):
+    if _system_path(folder):
+        raise SettingsError(f"{flag}: {folder} is a system folder; refusing to write there")
     if folder.exists() and not folder.is_dir():
         raise SettingsError(f"{flag}: {folder} is a file, not a folder")
     probe = folder
@@ -74,21 +132,45 @@ def _writable_folder(folder, flag):
         raise SettingsError(f"{flag}: cannot write into {probe} (no write permission)")
 
 
-def check_out_file(path, flag="--out"):
-    """Refuse an output file that cannot be written, or one that would write over a checkpoint."""
+def is_json_object(path, *keys):
+    """Whether path holds a JSON object with these keys: how a tool knows its own JSON output."""
+    try:
+        record = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(record, dict) and all(k in record for k in keys)
+
+
+def check_output(path, flag, kind, is_kind):
+    """A file a tool is about to write, refused before any work unless it is new or the tool's own kind of
+    output (is_kind(path) says; kind names it): never a device, FIFO or other special file, never into
+    /dev, /proc or /sys, never a folder, and never over a file that is not that kind of output."""
     path = Path(path)
+    if _system_path(path):
+        raise SettingsError(f"{flag}: {path} is in a system folder; refusing to write there")
     if not path.parent.is_dir():
         raise SettingsError(f"{flag}: the folder {path.parent} does not exist")
     _writable_folder(path.parent, flag)
     if path.is_dir():
         raise SettingsError(f"{flag}: {path} is a folder, not a file")
-    if path.suffix == ".pt" or (path.is_file() and zipfile.is_zipfile(path)):
-        raise SettingsError(f"{flag}: {path} is (or is named like) a checkpoint; refusing to write over it")
+    if path.exists() or path.is_symlink():
+        if not path.is_file():
+            raise SettingsError(f"{flag}: {path} is not a regular file (a device, a pipe or a broken link); "
+                                "refusing to write over it")
+        if not is_kind(path):
+            raise SettingsError(f"{flag}: {path} exists and is not {kind}; refusing to write over it")
     return path
 
 
+def check_out_file(path, flag, kind, is_kind):
+    """A non-checkpoint output file (see check_output): also refused where it is named like a checkpoint."""
+    if Path(path).suffix == ".pt" or (Path(path).is_file() and zipfile.is_zipfile(path)):
+        raise SettingsError(f"{flag}: {path} is (or is named like) a checkpoint; refusing to write over it")
+    return check_output(path, flag, kind, is_kind)
+
+
 def check_out_dir(path, flag="--out_dir"):
-    """Refuse an output folder that is a file or cannot be created or written."""
+    """Refuse an output folder that is a file or a system folder, or cannot be created or written."""
     path = Path(path)
     _writable_folder(path, flag)
     return path

@@ -5,7 +5,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 
 from .backends import NAMES as BACKEND_NAMES
 from .backends import auto_rule, check_backend
-from .data import DEFAULT_SOURCES
+from .data import DEFAULT_SOURCES, split_sources
 from .errors import SettingsError
 from .model import GPTConfig
 
@@ -53,7 +53,7 @@ class TrainConfig(GPTConfig):
         super().__post_init__()
         check_backend(self.gate_backend)
         if isinstance(self.sources, str):
-            self.sources = [s for s in self.sources.split(",") if s.strip()]
+            self.sources = split_sources(self.sources)
         checks = [
             (self.alpha_mode in ("batch", "sequence"), "alpha_mode must be 'batch' or 'sequence'"),
             (self.tokenizer in ("char", "bpe"), "tokenizer must be 'char' or 'bpe'"),
@@ -111,7 +111,8 @@ def _parse_bool(text):
 
 # One line of --help per flag: what it sets. Allowed values come from CHOICES; defaults from the presets.
 FLAG_HELP = {
-    "sources": "comma-separated NAME or NAME=PATH; the first sits at alpha 0, the last at alpha 1",
+    "sources": "comma-separated NAME or NAME=PATH (a comma in a path: \\,); the first sits at alpha 0, the last at "
+               "alpha 1",
     "tokenizer": "characters of the sources, or GPT-2's byte-pair encoding (through tiktoken)",
     "val_fraction": "share of each source held out for validation (its last part)",
     "cache_dir": "where built-in sources are downloaded (empty: ~/.cache/abcgpt)",

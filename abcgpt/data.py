@@ -8,6 +8,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -82,10 +83,16 @@ class SourceSpec:
         return cls(name)
 
 
+def split_sources(text):
+    """A comma-separated list of sources, where a comma inside a path is written \\, ."""
+    parts = re.split(r"(?<!\\),", text)
+    return [part.replace("\\,", ",") for part in parts if part.strip()]
+
+
 def parse_sources(specs):
     """Sources from a list of specs or one comma-separated string; order sets the dial."""
     if isinstance(specs, str):
-        specs = [s for s in specs.split(",") if s.strip()]
+        specs = split_sources(specs)
     sources = [s if isinstance(s, SourceSpec) else SourceSpec.parse(s) for s in specs]
     if len(sources) < 2:
         raise DataError(f"the dial needs at least two sources, got {len(sources)}")
@@ -191,6 +198,8 @@ def read_texts(sources, cache_dir=None):
 def read_text(spec, cache_dir=None):
     """The raw text of one source, as is (no lowercasing, no cleaning)."""
     path = Path(spec.path) if spec.path else fetch_builtin(spec.name, cache_dir)
+    if path.exists() and not path.is_file():  # a pipe would hang the read, a device never end it
+        raise DataError(f"source {spec.name!r}: {path} is not a regular file (a folder, a pipe or a device)")
     try:
         raw = path.read_bytes()
     except FileNotFoundError:

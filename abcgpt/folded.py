@@ -124,5 +124,8 @@ def _attach(model):
     model.folding = FoldingState(model)
 
 
-FOLDED = Backend("folded", lambda model, gates, host_alpha: Folded(model, gates, active_ranges(model, host_alpha, gates)),
-                 per_row=False, devices=("cpu", "cuda"), auto_priority=2, attach=_attach)
+def _build(model, gates, host_alpha):
+    return Folded(model, gates, active_ranges(model, host_alpha, gates))
+
+
+FOLDED = Backend("folded", _build, per_row=False, devices=("cpu", "cuda"), auto_priority=2, attach=_attach)

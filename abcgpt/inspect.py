@@ -5,7 +5,7 @@
 import sys
 from pathlib import Path
 
-from .cli import HelpFormatter, Parser
+from .cli import HelpFormatter, Parser, run_tool
 from .data import source_alphas
 from .errors import UserError
 from .run import Run
@@ -53,4 +53,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_tool(main)

@@ -184,7 +184,8 @@ class GPT(nn.Module):
         return backend.build(self, gates_for(alpha, self.scores(), self.config.narrowness), host_alpha)
 
     def forward(self, idx: torch.Tensor, alpha: Alpha = None, targets: Optional[torch.Tensor] = None,
-                cache: Optional[Cache] = None, run: Optional[backends.Executor] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+                cache: Optional[Cache] = None,
+                run: Optional[backends.Executor] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """idx: (B, T) token ids. alpha: a float or 0-dim tensor, or a (B,) tensor (one per sequence).
         cache: an attention.Cache when generating; idx then holds only the positions not yet cached.
         run: an executor made beforehand (see at()); alpha is then not given.

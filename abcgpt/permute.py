@@ -1,36 +1,45 @@
 """Sort an existing checkpoint's units by score: a permutation that leaves the model's function unchanged.
 
-    python -m abcgpt.permute in.pt out.pt   # optimizer state too, so training can resume on it
+    python -m abcgpt.permute in.pt out.pt          # a new file; optimizer state too, so training can resume on it
+    python -m abcgpt.permute in.pt --in_place      # rewrite in.pt itself
 
 New models are sorted at init (GPTConfig.sort_units); this is for checkpoints made before.
 The map of which rows and columns move with each unit is units.py's.
 """
 import sys
+from pathlib import Path
 
 from .checkpoint import CheckpointError
-from .cli import HelpFormatter, Parser
-from .errors import UserError
-from .run import load_model
+from .cli import HelpFormatter, Parser, check_output, run_tool
+from .errors import SettingsError, UserError
+from .run import RunFolder, load_model
 from .units import sort_units
 
 
 def main(argv=None):
     p = Parser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("source", help="checkpoint to read")
-    p.add_argument("dest", help="checkpoint to write, with units sorted")
+    p.add_argument("dest", nargs="?", help="checkpoint to write, with units sorted: a new file")
+    p.add_argument("--in_place", action="store_true", help="rewrite source itself instead of writing dest")
     args = p.parse_args(argv)
     try:
+        if (args.dest is None) == (not args.in_place):
+            raise SettingsError("give dest, a new file to write, or --in_place to rewrite source itself")
+        dest = Path(args.source if args.in_place else args.dest)
+        if not args.in_place:  # a new path: nothing the user did not name is written over
+            check_output(dest, "dest", "a new path", lambda _: False)
         model, _, run = load_model(args.source)
         if not model.config.gated:
             raise CheckpointError(f"{args.source} holds a vanilla model: there are no scores to sort by")
         run.optimizer = sort_units(model, run.optimizer)
+        run.model = model.state_dict()
+        run.model_config.sort_units = True
+        with RunFolder.of(dest).lock():
+            run.save(dest)
     except UserError as e:
         sys.exit(f"error: {e}")
-    run.model = model.state_dict()
-    run.model_config.sort_units = True
-    run.save(args.dest)
-    print(f"wrote {args.dest} with units sorted by score")
+    print(f"wrote {dest} with units sorted by score")
 
 
 if __name__ == "__main__":
-    main()
+    run_tool(main)

@@ -38,7 +38,8 @@ class Process:
         if use_cuda:
             torch.cuda.set_device(process.device)
         if grad_accum % world_size:
-            raise SettingsError(f"grad_accum ({grad_accum}) must be a multiple of the number of processes ({world_size})")
+            raise SettingsError(f"grad_accum ({grad_accum}) must be a multiple of the number of processes "
+                                f"({world_size})")
         process.micro_steps = grad_accum // world_size
         return process
 

@@ -6,11 +6,13 @@ alone with as many of its tokens), the calibration of generated text (character
 n-gram models fitted on the train splits score samples at each alpha as
 P(source 1 | text)), samples at five alphas and, with matplotlib, two plots.
 """
+import importlib.util
 import json
 from pathlib import Path
 
 import numpy as np
 
+from . import cli
 from .data import source_alphas
 from .dial import classifier_for, measure, mix_to_alpha, sample_texts
 from .evaluate import SWEEP, format_table, summarize, sweep, val_loss
@@ -111,13 +113,11 @@ def build_report(model, tokenizer, run, corpus, baselines=None, n_samples=8, sam
 
 def plot(report, out_dir):
     """val loss against alpha per source, and the calibration curve, as PNGs (needs matplotlib)."""
-    try:
-        import matplotlib
+    import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return []
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     written = []
     fig, ax = plt.subplots(figsize=(6, 4))
     for name in report["sources"]:
@@ -151,7 +151,7 @@ def _fmt(x, spec=".4f"):
     return "not measured" if x is None else format(x, spec)
 
 
-def render_markdown(report, title, plots):
+def render_markdown(report, title, plots, plots_skipped=None):
     names = report["sources"]
     lines = [f"# {title}", "", f"Checkpoint step {report['checkpoint_step']}; held-out val tokens: "
              + ", ".join(f"{n} {report['val_tokens'][n]:,}" for n in names) + "."]
@@ -160,6 +160,8 @@ def render_markdown(report, title, plots):
     lines += ["", "## Held-out loss along the dial", "", "```", format_table(names, report["alphas"], report["losses"], report), "```", ""]
     if "val_loss.png" in plots:
         lines += ["![val loss against alpha](val_loss.png)", ""]
+    elif plots_skipped:
+        lines += [f"Plots: not made, as {plots_skipped}.", ""]
     lines += ["## Cost of the dial", "", "Each source's loss at its own corner against a vanilla GPT trained on that "
               "source alone with as many of its tokens, judged at its best held-out val (its final value beside).",
               "", "| source | corner loss | baseline best (step) | baseline final (step) | excess over best (nats) "
@@ -204,10 +206,34 @@ def render_markdown(report, title, plots):
     return "\n".join(lines)
 
 
+REPORT_FILES = ("report.md", "report.json", "val_loss.png", "calibration.png")
+
+
+def check_report_folder(out_dir):
+    """Refuse, before any work, a folder whose report files report.py would write over but did not write
+    (its report.json says whose they are)."""
+    out_dir = cli.check_out_dir(out_dir)
+    for name in REPORT_FILES:
+        if (out_dir / name).exists() or (out_dir / name).is_symlink():
+            cli.check_output(out_dir / name, "--out_dir", "part of a report that report.py wrote",
+                             lambda _: cli.is_json_object(out_dir / "report.json", "corner_loss", "sources"))
+    return out_dir
+
+
+def plots_unavailable():
+    """Why the report has no plots, or None where it can have them."""
+    if importlib.util.find_spec("matplotlib") is None:
+        return 'matplotlib is not installed (pip install -e ".[report]")'
+    return None
+
+
 def write_report(report, out_dir, title):
+    """report.json, report.md and, where matplotlib is installed, the plots; report.md says if they were
+    skipped and why."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    plots = plot(report, out_dir)
+    skipped = plots_unavailable()
+    plots = plot(report, out_dir) if skipped is None else []
     (out_dir / "report.json").write_text(json.dumps(report, indent=1) + "\n")
-    (out_dir / "report.md").write_text(render_markdown(report, title, plots) + "\n")
+    (out_dir / "report.md").write_text(render_markdown(report, title, plots, skipped) + "\n")
     return out_dir / "report.md"

@@ -4,6 +4,11 @@ Nothing else reads a checkpoint's fields by name or spells a run file's name. Ru
 checks the file (checkpoint.py) and refuses, in one line, a field this version does
 not know, naming the field and the versions involved, before anything is built from it.
 """
+import fcntl
+import os
+import socket
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Optional
@@ -127,6 +132,42 @@ class RunFolder:
     def run_files(self) -> list:
         """The names of the run files that exist here."""
         return [name for name in self.FILES if (self.path / name).exists()]
+
+    def baseline_folders(self) -> list:
+        """The folders of the baselines trained beside this run."""
+        return sorted(p for p in self.path.glob("baseline-*") if p.is_dir()) if self.path.is_dir() else []
+
+    @contextmanager
+    def lock(self):
+        """Hold the folder as its one writer: an OS lock on .lock, which names the holder (pid, host, start)
+        for whoever comes second. The OS lets go of a dead holder's lock, so a stale file is taken over."""
+        created = not self.path.exists()
+        self.path.mkdir(parents=True, exist_ok=True)
+        path = self.path / ".lock"
+        while True:
+            handle = open(path, "a+")
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                holder = handle.read().strip() or "another process"
+                handle.close()
+                raise SettingsError(f"{self} is being written by {holder}: wait for it to finish, or stop it "
+                                    "first") from None
+            if path.exists() and os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino:
+                break  # not a file its last holder removed as we opened it
+            handle.close()
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        handle.flush()
+        try:
+            yield
+        finally:
+            path.unlink(missing_ok=True)  # while still held: nobody takes a lock on a file about to go
+            handle.close()
+            if created and not any(self.path.iterdir()):  # a run that wrote nothing leaves nothing behind
+                self.path.rmdir()
 
     def save(self, run: Run, best=False) -> None:
         """The latest checkpoint, and the same bytes as the best one too when best."""

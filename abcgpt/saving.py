@@ -1,6 +1,7 @@
 """A training run's checkpoints: what a new run may write over, what a resume must match, and the check
 that nothing non-finite is ever saved."""
 import math
+import zipfile
 
 import torch
 
@@ -16,13 +17,29 @@ class TrainingDiverged(UserError, RuntimeError):
 
 def check_run_folder(folder, resume, overwrite):
     """Refuse, before any work, an out_dir that cannot be written, or one whose run a new run would replace
-    without overwrite; return the old run's files that the new run replaces."""
+    without overwrite; return the old run's files and baseline folders that the new run replaces."""
     cli.check_out_dir(folder.path, "out_dir")
+    for path in (folder.checkpoint, folder.best):
+        if path.exists() and not (path.is_file() and zipfile.is_zipfile(path)):
+            raise SettingsError(f"out_dir: {path} is not a checkpoint; refusing to write over it")
     existing = folder.run_files()
     if existing and not resume and not overwrite:
         raise SettingsError(f"out_dir {folder} already holds a run ({', '.join(existing)}): continue it with "
                             "--resume, or replace it with --overwrite")
-    return [] if resume else existing
+    return [] if resume else [folder.path / name for name in existing] + folder.baseline_folders()
+
+
+def check_same_sources(run, corpus, new_sources):
+    """A resume trains on the text its run recorded (sha256), unless new_sources: then the changes, as
+    {name: {"from": recorded, "to": now}}, for the log."""
+    changed = {name: {"from": recorded, "to": now} for name, recorded, now
+               in zip(corpus.names, run.source_sha256, corpus.sha256) if recorded is not None and recorded != now}
+    if changed and not new_sources:
+        name, digests = next(iter(changed.items()))
+        raise SettingsError(f"source {name!r} is not the text the run was trained on (sha256 {digests['to'][:12]}..., "
+                            f"trained on {digests['from'][:12]}...): give the run's own files, or --new_sources to "
+                            "go on with these (the log records the change)")
+    return changed
 
 
 def check_resumable(run, config):

@@ -8,6 +8,7 @@ the same G. Checkpoints and what a resume must match are saving.py's; the log is
 runlog.py's.
 """
 import math
+import shutil
 import signal
 import threading
 import time
@@ -16,7 +17,8 @@ from contextlib import contextmanager, nullcontext
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from . import backends
+from . import backends, preflight
+from .checkpoint import CheckpointError
 from .config import TrainConfig
 from .data import Corpus, training_batch
 from .errors import SettingsError
@@ -25,7 +27,9 @@ from .model import GPT
 from .process import Process
 from .run import Run, RunFolder
 from .runlog import RunLog, format_seconds
-from .saving import TrainingDiverged, check_resumable, check_run_folder, diverged, non_finite_state
+from .saving import (
+    TrainingDiverged, check_resumable, check_run_folder, check_same_sources, diverged, non_finite_state,
+)
 from .tokenizer import tokenizer_from_dict
 
 __all__ = ["Trainer", "TrainingDiverged", "learning_rate_at"]
@@ -59,8 +63,9 @@ class Trainer:
     """Trains a gated GPT as config says; resume=True continues the run in config.out_dir."""
 
     def __init__(self, config: TrainConfig, resume: bool = False, corpus: Corpus = None, log=print,
-                 overwrite: bool = False):
-        """overwrite: start afresh in an out_dir that holds a run (its checkpoints and log are replaced)."""
+                 overwrite: bool = False, new_sources: bool = False):
+        """overwrite: start afresh in an out_dir that holds a run (its checkpoints, log and baselines go);
+        new_sources: resume on sources whose text differs from what the run recorded (the log says so)."""
         self.config = config
         self.process = Process.start(config.device, config.grad_accum)
         self.device, self.is_master = self.process.device, self.process.is_master
@@ -78,10 +83,18 @@ class Trainer:
         self.corpus.check_block_size(config.block_size)
         if config.only_source and config.only_source not in self.corpus.names:
             raise SettingsError(f"only_source {config.only_source!r} is not one of the sources {self.corpus.names}")
+        self.new_sources = check_same_sources(saved, self.corpus, new_sources) if saved else {}
 
         self.model_config = config.model_config(self.corpus.tokenizer.vocab_size)
+        preflight.check_memory(preflight.training_bytes(self.model_config, config.batch_size), self.device,
+                               f"training at batch_size {config.batch_size}")
+        if self.is_master:  # the checkpoint, its temporary copy while written, and best.pt
+            preflight.check_disk(self.folder.path, 3 * preflight.checkpoint_bytes(self.model_config),
+                                 "the run's checkpoints")
         torch.manual_seed(config.seed)  # weight init
         self.model = GPT(self.model_config, config.gate_backend).to(self.device)
+        if config.gated:  # a backend that cannot serve this run's alphas here is refused before any work
+            backends.choose(self.model.backend, torch.device(self.device), config.alpha_mode == "sequence")
         self.optimizer = self.model.configure_optimizers(
             config.weight_decay, config.learning_rate, (config.beta1, config.beta2), self.process.device_type
         )
@@ -101,15 +114,19 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.process.device_type, enabled=dtype == torch.float16)
         self.forward_model = torch.compile(self.model) if config.compile else self.model
         if self.process.ddp:
-            self.forward_model = DDP(self.forward_model,
-                                     device_ids=[self.process.local_rank] if self.process.device_type == "cuda" else None)
+            on_cuda = self.process.device_type == "cuda"
+            self.forward_model = DDP(self.forward_model, device_ids=[self.process.local_rank] if on_cuda else None)
 
     def _restore(self, saved: Run):
         self.best_val_loss = saved.best_val_loss if saved.best_val_loss is not None else math.inf
         self.last_losses = saved.val_losses
         self.saved_step = self.step = saved.step
-        self.model.load_state_dict(saved.model)
-        self.optimizer.load_state_dict(saved.optimizer)
+        try:
+            self.model.load_state_dict(saved.model)
+            self.optimizer.load_state_dict(saved.optimizer)
+        except (RuntimeError, ValueError, KeyError) as e:
+            reason = str(e).strip().splitlines()[0]
+            raise CheckpointError(f"{self.folder.checkpoint} does not fit this run's model: {reason}") from None
         if self.is_master and saved.tokens_seen:
             self.local_tokens = list(saved.tokens_seen)
 
@@ -156,7 +173,8 @@ class Trainer:
         run = self.run_state()  # on every process: tokens_seen gathers from all
         if self.is_master:
             self.folder.save(run, best)
-            self.log.line(f"saved {self.folder.checkpoint}" + (f" and {self.folder.best} (best so far)" if best else ""))
+            best_too = f" and {self.folder.best} (best so far)" if best else ""
+            self.log.line(f"saved {self.folder.checkpoint}{best_too}")
         self.saved_step = self.step
 
     def check_finite(self, losses=None):
@@ -224,70 +242,82 @@ class Trainer:
                 f"{'gated' if config.gated else 'vanilla'}, gate backend {backend}; device {self.device}; {sources}")
 
     def train(self):
-        """Train up to max_iters; evaluate and checkpoint every eval_interval and at the end."""
+        """Train up to max_iters; evaluate and checkpoint every eval_interval and at the end. The run's
+        folder is this process's alone meanwhile (RunFolder.lock)."""
+        with self.folder.lock() if self.is_master else nullcontext(), self._signals_save():
+            return self._train()
+
+    def _train(self):
         config = self.config
         if self.step == 0:
             self.log.line(self.describe())
-        for name in self.replaced:
-            (self.folder.path / name).unlink(missing_ok=True)
+        for path in self.replaced:  # an old run's files go only now, once this one has started
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
         self.replaced = []
+        if self.new_sources:
+            self.log.record({"step": self.step, "new_sources": self.new_sources},
+                            f"note: resuming on new text for {', '.join(self.new_sources)} (--new_sources)")
         tokens_per_step = config.batch_size * config.block_size * config.grad_accum
         timer, timed_steps = time.perf_counter(), 0
-        with self._ctrl_c_saves():
-            while self.step < config.max_iters:
-                loss, lr = self.train_step()
-                timed_steps += 1
-                at_log = self.step % config.log_interval == 0 or self.step == config.max_iters
-                if at_log:
-                    self.check_finite()
-                    elapsed = time.perf_counter() - timer
-                    record = {"step": self.step, "loss": loss.item(), "lr": lr,
-                              "tokens_per_s": round(tokens_per_step * timed_steps / elapsed)}
-                    eta = (config.max_iters - self.step) * elapsed / timed_steps  # training time only
-                    self.log.record(record, f"step {self.step}/{config.max_iters} | loss {record['loss']:.4f} | "
-                                            f"lr {lr:.3g} | {record['tokens_per_s']:,} tokens/s | "
-                                            f"ETA {format_seconds(eta)}")
-                    timer, timed_steps = time.perf_counter(), 0
-                if self.step % config.eval_interval == 0 or self.step == config.max_iters:
-                    self.check_finite()
-                    self.last_losses = self.evaluate()
-                    self.log.record({"step": self.step, **self.last_losses})
-                    score = self.held_out_score(self.last_losses)
-                    improved = math.isfinite(score) and score < self.best_val_loss  # min() would keep a NaN
-                    if improved:
-                        self.best_val_loss = score
-                    self.save(best=improved)  # refuses non-finite losses: a NaN held-out loss is a divergence
-                    timer, timed_steps = time.perf_counter(), 0  # evaluation is not training time
-                if self._stop_now(at_log):
-                    if self.saved_step != self.step:  # an evaluation may have just saved this step
-                        self.save()
-                    self.interrupted = True
-                    break
+        first = self.step + 1  # logged at once, so a run says how fast it goes before log_interval steps
+        while self.step < config.max_iters:
+            loss, lr = self.train_step()
+            timed_steps += 1
+            at_log = self.step % config.log_interval == 0 or self.step in (first, config.max_iters)
+            if at_log:
+                self.check_finite()
+                elapsed = time.perf_counter() - timer
+                record = {"step": self.step, "loss": loss.item(), "lr": lr,
+                          "tokens_per_s": round(tokens_per_step * timed_steps / elapsed)}
+                eta = (config.max_iters - self.step) * elapsed / timed_steps  # training time only
+                self.log.record(record, f"step {self.step}/{config.max_iters} | loss {record['loss']:.4f} | "
+                                        f"lr {lr:.3g} | {record['tokens_per_s']:,} tokens/s | "
+                                        f"ETA {format_seconds(eta)}")
+                timer, timed_steps = time.perf_counter(), 0
+            if self.step % config.eval_interval == 0 or self.step == config.max_iters:
+                self.check_finite()
+                self.last_losses = self.evaluate()
+                self.log.record({"step": self.step, **self.last_losses})
+                score = self.held_out_score(self.last_losses)
+                improved = math.isfinite(score) and score < self.best_val_loss  # min() would keep a NaN
+                if improved:
+                    self.best_val_loss = score
+                self.save(best=improved)  # refuses non-finite losses: a NaN held-out loss is a divergence
+                timer, timed_steps = time.perf_counter(), 0  # evaluation is not training time
+            if self._stop_now(at_log):
+                if self.saved_step != self.step:  # an evaluation may have just saved this step
+                    self.save()
+                self.interrupted = self.stop_requested or signal.SIGINT  # the signal that stopped the run
+                break
         return self.last_losses
 
     def _stop_now(self, at_log):
-        """Ctrl-C was pressed: with DDP, every process agrees at a log step, where they sync anyway."""
+        """A stop was asked for: with DDP, every process agrees at a log step, where they sync anyway."""
         if not self.process.ddp:
-            return self.stop_requested
-        return at_log and self.process.anyone(self.stop_requested)
+            return bool(self.stop_requested)
+        return at_log and self.process.anyone(bool(self.stop_requested))
 
     @contextmanager
-    def _ctrl_c_saves(self):
-        """While training, the first Ctrl-C asks for a checkpoint and a clean stop after the
-        current step; a second one interrupts at once."""
+    def _signals_save(self):
+        """While training, Ctrl-C, SIGTERM (batch schedulers, containers) or SIGHUP (a closed terminal) asks
+        for a checkpoint and a clean stop after the current step; interrupted then holds the signal's
+        number. A second one interrupts at once."""
         if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
             yield
             return
+        stops = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
         def handle(signum, frame):
-            self.stop_requested = True
-            signal.signal(signal.SIGINT, previous)
+            self.stop_requested = signum
+            for s in stops:
+                signal.signal(s, previous[s])
 
-        previous = signal.signal(signal.SIGINT, handle)
+        previous = {s: signal.signal(s, handle) for s in stops}
         try:
             yield
         finally:
-            signal.signal(signal.SIGINT, previous)
+            for s in stops:
+                signal.signal(s, previous[s])
 
     def close(self):
         self.process.close()

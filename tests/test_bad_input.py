@@ -7,6 +7,7 @@ bad-input table is made from CASES:
 
     python tests/test_bad_input.py --write     # refresh the table in README.md
 """
+import fcntl
 import hashlib
 import importlib
 import pickle
@@ -57,8 +58,8 @@ CASES = [
          "argument --temperature: invalid float value: 'warm'"),
     Case("top-k of 0", "sample", CKPT + "--top_k 0", "--top_k must be at least 1, got 0"),
     Case("top-k that is not a number", "sample", CKPT + "--top_k many", "argument --top_k: invalid int value: 'many'"),
-    Case("zero samples", "sample", CKPT + "--num_samples 0", "--num_samples must be at least 1, got 0"),
-    Case("a negative length", "sample", CKPT + "--max_new_tokens -1", "--max_new_tokens must be between 0 and 100000, got -1"),
+    Case("zero samples", "sample", CKPT + "--num_samples 0", "--samples must be at least 1, got 0"),
+    Case("a negative length", "sample", CKPT + "--max_new_tokens -1", "--max_new_tokens must be between 1 and 100000, got -1"),
     Case("a negative seed", "sample", CKPT + "--seed -1", "--seed must be in [0, 2**63 - 1], got -1"),
     Case("a seed of 2**64", "sample", CKPT + "--seed 18446744073709551616",
          "--seed must be in [0, 2**63 - 1], got 18446744073709551616"),
@@ -80,7 +81,7 @@ CASES = [
     Case("--max_batch 0", "serve", CKPT + "--max_batch 0", "--max_batch must be a positive number, got 0"),
     # calibrate.py
     Case("a calibration grid of one alpha", "calibrate", CKPT + "--grid 1", "--grid must be at least 2, got 1"),
-    Case("zero calibration samples", "calibrate", CKPT + "--samples 0", "--samples must be a positive number, got 0"),
+    Case("zero calibration samples", "calibrate", CKPT + "--samples 0", "--samples must be at least 1, got 0"),
     Case("a vanilla checkpoint to calibrate", "calibrate", "--ckpt {ws}/vanilla.pt",
          "{ws}/vanilla.pt holds a vanilla (ungated) model: there is no dial to sweep"),
     Case("a corrupt checkpoint to calibrate", "calibrate", "--ckpt {ws}/flipped.pt",
@@ -152,9 +153,9 @@ CASES = [
     Case("no --out_dir", "report", CKPT, "the following arguments are required: --out_dir"),
     Case("--out_dir that is a file", "report", CKPT + "--out_dir {ws}/notes.txt",
          "--out_dir: {ws}/notes.txt is a file, not a folder"),
-    Case("--samples 0", "report", CKPT + "--out_dir {ws}/rep --samples 0", "--samples must be a positive number, got 0"),
+    Case("--samples 0", "report", CKPT + "--out_dir {ws}/rep --samples 0", "--samples must be at least 1, got 0"),
     Case("--sample_tokens 0", "report", CKPT + "--out_dir {ws}/rep --sample_tokens 0",
-         "--sample_tokens must be a positive number, got 0"),
+         "--max_new_tokens must be between 1 and 100000, got 0"),
     Case("--max_windows 0, to report", "report", CKPT + "--out_dir {ws}/rep --max_windows 0",
          "--max_windows must be a positive number, got 0"),
     Case("a negative seed, to report", "report", CKPT + "--out_dir {ws}/rep --seed -5",
@@ -244,9 +245,67 @@ CASES = [
     Case("an empty source file", "train", TINY + "--sources a={ws}/empty.txt,b={ws}/plays.txt",
          "source 'a': {ws}/empty.txt is empty"),
     Case("a source that is a folder", "train", TINY + "--sources a={ws}/folder,b={ws}/plays.txt",
-         "source 'a': cannot read {ws}/folder"),
+         "source 'a': {ws}/folder is not a regular file (a folder, a pipe or a device)"),
     Case("a source that is not UTF-8", "train", TINY + "--sources a={ws}/latin1.txt,b={ws}/plays.txt",
          "source 'a': {ws}/latin1.txt is not UTF-8 text (byte 3)"),
+    # nothing is written over what the user did not name as an output (issue: runs nothing can damage)
+    Case("permute onto an existing file", "permute", "{ws}/run/ckpt.pt {ws}/notes.txt",
+         "dest: {ws}/notes.txt exists and is not a new path; refusing to write over it"),
+    Case("permute onto a device", "permute", "{ws}/run/ckpt.pt /dev/full",
+         "dest: /dev/full is in a system folder; refusing to write there"),
+    Case("permute onto its own source without --in_place", "permute", "{ws}/run/ckpt.pt {ws}/run/ckpt.pt",
+         "dest: {ws}/run/ckpt.pt exists and is not a new path; refusing to write over it"),
+    Case("permute with nowhere to write", "permute", "{ws}/run/ckpt.pt",
+         "give dest, a new file to write, or --in_place to rewrite source itself"),
+    Case("an evaluation into a device", "evaluate", CKPT + "--out /dev/full",
+         "--out: /dev/full is in a system folder; refusing to write there"),
+    Case("an evaluation over a file that is not one", "evaluate", CKPT + "--out {ws}/notes.txt",
+         "--out: {ws}/notes.txt exists and is not an evaluation; refusing to write over it"),
+    Case("a report over files report.py did not write", "report", CKPT + "--out_dir {ws}/foreign-report",
+         "--out_dir: {ws}/foreign-report/report.md exists and is not part of a report that report.py wrote; "
+         "refusing to write over it"),
+    Case("a report into /dev", "report", CKPT + "--out_dir /dev/abc",
+         "--out_dir: /dev/abc is a system folder; refusing to write there"),
+    Case("a run folder whose ckpt.pt is not a checkpoint", "train", TINY.replace("{ws}/fresh", "{ws}/fakerun")
+         + "--overwrite", "out_dir: {ws}/fakerun/ckpt.pt is not a checkpoint; refusing to write over it"),
+    # one writer per run folder
+    Case("a resume while another process writes the run", "train", "--resume --out_dir {ws}/run",
+         "{ws}/run is being written by pid", env="locked"),
+    Case("a calibration while another process writes the run", "calibrate", CKPT,
+         "{ws}/run is being written by pid", env="locked"),
+    # a resume checks content, not names
+    Case("a resume on swapped sources", "train",
+         "--resume --out_dir {ws}/run --sources stories={ws}/plays.txt,plays={ws}/stories.txt",
+         "source 'stories' is not the text the run was trained on"),
+    Case("--new_sources without --resume", "train", TINY + "--new_sources",
+         "--new_sources goes with --resume: a new run records whatever sources it has"),
+    Case("baselines trained on other text", "report", "--ckpt {ws}/otherbase/ckpt.pt --out_dir {ws}/rep",
+         "{ws}/otherbase/baseline-stories/best.pt was trained on other text for 'stories' than the run was"),
+    # work checked before it starts
+    Case("a source that is a device", "train", TINY + "--sources a=/dev/zero,b={ws}/plays.txt",
+         "source 'a': /dev/zero is not a regular file (a folder, a pipe or a device)"),
+    Case("a batch that cannot fit in memory", "train", TINY + "--batch_size 1000000000",
+         "training at batch_size 1000000000 needs about"),
+    Case("a width that cannot fit in memory", "train", TINY + "--n_embd 131072", "training at batch_size 4 needs about"),
+    Case("a million samples at once", "sample", CKPT + "--num_samples 1000000000",
+         "generating 1,000,000,000 samples at once needs about"),
+    Case("a generation that would never end", "sample", CKPT + "--max_new_tokens 1000000000",
+         "--max_new_tokens must be between 1 and 100000, got 1000000000"),
+    Case("report samples that cannot fit in memory", "report", CKPT + "--out_dir {ws}/rep --samples 1000000000",
+         "generating 1,000,000,000 samples at once needs about"),
+    Case("report samples that would never end", "report", CKPT + "--out_dir {ws}/rep --sample_tokens 1000000000",
+         "--max_new_tokens must be between 1 and 100000, got 1000000000"),
+    Case("calibration samples that cannot fit in memory", "calibrate", CKPT + "--samples 1000000000",
+         "generating 1,000,000,000 samples at once needs about"),
+    Case("an evaluation batch that cannot fit in memory", "evaluate", CKPT + "--batch_size 1000000000",
+         "--batch_size 1,000,000,000 needs about"),
+    Case("a serving batch that cannot fit in memory", "serve", CKPT + "--max_batch 1000000000",
+         "--max_batch 1,000,000,000 needs about"),
+    # a checkpoint from another version
+    Case("a checkpoint with a field this version does not know", "inspect", "{ws}/future.pt",
+         "{ws}/future.pt has field 'experts', which abcgpt 0.1.0 does not know: it was written by abcgpt 9.9.0"),
+    Case("a resume from a checkpoint with a setting this version does not know", "train",
+         "--resume --out_dir {ws}/futurerun", "{ws}/futurerun/ckpt.pt: its model_config has setting 'n_experts'"),
 ]
 
 
@@ -308,8 +367,8 @@ def template(trained_checkpoint, corpus_files, tmp_path_factory):
     at = raw.index(b"stories")  # a source name in the pickled settings
     (ws / "retitled.pt").write_bytes(raw[:at] + b"Stories" + raw[at + 7:])
     state = load_checkpoint(ckpt)
-    state["model_config"] = {**state["model_config"], "n_embd": 16, "n_head": 2}
-    save_checkpoint({k: v for k, v in state.items() if k != "format"}, ws / "mismatch.pt")
+    save_checkpoint({k: v for k, v in state.items() if k not in ("format", "checksums")}
+                    | {"model_config": {**state["model_config"], "n_embd": 16, "n_head": 2}}, ws / "mismatch.pt")
     vanilla = Trainer(tiny_config(corpus_files, ws / "vanilla-run", gated=False, max_iters=1, eval_interval=1),
                       log=lambda line: None)
     vanilla.train()
@@ -318,6 +377,22 @@ def template(trained_checkpoint, corpus_files, tmp_path_factory):
     (ws / "badbase" / "baseline-stories").mkdir(parents=True)
     shutil.copy(ckpt, ws / "badbase" / "ckpt.pt")
     shutil.copy(ckpt, ws / "badbase" / "baseline-stories" / "ckpt.pt")
+    (ws / "foreign-report").mkdir()
+    (ws / "foreign-report" / "report.md").write_text("# my own notes\n")
+    (ws / "fakerun").mkdir()
+    (ws / "fakerun" / "ckpt.pt").write_text("not a checkpoint\n")
+    other = Trainer(tiny_config(corpus_files, ws / "otherbase" / "baseline-stories", gated=False, only_source="stories",
+                                max_iters=1, eval_interval=1,
+                                sources=[f"stories={ws / 'stories-edited.txt'}", f"plays={plays}"]), log=lambda line: None)
+    other.train()
+    shutil.copy(ckpt, ws / "otherbase" / "ckpt.pt")
+    for name, where, field in (("future.pt", None, "experts"), ("futurerun/ckpt.pt", "model_config", "n_experts")):
+        future = {k: v for k, v in state.items() if k not in ("format", "checksums")} | {"version": "9.9.0"}
+        if where is None:
+            future[field] = 1
+        else:
+            future[where] = {**future[where], field: 1}
+        save_checkpoint(future, ws / name)
     return ws
 
 
@@ -380,7 +455,18 @@ def test_bad_input_gets_one_line_and_changes_nothing(case, workspace, monkeypatc
 
         monkeypatch.setattr(tiktoken, "get_encoding", offline)
     before = snapshot(workspace)
-    code = run_main(case.tool, case.args.format(ws=workspace).split())
+    holder = None
+    if case.env == "locked":  # another process's lock, as an open file holding an OS lock
+        holder = open(workspace / "run" / ".lock", "a+")
+        holder.write("pid 4242 on elsewhere since then\n")
+        holder.flush()
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        before = snapshot(workspace)
+    try:
+        code = run_main(case.tool, case.args.format(ws=workspace).split())
+    finally:
+        if holder is not None:
+            holder.close()
     stderr = capsys.readouterr().err
     message = code if isinstance(code, str) else stderr.strip()
     assert code not in (0, None), f"exit 0 for {case.args}"

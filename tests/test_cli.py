@@ -74,3 +74,33 @@ def test_every_flag_of_every_tool_is_described_without_empty_defaults():
             assert description.strip() or "\n" in flag, f"{script}: {flag} has no description"
             assert "(default: None)" not in entry and "(default: False)" not in entry, f"{script}: {entry}"
             assert not ("(default:" in entry and entry.count("default") > 1), f"{script}: default said twice: {entry}"
+
+
+def test_ctrl_c_while_sampling_is_one_line(trained_checkpoint):
+    import signal
+    import time
+
+    process = subprocess.Popen([sys.executable, "sample.py", "--ckpt", str(trained_checkpoint), "--samples", "4",
+                                "--max_new_tokens", "100000", "--alpha", "0,0.5,1,0.2,0.8,0.3,0.7"], cwd=ROOT,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(8)  # loaded and generating
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130 and stderr == "interrupted\n", stderr
+
+
+def test_a_closed_pipe_ends_sampling_quietly(trained_checkpoint):
+    """sample.py | head -1: the reader goes away after one line; the sampler ends without a traceback."""
+    shell = (f"{sys.executable} sample.py --ckpt {trained_checkpoint} --alpha 0,0.5,1 --samples 50 "
+             "--max_new_tokens 2000 | head -1")
+    result = subprocess.run(["bash", "-c", shell], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.stdout.startswith("--- alpha 0.0") and result.stdout.count("\n") == 1
+    assert result.stderr == "", result.stderr
+
+
+def test_a_busy_machine_gets_a_hint():
+    from abcgpt.cli import busy_machine_hint
+
+    assert "--threads 1" in busy_machine_hint(load=3.9, cores=2)
+    assert busy_machine_hint(load=0.3, cores=2) is None
+    assert busy_machine_hint(load=9.0, cores=1) is None  # one core: there is nothing to choose

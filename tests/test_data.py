@@ -177,5 +177,5 @@ def test_unreadable_source_is_a_clear_error(tmp_path):
     good.write_text("hello there " * 50)
     folder = tmp_path / "folder.txt"
     folder.mkdir()  # exists but cannot be read as a file (root ignores file permissions)
-    with pytest.raises(DataError, match=r"source 'b': cannot read .*folder.txt"):
+    with pytest.raises(DataError, match=r"source 'b': .*folder.txt is not a regular file"):
         Corpus.from_sources([f"a={good}", f"b={folder}"])

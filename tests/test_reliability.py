@@ -102,3 +102,134 @@ def test_log_lines_are_strict_json(corpus_files, tmp_path):
     trainer.log.record({"step": 1, "loss": float("nan"), "val": float("inf")})
     assert json.loads((tmp_path / "log.jsonl").read_text(), parse_constant=lambda c: 1 / 0) == \
         {"step": 1, "loss": None, "val": None}
+
+
+def start_training(corpus_files, out_dir, *extra, stdout=subprocess.PIPE):
+    stories, plays = corpus_files
+    args = ["--sources", f"stories={stories},plays={plays}", "--out_dir", str(out_dir), "--n_layer", "1",
+            "--n_head", "2", "--n_embd", "16", "--block_size", "8", "--batch_size", "4", "--eval_iters", "1",
+            "--device", "cpu", "--log_interval", "1", "--max_iters", "100000", "--eval_interval", "100000", *extra]
+    return subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, stdout=stdout, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def wait_for_steps(process, log, steps=3):
+    deadline = time.time() + 120
+    while not (log.exists() and len(log.read_text().splitlines()) >= steps):  # training is under way
+        assert time.time() < deadline and process.poll() is None, process.communicate()
+        time.sleep(0.2)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_sigterm_and_sighup_save_like_ctrl_c(corpus_files, tmp_path, sig):
+    """Batch schedulers and containers stop with SIGTERM, a closed terminal with SIGHUP: the run saves its
+    step, says so in one line and exits with 128 + the signal, as a shell reports it."""
+    process = start_training(corpus_files, tmp_path)
+    wait_for_steps(process, tmp_path / "log.jsonl")
+    process.send_signal(sig)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + sig, stderr
+    assert "Traceback" not in stderr and stderr.count("\n") == 1
+    assert f"interrupted: saved {tmp_path / 'ckpt.pt'} at step" in stderr and signal.Signals(sig).name in stderr
+    step = load_checkpoint(tmp_path / "ckpt.pt")["step"]
+    last_logged = json.loads((tmp_path / "log.jsonl").read_text().splitlines()[-1])["step"]
+    assert step in (last_logged, last_logged + 1)  # nothing trained is lost
+    assert not (tmp_path / ".lock").exists()
+
+
+def test_a_second_writer_is_refused_naming_the_first(corpus_files, tmp_path):
+    first = start_training(corpus_files, tmp_path)
+    try:
+        wait_for_steps(first, tmp_path / "log.jsonl")
+        log = (tmp_path / "log.jsonl").read_text()
+        second = start_training(corpus_files, tmp_path, "--overwrite")  # even told to replace the run
+        _, stderr = second.communicate(timeout=120)
+        assert second.returncode == 1 and stderr.count("\n") == 1, stderr
+        assert f"{tmp_path} is being written by pid {first.pid} on " in stderr
+        assert (tmp_path / "log.jsonl").read_text().startswith(log)  # the first run's log goes on, untouched
+    finally:
+        first.send_signal(signal.SIGINT)
+        first.communicate(timeout=120)
+
+
+def test_output_into_a_file_arrives_line_by_line(corpus_files, tmp_path):
+    """Redirected to a file, the run's lines are there while it runs, the first one at its first step."""
+    with open(tmp_path / "out.txt", "w") as out:
+        process = start_training(corpus_files, tmp_path / "run", stdout=out)
+        try:
+            deadline = time.time() + 120
+            while "step 1/100000" not in (tmp_path / "out.txt").read_text():
+                assert time.time() < deadline and process.poll() is None, process.communicate()
+                time.sleep(0.2)
+        finally:
+            process.send_signal(signal.SIGINT)
+            process.communicate(timeout=120)
+    assert (tmp_path / "out.txt").read_text().startswith("preset: ")
+
+
+def test_a_lock_left_by_a_dead_process_is_taken_over(trained_checkpoint, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_checkpoint.parent, run)
+    (run / ".lock").write_text("pid 999999 on gone since long ago\n")  # its holder died: no OS lock on it
+    result = subprocess.run([sys.executable, "train.py", "--resume", "--out_dir", str(run), "--max_iters", "7"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert load_checkpoint(run / "ckpt.pt")["step"] == 7 and not (run / ".lock").exists()
+
+
+def test_new_sources_on_resume_are_recorded(trained_checkpoint, corpus_files, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_checkpoint.parent, run)
+    stories, plays = corpus_files
+    edited = tmp_path / "stories.txt"
+    edited.write_text(stories.read_text().replace("happy", "glad"))
+    command = [sys.executable, "train.py", "--resume", "--out_dir", str(run), "--max_iters", "7",
+               "--sources", f"stories={edited},plays={plays}"]
+    refused = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 1 and "--new_sources" in refused.stderr
+    before = load_checkpoint(run / "ckpt.pt")["source_sha256"]
+    accepted = subprocess.run([*command, "--new_sources"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert accepted.returncode == 0, accepted.stderr
+    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    change = next(r["new_sources"] for r in records if "new_sources" in r)
+    after = load_checkpoint(run / "ckpt.pt")["source_sha256"]
+    assert change == {"stories": {"from": before[0], "to": after[0]}} and after[1] == before[1]
+
+
+def test_overwrite_clears_the_baselines_too(trained_checkpoint, corpus_files, tmp_path):
+    Trainer(tiny_config(corpus_files, tmp_path, max_iters=2, eval_interval=2), **quiet).train()
+    (tmp_path / "baseline-stories").mkdir()
+    (tmp_path / "baseline-stories" / "ckpt.pt").write_bytes(trained_checkpoint.read_bytes())
+    trainer = Trainer(tiny_config(corpus_files, tmp_path, max_iters=2, eval_interval=2), overwrite=True, **quiet)
+    assert (tmp_path / "baseline-stories").exists()  # nothing goes before the new run starts
+    trainer.train()
+    assert not (tmp_path / "baseline-stories").exists()
+
+
+def test_a_pipe_as_a_source_is_refused_without_waiting(corpus_files, tmp_path):
+    import os
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    _, plays = corpus_files
+    result = subprocess.run([sys.executable, "train.py", "--sources", f"a={fifo},b={plays}", "--out_dir",
+                             str(tmp_path / "out"), "--max_iters", "1"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 1 and "is not a regular file" in result.stderr
+
+
+def test_a_comma_in_a_source_path(corpus_files, tmp_path):
+    import shutil
+
+    stories, plays = corpus_files
+    odd = tmp_path / "stories, revised.txt"
+    shutil.copy(stories, odd)
+    config = tiny_config(corpus_files, tmp_path / "run", max_iters=1, eval_interval=1,
+                         sources=f"stories={str(odd).replace(',', chr(92) + ',')},plays={plays}")
+    assert config.sources[0] == f"stories={odd}"
+    Trainer(config, **quiet).train()
+    assert load_checkpoint(tmp_path / "run" / "ckpt.pt")["source_names"] == ["stories", "plays"]

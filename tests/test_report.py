@@ -1,5 +1,6 @@
 """Measuring the dial: n-gram scorer, report numbers, baselines, and the report command end to end."""
 import json
+from importlib.util import find_spec as importlib_find_spec
 import math
 import subprocess
 import sys
@@ -134,3 +135,17 @@ def test_report_without_baselines_says_not_measured(trained_checkpoint, tmp_path
                  "--sample_tokens", "10", "--max_windows", "4")
     assert result.returncode == 0, result.stderr
     assert "| stories | " in (tmp_path / "report.md").read_text() and "not measured" in (tmp_path / "report.md").read_text()
+
+
+def test_the_report_says_when_plots_were_skipped(run_with_baselines, tmp_path, monkeypatch):
+    import abcgpt.report as report_module
+
+    monkeypatch.setattr(report_module.importlib.util, "find_spec",
+                        lambda name: None if name == "matplotlib" else importlib_find_spec(name))
+    report = {"sources": ["a", "b"], "checkpoint_step": 1, "val_tokens": {"a": 1, "b": 1}, "alphas": [0.0, 1.0],
+              "losses": {"a": [1.0, 2.0], "b": [2.0, 1.0]}, "corner_loss": {"a": 1.0, "b": 1.0}, "diag": 2.0,
+              "contrast": {"a": 1.0, "b": 1.0}, "best_alpha": {"a": 0.0, "b": 1.0}, "dial_cost": {}, "baselines": {},
+              "samples": {}}
+    report_module.write_report(report, tmp_path, "t")
+    assert "Plots: not made, as matplotlib is not installed" in (tmp_path / "report.md").read_text()
+    assert not list(tmp_path.glob("*.png"))
