@@ -104,6 +104,9 @@ def _replace(path, write):
     try:
         write(tmp)
         os.replace(tmp, path)
+    except OSError as e:  # a full disk, a file-size limit: the old file stays, and the message is one line
+        tmp.unlink(missing_ok=True)
+        raise CheckpointError(f"could not write {path}: {e.strerror or e}; {path.name} is as it was before") from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -40,3 +40,23 @@ def test_the_run_folder_names_every_file(tmp_path):
     assert folder.run_files() == ["ckpt.pt", "best.pt", "log.jsonl"]
     assert RunFolder.of(folder.checkpoint).path == tmp_path
     assert folder.baseline("plays").path == tmp_path / "baseline-plays"
+
+
+def test_a_write_that_fails_is_one_line_and_keeps_the_old_file(trained_checkpoint, tmp_path, monkeypatch):
+    """A full disk or a file-size limit while saving: one line, no half-written file, the old one intact."""
+    import errno
+    import shutil
+
+    import torch
+
+    path = tmp_path / "ckpt.pt"
+    shutil.copy(trained_checkpoint, path)
+    before = path.read_bytes()
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(CheckpointError, match="could not write .*No space left on device"):
+        Run.load(path).save(path)
+    assert path.read_bytes() == before and not (tmp_path / "ckpt.pt.tmp").exists()
