@@ -2,10 +2,16 @@
 
     pip install -e ".[serve]"
     python serve.py --ckpt out/ckpt.pt                     # http://127.0.0.1:8000
-    python serve.py --ckpt out/ckpt.pt --host 0.0.0.0 --port 8080 --max_batch 64
+    python serve.py --ckpt out/ckpt.pt --host 0.0.0.0 --port 8080 --max_batch 64 --token "$SECRET"
+
+Beyond loopback, give --token (or ABCGPT_TOKEN): then the API needs "Authorization: Bearer <token>", and the
+page takes it from its address, http://host:port/#token=<token>.
 """
+import logging
+import os
 import sys
 
+from abcgpt.access import LOOPBACK_HOSTS, Access, is_loopback
 from abcgpt.cli import HelpFormatter, Parser, add_runtime_flags, apply_runtime_flags, positive, run_tool
 from abcgpt.errors import SettingsError, UserError
 from abcgpt.preflight import check_memory, generation_bytes
@@ -19,11 +25,23 @@ def main(argv=None):
     p.add_argument("--port", type=int, default=8000, help="port to listen on")
     p.add_argument("--max_batch", type=int, default=32, help="requests decoded together at most")
     p.add_argument("--max_new_tokens", type=int, default=500, help="the most tokens one request may ask for")
+    p.add_argument("--max_queue", type=int, help="requests that may wait for a slot; more get 503 "
+                   "(default: 4 x --max_batch)")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds a request may take, waiting included; "
+                   "then it ends with what it has (504, or an error event)")
+    p.add_argument("--max_connections", type=int, default=256, help="requests in flight at most; more get 503")
+    p.add_argument("--header_timeout", type=float, default=10.0,
+                   help="seconds a client has to send a request's headers, and again its body")
+    p.add_argument("--token", default=os.environ.get("ABCGPT_TOKEN"),
+                   help="require 'Authorization: Bearer TOKEN' on the API (default: $ABCGPT_TOKEN)")
+    p.add_argument("--allow_host", action="append", default=[], metavar="NAME",
+                   help="a host name clients may reach the server by, beyond loopback and --host (repeatable)")
     add_runtime_flags(p)
     args = p.parse_args(argv)
     try:
         import uvicorn
 
+        from abcgpt.connections import server_config
         from abcgpt.serve import Service, create_app
     except ImportError as e:
         sys.exit(f"error: serving needs the [serve] extra ({e.name} is missing): pip install -e \".[serve]\"")
@@ -31,15 +49,33 @@ def main(argv=None):
         apply_runtime_flags(args)
         positive("--max_batch", args.max_batch)
         positive("--max_new_tokens", args.max_new_tokens)
+        for flag in ("max_queue", "max_connections"):
+            if getattr(args, flag) is not None:
+                positive(f"--{flag}", getattr(args, flag))
+        for flag in ("timeout", "header_timeout"):
+            if not 0 < getattr(args, flag) < float("inf"):
+                raise SettingsError(f"--{flag} must be a positive number of seconds, got {getattr(args, flag)}")
+        if args.token is not None and not args.token.strip():
+            raise SettingsError("--token must not be empty")
         if not 0 <= args.port < 65536:
             raise SettingsError(f"--port must be in [0, 65535], got {args.port}")
         model, tokenizer, run = load_model(args.ckpt, args.device)
         check_memory(generation_bytes(model.config, args.max_batch), args.device, f"--max_batch {args.max_batch:,}")
     except UserError as e:
         sys.exit(f"error: {e}")
-    service = Service(model, tokenizer, run, args.max_batch, args.max_new_tokens)
+    wildcard = args.host in ("0.0.0.0", "::", "")
+    hosts = None if wildcard and not args.allow_host else [*LOOPBACK_HOSTS, args.host, *args.allow_host]
+    if not is_loopback(args.host):
+        print(f"warning: listening on {args.host or 'every address'}: anyone who can reach it can use it"
+              + ("" if args.token else "; give --token to require a token")
+              + ("; any Host name is taken: give --allow_host NAME to name yours" if hosts is None else ""),
+              file=sys.stderr, flush=True)
+    service = Service(model, tokenizer, run, args.max_batch, args.max_new_tokens, max_queue=args.max_queue,
+                      timeout=args.timeout, body_timeout=args.header_timeout, access=Access(hosts, args.token))
+    logging.basicConfig(format="%(asctime)s %(message)s", level=logging.INFO)
     print(f"serving {args.ckpt} on http://{args.host}:{args.port} (Ctrl-C stops)", flush=True)
-    uvicorn.run(create_app(service), host=args.host, port=args.port, log_level="warning")
+    config = server_config(create_app(service), args.host, args.port, args.max_connections, args.header_timeout)
+    uvicorn.Server(config).run()
 
 
 if __name__ == "__main__":

@@ -71,14 +71,18 @@ class Reference(Ungated):
 
     def attn_proj(self, attn, y):
         head_gate = self.gates.heads[attn.layer]  # (nh,) or (B, nh), over (B, nh, T, hs)
-        return attn.c_proj(merge_heads(y * head_gate[..., None, None])) * self.embd
+        return attn.c_proj(merge_heads(y * head_gate[..., None, None]))
 
     def mlp(self, mlp, x):
         hidden = over_time(self.gates.hidden[mlp.layer])
-        return mlp.c_proj(mlp.gelu(mlp.c_fc(x)) * hidden) * self.embd
+        return mlp.c_proj(mlp.gelu(mlp.c_fc(x)).mul_(hidden))  # in place: GELU keeps its input, not its output
 
     def embed(self, x):
         return x * self.embd
+
+    def add(self, x, out):
+        """The residual add with the channel gate on the sublayer's output: one pass (addcmul), not two."""
+        return torch.addcmul(x, out, self.embd)
 
     def lm_head(self, model, x):
         return model.lm_head(x * self.embd)

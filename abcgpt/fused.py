@@ -24,7 +24,7 @@ class Fused(Reference):
             params = tuple(p.to(dtype) if p is not None else None for p in params)
         # per-sequence gates are a (B, N) table: the kernel reads row r's gates at r // T
         out = gated_mlp(params[0].reshape(B * T, C), *params[1:], self.gates.hidden[mlp.layer])
-        return out.view(B, T, -1) * self.embd
+        return out.view(B, T, -1)  # the channel gate is applied in add()
 
 
 def _unavailable(device):

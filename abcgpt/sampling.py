@@ -34,14 +34,34 @@ def generate(model, idx, max_new_tokens, alpha=None, temperature=1.0, top_k=None
     return idx
 
 
+GREEDY_BELOW = 1e-4  # a temperature below this samples greedily: dividing by it could overflow to inf
+
+
 def sample_next(logits, temperature=1.0, top_k=None, generator=None):
-    """One token id per row of logits (B, vocab): scaled by temperature, cut to the top_k, sampled.
-    The one place tokens are drawn, so that the server draws what generate() would."""
-    logits = logits / temperature
-    if top_k is not None:
-        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+    """One token id per row of logits (B, vocab), from one uniform draw per row (generator's next B): the
+    rows scaled by temperature, cut to the top_k, and sampled by inverse CDF. The one place tokens are
+    drawn: generate() and the server (draw(), a row per request and its own generator) give the same
+    tokens for the same draws."""
+    u = torch.rand(logits.size(0), 1, generator=generator, device=logits.device)
+    temperature = torch.full((logits.size(0), 1), float(temperature), device=logits.device)
+    top_k = None if top_k is None else torch.full((logits.size(0), 1), top_k, device=logits.device)
+    return draw(logits, temperature, top_k, u)
+
+
+def draw(logits, temperature, top_k, u):
+    """Token ids (B, 1) for logits (B, vocab) at per-row temperatures and top-k ((B, 1) tensors; top_k
+    None for none) and uniforms u (B, 1). A temperature below GREEDY_BELOW takes the likeliest token;
+    no setting can make this produce a NaN or fail."""
+    logits = logits.float()
+    if top_k is not None:  # each row's k-th largest value, ties kept
+        k = top_k.clamp(1, logits.size(-1)).long()
+        kth = logits.sort(dim=-1, descending=True).values.gather(-1, k - 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1, generator=generator)
+    probs = F.softmax(logits / temperature.clamp(min=GREEDY_BELOW), dim=-1)
+    cdf = probs.cumsum(-1)  # the first token whose cdf passes u (scaled to the total): never a zero-mass one
+    sampled = torch.searchsorted(cdf, u.to(cdf.dtype) * cdf[:, -1:], right=True).clamp(max=logits.size(-1) - 1)
+    greedy = logits.argmax(dim=-1, keepdim=True)
+    return torch.where(temperature < GREEDY_BELOW, greedy, sampled)
 
 
 class CompiledDecoder:

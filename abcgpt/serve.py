@@ -5,12 +5,14 @@
 Routes: GET / (the page), GET /api/info, POST /api/generate (JSON in, JSON out),
 GET /api/stream (the same as server-sent events, one per token). Every request in
 flight joins one BatchedDecoder, so many users at different dials share each
-forward. Bad input gets a 4xx JSON error {"error": message} and the server goes on.
-Needs the [serve] extra (Starlette, uvicorn).
+forward. Bad input gets a 4xx JSON error {"error": message} naming the field; a full
+queue 503 with Retry-After; a request past its deadline 504, or an error event on a
+stream. A client that leaves frees its slot at the next step. Needs the [serve]
+extra (Starlette, uvicorn).
 """
 import asyncio
 import json
-import math
+import logging
 import random
 import time
 from contextlib import asynccontextmanager
@@ -18,53 +20,34 @@ from pathlib import Path
 
 from starlette.applications import Starlette
 from starlette.requests import Request as HttpRequest
-from starlette.responses import HTMLResponse, JSONResponse, StreamingResponse
+from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from . import settings
-from .batching import BatchedDecoder, Request
+from .access import Access
+from .api_input import BadInput, ClientGone, check_fields, number, parse_json, query_fields, read_body
+from .batching import BatchedDecoder, QueueFull, Request, TimedOut
 from .data import source_alphas
-from .errors import SettingsError, UserError
+from .errors import SettingsError
 from .tokenizer import UnknownCharactersError
 
-FIELDS = {"prompt", "alpha", "mix", "max_new_tokens", "temperature", "top_k", "seed"}
 PAGE = Path(__file__).with_name("page.html")
-
-
-class BadInput(UserError):
-    """A request the server refuses, with the HTTP status to answer it with."""
-
-    def __init__(self, message, status=400):
-        super().__init__(message)
-        self.status = status
-
-
-def _number(fields, name, kind, default):
-    """fields[name] as kind (int or float), from JSON or from a query string; default where it is absent."""
-    if name not in fields:
-        return default
-    value = fields[name]
-    if isinstance(value, str):
-        try:
-            value = kind(value)
-        except ValueError:
-            raise BadInput(f"{name} must be a number, got {value!r}") from None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
-        raise BadInput(f"{name} must be {'an integer' if kind is int else 'a number'}, got {value!r}")
-    if isinstance(value, float) and not math.isfinite(value):
-        raise BadInput(f"{name} must be finite, got {value}")
-    return kind(value)
+RETRY_AFTER = 2  # seconds a client told the queue is full should wait
+log = logging.getLogger(__name__)
 
 
 class Service:
     """The model, its tokenizer and decoder, and how a request's fields become a Request."""
 
-    def __init__(self, model, tokenizer, run, max_batch=32, max_new_tokens=500, max_body=16_384):
+    def __init__(self, model, tokenizer, run, max_batch=32, max_new_tokens=500, max_body=16_384, max_queue=None,
+                 timeout=120.0, body_timeout=10.0, access=None):
         self.model, self.tokenizer, self.run = model, tokenizer, run
         self.names = run.source_names
         self.dial_map = run.dial_map
         self.max_new_tokens, self.max_body = max_new_tokens, max_body
-        self.decoder = BatchedDecoder(model, max_batch)
+        self.timeout, self.body_timeout = timeout, body_timeout
+        self.access = Access() if access is None else access
+        self.decoder = BatchedDecoder(model, max_batch, max_queue)
 
     def info(self):
         c = self.model.config
@@ -73,6 +56,8 @@ class Service:
             "model": {k: getattr(c, k) for k in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "gated")},
             "step": self.run.step, "calibrated": bool(self.dial_map), "max_new_tokens": self.max_new_tokens,
             "device": str(self.decoder.device), "defaults": self.defaults(),
+            "load": {"active": len(self.decoder.active), "queued": len(self.decoder.pending),
+                     "max_batch": self.decoder.max_batch, "max_queue": self.decoder.max_queue},
         }
 
     def defaults(self):
@@ -82,9 +67,7 @@ class Service:
 
     def request(self, fields):
         """A Request from the fields of a JSON body or a query string; BadInput for anything wrong."""
-        unknown = sorted(set(fields) - FIELDS)
-        if unknown:
-            raise BadInput(f"unknown field(s): {', '.join(unknown)}; known are {', '.join(sorted(FIELDS))}")
+        check_fields(fields)
         prompt = fields.get("prompt", "\n")
         if not isinstance(prompt, str) or not prompt:
             raise BadInput("prompt must be a non-empty string")
@@ -96,17 +79,18 @@ class Service:
             raise BadInput(f"the prompt is {len(ids)} tokens long; the context holds {self.model.config.block_size}")
         try:
             new_tokens = settings.check_new_tokens(
-                _number(fields, "max_new_tokens", int, min(settings.DEFAULTS.max_new_tokens, self.max_new_tokens)),
+                number(fields, "max_new_tokens", min(settings.DEFAULTS.max_new_tokens, self.max_new_tokens)),
                 least=1, most=self.max_new_tokens)
-            temperature = _number(fields, "temperature", float, None)
-            top_k = _number(fields, "top_k", int, None)
+            temperature = number(fields, "temperature", None)
+            top_k = number(fields, "top_k", None)
             alpha, mix, temperature, top_k = self._dial(fields, temperature, top_k)
             settings.check_temperature(temperature)
             settings.check_top_k(top_k)
-            seed = settings.check_seed(_number(fields, "seed", int, random.randrange(2**31)))
+            seed = settings.check_seed(number(fields, "seed", random.randrange(2**31)))
         except SettingsError as e:
             raise BadInput(str(e)) from None
-        return Request(ids, alpha, new_tokens, temperature, top_k, seed, mix)
+        top_k = None if top_k is None else min(top_k, self.model.config.vocab_size)  # the same cut, in range
+        return Request(ids, alpha, new_tokens, temperature, top_k, seed, mix, timeout=self.timeout)
 
     def _dial(self, fields, temperature, top_k):
         """(alpha, mix, temperature, top_k): alpha as given at the sampling settings given or the defaults,
@@ -114,7 +98,7 @@ class Service:
         if "alpha" in fields and "mix" in fields:
             raise BadInput("give alpha or mix, not both")
         if self.model.config.gated and "mix" in fields:
-            mix = _number(fields, "mix", float, None)
+            mix = number(fields, "mix", None)
             alpha, temperature, top_k = settings.resolve_mix(
                 mix, self.dial_map, temperature, top_k,
                 missing="this checkpoint has no calibrated dial: give alpha, or run calibrate.py on it")
@@ -123,7 +107,7 @@ class Service:
         top_k = settings.DEFAULTS.top_k if top_k is None else top_k
         if not self.model.config.gated:
             return None, None, temperature, top_k
-        return settings.check_unit(_number(fields, "alpha", float, 0.5), "alpha"), None, temperature, top_k
+        return settings.check_unit(number(fields, "alpha", 0.5), "alpha"), None, temperature, top_k
 
     def result(self, request):
         return {"text": self.tokenizer.decode(request.tokens), "alpha": request.alpha, "mix": request.mix,
@@ -131,8 +115,36 @@ class Service:
                 "ms": round((time.perf_counter() - request.started) * 1e3, 1)}
 
 
+    def submit(self, request):
+        try:
+            self.decoder.submit(request)
+        except QueueFull as e:
+            raise BadInput(f"the server is busy ({e}); try again in {RETRY_AFTER} s", 503) from None
+
+    async def tokens(self, request):
+        """request's tokens as they come; its end (None) or the client's leaving ends them."""
+        while (token := await request.queue.get()) is not None:
+            yield token
+
+
 def error(e):
-    return JSONResponse({"error": str(e)}, status_code=e.status)
+    headers = {"Retry-After": str(RETRY_AFTER)} if e.status == 503 else None
+    if e.status == 401:
+        headers = {"WWW-Authenticate": "Bearer"}
+    return JSONResponse({"error": str(e)}, status_code=e.status, headers=headers)
+
+
+def failure(request):
+    """The status and message of a request that ended before its last token."""
+    return (504 if isinstance(request.error, TimedOut) else 500), str(request.error)
+
+
+async def cancel_when_gone(http, request):
+    """Mark request cancelled once its client disconnects (the decoder then frees its slot)."""
+    while (await http.receive())["type"] != "http.disconnect":
+        pass
+    request.cancelled = True
+    request.queue.put_nowait(None)
 
 
 def create_app(service):
@@ -141,47 +153,62 @@ def create_app(service):
     async def page(_):
         return HTMLResponse(html)
 
-    async def info(_):
+    async def info(http: HttpRequest):
+        try:
+            service.access.check(http)
+        except BadInput as e:
+            return error(e)
         return JSONResponse(service.info())
 
     async def generate(http: HttpRequest):
         try:
-            body = await http.body()
-            if len(body) > service.max_body:
-                raise BadInput(f"the request body is over {service.max_body} bytes", 413)
-            try:
-                fields = json.loads(body)
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise BadInput(f"malformed JSON: {e}") from None
-            if not isinstance(fields, dict):
-                raise BadInput("the body must be a JSON object")
-            request = service.request(fields)
+            service.access.check(http, json_body=True)
+            request = service.request(parse_json(await read_body(http, service.max_body, service.body_timeout)))
+            service.submit(request)
         except BadInput as e:
             return error(e)
-        service.decoder.submit(request)
-        while await request.queue.get() is not None:
-            pass
+        except ClientGone:
+            log.warning("a client left while sending its request")
+            return Response(status_code=400)
+        watcher = asyncio.create_task(cancel_when_gone(http, request))
+        try:
+            async for _ in service.tokens(request):
+                pass
+        finally:
+            watcher.cancel()
+        if request.cancelled:
+            log.info("a client left before its generation ended; its slot is free")
+            return Response(status_code=499)  # nobody reads it
+        if request.error is not None:
+            status, message = failure(request)
+            return JSONResponse({"error": message, **service.result(request)}, status_code=status)
         return JSONResponse(service.result(request))
 
     async def stream(http: HttpRequest):
         try:
-            request = service.request(dict(http.query_params))
+            service.access.check(http)
+            request = service.request(query_fields(http.query_params.multi_items()))
+            service.submit(request)
         except BadInput as e:
             return error(e)
-        service.decoder.submit(request)
 
         async def events():
             text = ""
             try:
-                while await request.queue.get() is not None:
+                async for _ in service.tokens(request):
                     full = service.tokenizer.decode(request.tokens)
                     yield f"data: {json.dumps({'text': full[len(text):]})}\n\n"
                     text = full
-                yield f"event: done\ndata: {json.dumps(service.result(request))}\n\n"
+                if request.error is not None:
+                    yield f"event: error\ndata: {json.dumps({'error': failure(request)[1]})}\n\n"
+                else:
+                    yield f"event: done\ndata: {json.dumps(service.result(request))}\n\n"
             finally:  # the client went away, or the stream ended: either way the slot is freed
+                if not request.done:
+                    log.info("a client left its stream before the end; its slot is free")
                 request.cancelled = True
 
-        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-store"})
 
     @asynccontextmanager
     async def lifespan(_):

@@ -1,7 +1,8 @@
-"""The README's results table, made from the committed files in bench/results/.
+"""The README's results tables, made from the committed files in bench/results/: gate throughput, and
+serving (bench/serve_throughput.py).
 
-    python -m bench.results_table           # print the table
-    python -m bench.results_table --write   # put it into README.md between its markers
+    python -m bench.results_table           # print the tables
+    python -m bench.results_table --write   # put them into README.md between their markers
 """
 import argparse
 import json
@@ -12,7 +13,6 @@ from bench.tables import markdown_table
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
-START, END = "<!-- results:start -->", "<!-- results:end -->"
 
 
 def rows_of(path):
@@ -23,17 +23,40 @@ def rows_of(path):
                f"{middle['tokens_per_s']:,.0f}", ratios, path.relative_to(RESULTS)]
 
 
-def table():
+def gate_table():
     files = sorted(RESULTS.glob("gate_throughput-*.json")) + sorted(RESULTS.glob("*/gate_throughput.json"))
     return markdown_table(["device", "date", "shape", "mode", "compiled", "case", "tokens/s (alpha 0.5)",
                            "x vanilla at alpha 0 / 0.5 / 1 / per-sequence", "file"],
                           [row for path in files for row in rows_of(path)], numeric=[6])
 
 
-def readme_with_table(readme):
-    before, _, rest = readme.partition(START)
-    _, _, after = rest.partition(END)
-    return f"{before}{START}\n{table()}\n{END}{after}"
+def serve_row(path):
+    record = json.loads(path.read_text())
+    m = record["model"]
+    speedups = " / ".join(f"{r['speedup']['median']:.2f} ({r['speedup']['min']:.2f}-{r['speedup']['max']:.2f})"
+                          for r in record["serving"])
+    fair = record["fairness"]
+    return [record["device"], record["date"], f"{m['n_layer']}x{m['n_embd']}, block {m['block_size']}",
+            " / ".join(f"{r['decoder_vs_vanilla']:.2f}" for r in record["decoder"]),
+            "/".join(str(r["clients"]) for r in record["serving"]), speedups,
+            f"{fair['short_busy_p95_s']:.2f} s ({fair['short_idle_p50_s']:.2f} s)", path.relative_to(RESULTS)]
+
+
+def serve_table():
+    files = [p for p in sorted(RESULTS.glob("serve-*.json")) if "serving" in json.loads(p.read_text())]
+    return markdown_table(["device", "date", "model", "decoder x vanilla generate, per batch", "clients",
+                           "batched x one at a time: median (range of 5)",
+                           "p95 of 50-token requests beside 32 of 500 (idle p50)", "file"],
+                          [serve_row(path) for path in files])
+
+
+def readme_with_tables(readme):
+    for marker, table in (("results", gate_table), ("serve-results", serve_table)):
+        start, end = f"<!-- {marker}:start -->", f"<!-- {marker}:end -->"
+        before, _, rest = readme.partition(start)
+        _, _, after = rest.partition(end)
+        readme = f"{before}{start}\n{table()}\n{end}{after}"
+    return readme
 
 
 def main():
@@ -42,10 +65,10 @@ def main():
     args = p.parse_args()
     if args.write:
         readme = ROOT / "README.md"
-        readme.write_text(readme_with_table(readme.read_text()))
+        readme.write_text(readme_with_tables(readme.read_text()))
         print(f"updated {readme}")
     else:
-        print(table())
+        print(gate_table(), serve_table(), sep="\n\n")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ def caches(kind, model, batch):
     if kind == "slots":
         slots = SlotCache(model.config, batch + 1, "cpu", torch.float64)
         while True:
-            yield slots.rows(range(1, batch + 1))  # not slot 0: rows need not start at the first slot
+            yield slots.rows(1, batch + 1)  # not slot 0: rows need not start at the first slot
     cache = KVCache(model.config.block_size) if kind == "eager" else StaticKVCache(model.config.block_size)
     while True:
         yield cache

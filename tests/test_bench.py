@@ -58,20 +58,24 @@ def test_gate_throughput_quick(tmp_path, as_file):
 def test_serve_throughput_quick(trained_checkpoint, tmp_path):
     record, stdout = run_json("bench.serve_throughput", "--ckpt", str(trained_checkpoint), "--quick",
                               tmp_path=tmp_path)
-    assert [r["clients"] for r in record["results"]] == [1, 4]
-    for r in record["results"]:
-        for key in ("batched_tokens_per_s", "one_at_a_time_tokens_per_s", "batched_p95_s", "vanilla_generate_tokens_per_s"):
-            assert r[key] > 0 and math.isfinite(r[key])
-        assert r["batched_p50_s"] <= r["batched_p95_s"]
-    assert record["results"][1]["largest_batch"] >= 2  # four clients at once shared decoding steps
-    assert "clients: batched" in stdout
+    assert [r["batch"] for r in record["decoder"]] == [r["clients"] for r in record["serving"]] == [1, 4]
+    for r in record["decoder"]:
+        assert r["decoder_vs_vanilla"] > 0 and math.isfinite(r["decoder_vs_vanilla"])
+    for r in record["serving"]:
+        assert r["speedup"]["min"] <= r["speedup"]["median"] <= r["speedup"]["max"]
+        for run in r["runs"]:
+            assert run["batched_p50_s"] <= run["batched_p95_s"] and run["one_at_a_time_tokens_per_s"] > 0
+    assert record["serving"][1]["runs"][0]["largest_batch"] >= 2  # four clients at once shared decoding steps
+    fair = record["fairness"]
+    assert 0 < fair["short_busy_p50_s"] <= fair["short_busy_p95_s"] and fair["short_idle_p50_s"] > 0
+    assert "clients: batched" in stdout and "fairness:" in stdout and "vanilla generate" in stdout
 
 
 def test_readme_results_table_is_current():
-    from bench.results_table import readme_with_table
+    from bench.results_table import readme_with_tables
 
     readme = (ROOT / "README.md").read_text()
-    assert readme_with_table(readme) == readme, "run: python -m bench.results_table --write"
+    assert readme_with_tables(readme) == readme, "run: python -m bench.results_table --write"
 
 
 def test_gpu_suite_runs_its_cpu_form(tmp_path):

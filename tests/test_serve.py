@@ -1,5 +1,4 @@
 """The live dial: its API, batched decoding of many users at once, a real server, and the page in a browser."""
-import asyncio
 import json
 import os
 import shutil
@@ -8,7 +7,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -17,8 +18,10 @@ import httpx2  # noqa: E402
 import uvicorn  # noqa: E402
 from starlette.testclient import TestClient  # noqa: E402
 
-from abcgpt.batching import BatchedDecoder, Request  # noqa: E402
+from abcgpt.batching import Request  # noqa: E402
 from abcgpt.run import load_model  # noqa: E402
+from abcgpt.access import Access  # noqa: E402
+from abcgpt.connections import server_config  # noqa: E402
 from abcgpt.serve import Service, create_app  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,7 +35,7 @@ def loaded(trained_checkpoint):
 @pytest.fixture(scope="module")
 def client(loaded):
     service = Service(*loaded, max_batch=8, max_new_tokens=60, max_body=2000)
-    with TestClient(create_app(service)) as client:
+    with TestClient(create_app(service), base_url="http://localhost") as client:
         client.service = service
         yield client
 
@@ -49,7 +52,7 @@ def test_the_page_has_a_slider_named_by_the_sources_and_a_compare_view(client):
     page = client.get("/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     for part in ('type="range"', 'id="prompt"', 'id="temperature"', 'id="top_k"', 'id="length"', 'id="seed"',
-                 "EventSource", 'class="compare"', "/api/info"):
+                 "AbortController", 'class="compare"', "/api/info"):
         assert part in page.text
 
 
@@ -106,6 +109,9 @@ def test_the_stream_sends_the_same_text_token_by_token(client):
     ({"top_k": 0}, "top_k must be at least 1, got 0"),
     ({"seed": -1}, "seed must be in [0, 2**63 - 1], got -1"),
     ({"alpha": 0.5, "color": "red"}, "unknown field(s): color"),
+    ({"top_k": 1.0}, "top_k must be an integer, got 1.0"),
+    ({"seed": 2**63}, "seed must be an integer that fits in 64 bits, got 9223372036854775808"),
+    ({"temperature": 1e-400}, "temperature must be a positive number, got 0.0"),  # JSON 1e-400 is 0.0
 ])
 def test_bad_requests_get_a_4xx_json_error_and_the_server_goes_on(client, body, message):
     response = client.post("/api/generate", json={"prompt": "one day", **body})
@@ -115,145 +121,279 @@ def test_bad_requests_get_a_4xx_json_error_and_the_server_goes_on(client, body, 
     assert client.post("/api/generate", json={"prompt": "one day", "max_new_tokens": 3}).status_code == 200
 
 
+JSON = {"content-type": "application/json"}
+
+
 def test_malformed_oversized_and_non_object_bodies(client):
     for raw, status, message in [(b"{bad json", 400, "malformed JSON"), (b"[1, 2]", 400, "must be a JSON object"),
                                  (b'{"prompt": "' + b"a" * 3000 + b'"}', 413, "over 2000 bytes")]:
-        response = client.post("/api/generate", content=raw)
+        response = client.post("/api/generate", content=raw, headers=JSON)
         assert response.status_code == status and message in response.json()["error"]
     assert client.post("/api/generate", json={"prompt": "one day", "max_new_tokens": 2}).status_code == 200
 
 
-# the batched decoder, with the model in float64 so that no float rounding can part batched from alone
-@pytest.fixture(scope="module")
-def model64(loaded):
-    return loaded[0].double()
+@pytest.mark.parametrize("raw, message", [  # each once answered 500
+    (b'{"alpha": "0.5"}', "alpha must be a number, got '0.5'"),  # in JSON, strings are not numbers
+    (b'{"prompt": "one day", "seed": 1e400}', "seed must be an integer that fits in 64 bits, got 1e400"),
+    (b'{"max_new_tokens": NaN}', "max_new_tokens must be an integer that fits in 64 bits, got NaN"),
+    (b'{"top_k": Infinity}', "top_k must be an integer that fits in 64 bits, got Infinity"),
+    (b'{"seed": -Infinity}', "seed must be an integer that fits in 64 bits, got -Infinity"),
+    (b'{"alpha": NaN}', "alpha must be a number that fits in 64 bits, got NaN"),
+    (b'{"seed": ' + b"7" * 5000 + b"}",
+     "seed must be an integer that fits in 64 bits, got a number of 5000 characters"),
+    (b'{"prompt": ' + b"[" * 1000 + b"]" * 1000 + b"}", "the JSON is nested 1001 levels deep"),
+    (b'{"prompt": "one day", "seed": 7, "seed": 8, "x": {"y": [1, {"z": 2}]}}', "unknown field(s): x"),
+])
+def test_json_that_no_field_can_hold_is_refused_by_name(own_client, raw, message):
+    client, _ = own_client()  # the default body cap, 16 KB
+    response = client.post("/api/generate", content=raw, headers=JSON)
+    assert response.status_code == 400 and response.json()["error"].startswith(message)
 
 
-def decode(model, requests, max_batch=8, join_later=()):
-    """Run a decoder over requests (and join_later, submitted once the first ones are under way)."""
-    decoder = BatchedDecoder(model, max_batch)
-
-    async def main():
-        task = asyncio.create_task(decoder.run())
-        for r in requests:
-            decoder.submit(r)
-        if join_later:
-            while not any(len(r.tokens) >= 3 for r in requests):
-                await asyncio.sleep(0.001)
-            for r in join_later:
-                decoder.submit(r)
-        everyone = [*requests, *join_later]
-        while not all(r.done for r in everyone):
-            await asyncio.sleep(0.001)
-        task.cancel()
-
-    asyncio.run(main())
-    return decoder
+@pytest.mark.parametrize("query, message", [
+    ("alpha=1_0", "alpha must be a number, got '1_0'"),
+    ("alpha=%D9%A0.%D9%A5", "alpha must be a number, got '٠.٥'"),  # Arabic-Indic digits
+    ("seed=inf", "seed must be an integer, got 'inf'"),
+    ("temperature=nan", "temperature must be a number, got 'nan'"),
+    ("max_new_tokens=1e2", "max_new_tokens must be an integer, got '1e2'"),
+    ("alpha=1e400", "alpha must be a number that fits in 64 bits, got 1e400"),
+    ("seed=" + "9" * 30, "seed must be an integer that fits in 64 bits"),
+    ("alpha=0.5&alpha=0.6", "alpha is given twice"),
+    ("alpha=%200.5", "alpha must be a number, got ' 0.5'"),
+])
+def test_query_numbers_are_plain_ascii_decimals(client, query, message):
+    response = client.get(f"/api/stream?prompt=one+day&{query}")
+    assert response.status_code == 400 and response.json()["error"].startswith(message)
 
 
-def request(alpha, seed=0, top_k=1, n=20, prompt=(4, 5, 6)):
-    return Request(list(prompt), alpha, n, temperature=1.0, top_k=top_k, seed=seed)
+def test_a_hostile_temperature_gets_its_full_text(client):
+    """A temperature of 1e-40 once made a step fail for every request in it; now it samples greedily."""
+    body = {"prompt": "one day", "max_new_tokens": 30, "seed": 1}
+    hostile = client.post("/api/generate", json={**body, "temperature": 1e-40}).json()
+    greedy = client.post("/api/generate", json={**body, "top_k": 1}).json()
+    assert hostile["tokens"] == 30 and hostile["text"] == greedy["text"]
 
 
-def test_greedy_requests_at_different_alphas_get_what_they_would_alone(model64):
-    alphas = [0.0, 0.15, 0.5, 0.5, 0.9, 1.0]
-    prompts = [(4, 5, 6), (7,), (4, 5, 6), (8, 9, 10, 11), (4,), (12, 13)]
-    together = [request(a, prompt=p) for a, p in zip(alphas, prompts)]
-    decoder = decode(model64, together)
-    assert decoder.largest_batch == len(alphas)  # one forward per step served them all
-    for r, a, p in zip(together, alphas, prompts):
-        alone = request(a, prompt=p)
-        decode(model64, [alone])
-        assert r.tokens == alone.tokens
-    assert len({tuple(r.tokens) for r in together}) > 1  # the dial made a difference
+class FailsAtAlpha:
+    """The model, but a forward with a row at `alpha` fails (as a step that meets a fault would)."""
+
+    def __init__(self, model, alpha):
+        self.model, self.alpha, self.config = model, alpha, model.config
+
+    def executor(self, alphas, batch_size, device):
+        if alphas is not None and bool((alphas == self.alpha).any()):
+            raise RuntimeError("the device failed")
+        return self.model.executor(alphas, batch_size, device)
+
+    def __call__(self, idx, **kwargs):
+        return self.model(idx, **kwargs)
 
 
-def test_sampled_requests_depend_on_their_seed_alone_whoever_joins(model64):
-    """Requests join and leave between steps; each draws from its own generator."""
-    def mine():
-        return request(0.4, seed=99, top_k=None, n=30)
+@pytest.fixture
+def own_client(loaded):
+    """A client of its own service, whose settings a test may change."""
+    def make(**settings):
+        service = Service(*loaded, **{"max_batch": 4, "max_new_tokens": 60, **settings})
+        client = TestClient(create_app(service), base_url="http://localhost").__enter__()
+        made.append(client)
+        return client, service
 
-    alone = mine()
-    decode(model64, [alone])
-    crowded = mine()
-    others = [request(a, seed=s, top_k=None, n=n) for a, s, n in [(0.0, 1, 5), (1.0, 2, 40), (0.7, 3, 12)]]
-    late = [request(0.2, seed=4, top_k=None, n=25), request(0.9, seed=5, top_k=None, n=8)]
-    decode(model64, [crowded, *others], max_batch=4, join_later=late)  # more requests than slots, too
-    assert crowded.tokens == alone.tokens
-    different = request(0.4, seed=100, top_k=None, n=30)
-    decode(model64, [different])
-    assert different.tokens != alone.tokens
+    made = []
+    yield make
+    for client in made:
+        client.__exit__(None, None, None)
 
 
-def test_a_cancelled_request_frees_its_slot(model64):
-    decoder = BatchedDecoder(model64, max_batch=2)
-    long = request(0.5, n=1000, prompt=(4,))
-    long.max_new_tokens = 10**6  # far beyond the context: decoded window by window until cancelled
+def stream_events(client, params, headers=None):
+    """The (event, data) pairs of one stream."""
+    events, event = [], "message"
+    with client.stream("GET", "/api/stream", params=params, headers=headers) as response:
+        for line in response.iter_lines():
+            if line.startswith("event: "):
+                event = line[len("event: "):]
+            elif line.startswith("data: "):
+                events.append((event, json.loads(line[len("data: "):])))
+                event = "message"
+    return events
 
-    async def main():
-        task = asyncio.create_task(decoder.run())
-        decoder.submit(long)
-        while len(long.tokens) < 20:  # past block_size 16: the window path too
-            await asyncio.sleep(0.001)
-        assert len(decoder.cache.free) == 1
-        long.cancelled = True
-        while len(decoder.cache.free) < 2:
-            await asyncio.sleep(0.001)
-        assert await long.queue.get() is not None  # its tokens, then the end
-        task.cancel()
 
-    asyncio.run(main())
-    assert decoder.active == []
+def test_a_failed_step_is_a_5xx_or_an_error_event_never_a_short_200(own_client):
+    client, service = own_client()
+    service.decoder.model = FailsAtAlpha(service.decoder.model, 0.25)
+    failed = client.post("/api/generate", json={"prompt": "one day", "alpha": 0.25, "max_new_tokens": 20})
+    assert failed.status_code == 500 and failed.json()["error"] == "decoding failed: RuntimeError: the device failed"
+    events = stream_events(client, {"prompt": "one day", "alpha": "0.25", "max_new_tokens": "20"})
+    assert events == [("error", {"error": "decoding failed: RuntimeError: the device failed"})]
+    fine = client.post("/api/generate", json={"prompt": "one day", "alpha": 0.5, "max_new_tokens": 20})
+    assert fine.status_code == 200 and fine.json()["tokens"] == 20
+
+
+def test_a_request_past_its_deadline_gets_504_or_an_error_event(own_client):
+    client, _ = own_client(timeout=0.2, max_new_tokens=10**6)
+    late = client.post("/api/generate", json={"prompt": "one day", "max_new_tokens": 10**6})
+    assert late.status_code == 504 and late.json()["error"].startswith("the deadline of 0.2 s passed after")
+    assert 0 < late.json()["tokens"] < 10**6
+    events = stream_events(client, {"prompt": "one day", "max_new_tokens": str(10**6)})
+    assert events[-1][0] == "error" and "deadline of 0.2 s" in events[-1][1]["error"]
+
+
+def test_a_full_queue_answers_503_with_retry_after(own_client):
+    client, service = own_client(max_queue=1)
+    service.decoder.pending.append(Request([4], 0.5, 10**6))  # stands in the queue; the decoder is asleep
+    response = client.post("/api/generate", json={"prompt": "one day"})
+    assert response.status_code == 503 and response.headers["retry-after"] == "2"
+    assert "the server is busy (1 requests are waiting)" in response.json()["error"]
+    assert client.get("/api/stream", params={"prompt": "one day"}).status_code == 503
+
+
+def test_only_json_from_this_origin_at_a_served_host_is_taken(client):
+    body = {"prompt": "one day", "max_new_tokens": 2}
+    as_text = client.post("/api/generate", content=json.dumps(body), headers={"content-type": "text/plain"})
+    assert as_text.status_code == 415 and "Content-Type: application/json" in as_text.json()["error"]
+    elsewhere = client.post("/api/generate", json=body, headers={"origin": "https://evil.example"})
+    assert elsewhere.status_code == 403 and "https://evil.example" in elsewhere.json()["error"]
+    assert client.get("/api/stream", params=body, headers={"origin": "null"}).status_code == 403
+    rebound = client.get("/api/info", headers={"host": "evil.example:8000"})
+    assert rebound.status_code == 400 and "'evil.example:8000'" in rebound.json()["error"]
+    same = client.post("/api/generate", json=body, headers={"origin": "http://localhost"})
+    assert same.status_code == 200
+
+
+def test_a_token_is_required_when_one_is_set(own_client):
+    client, _ = own_client(access=Access(token="s3cret"))
+    assert client.get("/").status_code == 200  # the page itself; it sends the token from its address
+    refused = client.get("/api/info")
+    assert refused.status_code == 401 and refused.headers["www-authenticate"] == "Bearer"
+    assert client.get("/api/info", headers={"authorization": "Bearer wrong"}).status_code == 401
+    assert client.get("/api/info", headers={"authorization": "Bearer s3cret"}).status_code == 200
 
 
 # a real server on a free local port
 @pytest.fixture(scope="module")
 def server(loaded):
+    """uvicorn with the server's own limits (a 1-second header deadline), on a thread; it records the
+    requests its decoder was given and counts the hits on each path."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    service = Service(*loaded, max_batch=4, max_new_tokens=400)
-    config = uvicorn.Config(create_app(service), host="127.0.0.1", port=port, log_level="warning")
-    running = uvicorn.Server(config)
+    service = Service(*loaded, max_batch=4, max_new_tokens=400, body_timeout=1.0)
+    submitted, hits, submit = [], Counter(), service.decoder.submit
+    service.decoder.submit = lambda request: (submit(request), submitted.append(request))[0]
+    app = create_app(service)
+
+    async def counted(scope, receive, send):
+        hits[scope.get("path")] += 1
+        await app(scope, receive, send)
+
+    running = uvicorn.Server(server_config(counted, "127.0.0.1", port, max_connections=32, header_timeout=1.0))
     thread = threading.Thread(target=running.run, daemon=True)
     thread.start()
     deadline = time.time() + 30
     while not running.started and time.time() < deadline:
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", service
+    yield SimpleNamespace(url=f"http://127.0.0.1:{port}", port=port, service=service, submitted=submitted, hits=hits)
     running.should_exit = True
     thread.join(timeout=10)
 
 
+def until(condition, seconds=20):
+    deadline = time.time() + seconds
+    while not condition() and time.time() < deadline:
+        time.sleep(0.01)
+    return condition()
+
+
 def test_several_clients_at_once_are_decoded_together(server):
-    url, service = server
     bodies = [{"prompt": "one day", "alpha": a, "max_new_tokens": 60, "seed": i, "top_k": 1}
               for i, a in enumerate([0.0, 0.3, 0.6, 1.0])]
     results = [None] * len(bodies)
 
     def call(i):
-        results[i] = httpx2.post(f"{url}/api/generate", json=bodies[i], timeout=60).json()
+        results[i] = httpx2.post(f"{server.url}/api/generate", json=bodies[i], timeout=60).json()
 
     threads = [threading.Thread(target=call, args=(i,)) for i in range(len(bodies))]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert service.decoder.largest_batch >= 2
+    assert server.service.decoder.largest_batch >= 2
     for body, result in zip(bodies, results):  # greedy: the same text as alone
-        assert result["text"] == httpx2.post(f"{url}/api/generate", json=body, timeout=60).json()["text"]
+        assert result["text"] == httpx2.post(f"{server.url}/api/generate", json=body, timeout=60).json()["text"]
 
 
 def test_a_client_that_disconnects_frees_its_slot(server):
-    url, service = server
-    with httpx2.stream("GET", f"{url}/api/stream", params={"prompt": "one day", "max_new_tokens": "400"},
-                      timeout=60) as response:
+    decoder = server.service.decoder
+    with httpx2.stream("GET", f"{server.url}/api/stream", params={"prompt": "one day", "max_new_tokens": "400"},
+                       timeout=60) as response:
         next(response.iter_lines())
-        assert len(service.decoder.cache.free) < 4
-    deadline = time.time() + 20
-    while len(service.decoder.cache.free) < 4 and time.time() < deadline:
-        time.sleep(0.05)
-    assert len(service.decoder.cache.free) == 4 and not service.decoder.active
+        assert decoder.cache.used == 1
+    assert until(lambda: not decoder.active) and decoder.cache.used == 0
+
+
+def raw_request(port, head, body=b""):
+    connection = socket.create_connection(("127.0.0.1", port), timeout=10)
+    connection.sendall(head.replace(b"\n", b"\r\n") + b"\r\n" + body)
+    return connection
+
+
+def test_a_post_whose_client_leaves_stops_within_a_step(server):
+    body = json.dumps({"prompt": "one day", "max_new_tokens": 400, "seed": 5}).encode()
+    head = b"POST /api/generate HTTP/1.1\nHost: 127.0.0.1\nContent-Type: application/json\n"
+    connection = raw_request(server.port, head + b"Content-Length: %d\n" % len(body), body)
+    assert until(lambda: server.submitted and len(server.submitted[-1].tokens) >= 5)
+    request = server.submitted[-1]
+    connection.close()
+    at_close = len(request.tokens)
+    assert until(lambda: request not in server.service.decoder.active)
+    assert request.cancelled and len(request.tokens) <= at_close + 1 < 400
+
+
+def answer(connection):
+    """The response on a raw connection: its head and as much body as its Content-Length says."""
+    data = b""
+    while b"\r\n\r\n" not in data and (chunk := connection.recv(4096)):
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    length = int(next((line.split(b":")[1] for line in lines if line.lower().startswith(b"content-length")), b"0"))
+    while len(body) < length and (chunk := connection.recv(4096)):
+        body += chunk
+    return head + b"\r\n\r\n" + body
+
+
+def test_a_body_over_the_cap_is_refused_before_it_is_read(server):
+    head = b"POST /api/generate HTTP/1.1\nHost: 127.0.0.1\nContent-Type: application/json\n"
+    with raw_request(server.port, head + b"Content-Length: 536870912\n") as connection:  # and no body
+        refused = answer(connection)
+    assert refused.startswith(b"HTTP/1.1 413") and b"Content-Length 536,870,912" in refused
+    with raw_request(server.port, head + b"Transfer-Encoding: chunked\n") as connection:
+        sent, chunk = 0, b"1000\r\n" + b"a" * 4096 + b"\r\n"
+        try:
+            while sent < 2**20:  # the answer comes once the body passes 16 KB, long before 1 MB
+                connection.sendall(chunk)
+                sent += 4096
+        except OSError:  # the server closed the connection after answering
+            pass
+        refused = answer(connection)
+    assert refused.startswith(b"HTTP/1.1 413") and b"over 16384 bytes" in refused
+
+
+def test_half_sent_headers_and_bodies_are_cut_off_at_the_deadline(server):
+    slow_head = raw_request(server.port, b"GET /api/info HTTP/1.1\nHost: 127.0.0.1")
+    slow_body = raw_request(server.port, b"POST /api/generate HTTP/1.1\nHost: 127.0.0.1\nContent-Type: "
+                            b"application/json\nContent-Length: 100\n", b'{"prompt"')
+    started = time.time()
+    try:
+        for byte in b"X-Slow: 1\r\nX-Slower: 2":  # a header byte now and then restarts no deadline
+            time.sleep(0.2)
+            slow_head.sendall(bytes([byte]))
+        assert slow_head.recv(4096) == b""  # closed, with no answer
+    except ConnectionError:
+        pass
+    assert time.time() - started < 3
+    assert answer(slow_body).startswith(b"HTTP/1.1 408")
+    slow_head.close()
+    slow_body.close()
 
 
 def chromium():
@@ -263,47 +403,91 @@ def chromium():
     return None
 
 
-@pytest.mark.browser
-@pytest.mark.skipif(chromium() is None, reason="needs Debian's chromium and chromium-driver")
-def test_the_page_in_a_browser(server, tmp_path):
-    """Headless Chromium opens the page, moves the slider, generates, and reads the streamed text."""
+@pytest.fixture
+def browser(tmp_path):
+    """Headless Chromium through Selenium."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service as Driver
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.common.keys import Keys
-    from selenium.webdriver.support.ui import WebDriverWait
 
-    browser, driver_path = chromium()
+    binary, driver_path = chromium()
     options = webdriver.ChromeOptions()
-    options.binary_location = browser
+    options.binary_location = binary
     for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
                  "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1200,900"):
         options.add_argument(flag)
     driver = webdriver.Chrome(service=Driver(driver_path), options=options)
-    url, _ = server
-    try:
-        driver.get(url)
-        wait = WebDriverWait(driver, 30)
-        wait.until(lambda d: d.find_element(By.ID, "left").text == "stories")
-        assert driver.find_element(By.ID, "right").text == "plays"
-        slider = driver.find_element(By.ID, "dial")
-        slider.send_keys(Keys.END)  # the slider to its right end: alpha 1
-        assert driver.find_element(By.ID, "dial-value").text == "1.00"
-        prompt = driver.find_element(By.ID, "prompt")
-        prompt.clear()
-        prompt.send_keys("one day")
-        length = driver.find_element(By.ID, "length")
-        length.clear()
-        length.send_keys("60")
-        driver.find_element(By.ID, "generate").click()
-        wait.until(lambda d: len(d.find_element(By.ID, "output").text) >= len("one day") + 40)
-        assert driver.find_element(By.ID, "output").text.startswith("one day")
-        driver.find_element(By.ID, "compare-button").click()
-        wait.until(lambda d: all(len(o.text) > 20 for o in d.find_elements(By.CLASS_NAME, "compare-output")))
-        shot = os.environ.get("ABCGPT_SCREENSHOT")  # set to refresh the README's picture
-        if shot:
-            driver.save_screenshot(str(tmp_path / "page.png"))
-            shutil.copy(tmp_path / "page.png", shot)
-    finally:
-        driver.quit()
+    yield driver
+    driver.quit()
+
+
+def fill(driver, field, text):
+    from selenium.webdriver.common.by import By
+
+    element = driver.find_element(By.ID, field)
+    element.clear()
+    element.send_keys(text)
+
+
+needs_chromium = pytest.mark.skipif(chromium() is None, reason="needs Debian's chromium and chromium-driver")
+
+
+@pytest.mark.browser
+@needs_chromium
+def test_the_page_in_a_browser(server, browser, tmp_path):
+    """Headless Chromium opens the page, moves the slider, generates, and reads the streamed text."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(server.url)
+    wait = WebDriverWait(browser, 30)
+    wait.until(lambda d: d.find_element(By.ID, "left").text == "stories")
+    assert browser.find_element(By.ID, "right").text == "plays"
+    browser.find_element(By.ID, "dial").send_keys(Keys.END)  # the slider to its right end: alpha 1
+    assert browser.find_element(By.ID, "dial-value").text == "1.00"
+    fill(browser, "prompt", "one day")
+    fill(browser, "length", "60")
+    browser.find_element(By.ID, "generate").click()
+    wait.until(lambda d: len(d.find_element(By.ID, "output").text) >= len("one day") + 40)
+    assert browser.find_element(By.ID, "output").text.startswith("one day")
+    browser.find_element(By.ID, "compare-button").click()
+    wait.until(lambda d: all(len(o.text) > 20 for o in d.find_elements(By.CLASS_NAME, "compare-output")))
+    shot = os.environ.get("ABCGPT_SCREENSHOT")  # set to refresh the README's picture
+    if shot:
+        browser.save_screenshot(str(tmp_path / "page.png"))
+        shutil.copy(tmp_path / "page.png", shot)
+
+
+@pytest.mark.browser
+@needs_chromium
+def test_a_new_generate_stops_the_last_stream_and_a_refusal_is_sent_once(server, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(server.url)
+    wait = WebDriverWait(browser, 60)
+    wait.until(lambda d: d.find_element(By.ID, "left").text == "stories")
+    fill(browser, "prompt", "one day")
+    fill(browser, "length", "400")
+    fill(browser, "top_k", "1")
+    before = len(server.submitted)
+    browser.find_element(By.ID, "generate").click()
+    wait.until(lambda d: len(server.submitted) > before and len(server.submitted[-1].tokens) >= 3)
+    browser.find_element(By.ID, "generate").click()
+    output = browser.find_element(By.ID, "output")
+    wait.until(lambda d: output.get_attribute("data-done"))
+    assert len(server.submitted) == before + 2  # one request a click (a shared cache entry once made three)
+    first, second = server.submitted[before:]
+    assert first.cancelled and len(first.tokens) < 400 and len(second.tokens) == 400
+    alone = httpx2.post(f"{server.url}/api/generate", json={"prompt": "one day", "max_new_tokens": 400, "top_k": 1,
+                        "seed": 1337, "alpha": 0.5, "temperature": second.temperature}, timeout=60).json()
+    assert output.get_attribute("textContent") == "one day" + alone["text"]  # one stream's text, not two interleaved
+
+    streams = server.hits["/api/stream"]
+    fill(browser, "prompt", "one Q day")  # Q is not in the vocabulary: refused
+    browser.find_element(By.ID, "generate").click()
+    wait.until(lambda d: d.find_element(By.ID, "error").text)
+    assert "not in the vocabulary: 'Q'" in browser.find_element(By.ID, "error").text
+    time.sleep(1)  # time for a retry, were there one
+    assert server.hits["/api/stream"] == streams + 1

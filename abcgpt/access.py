@@ -1,0 +1,50 @@
+"""Who may call the API: the Host a request names, the page it comes from, and an optional bearer token.
+
+The threat model is in docs/design.md. In short: a page on another site must not be able to make a visitor's
+browser run generations here. A cross-origin page can send a GET, or a POST of a "simple" type (text/plain,
+a form), without asking first; so the API checks that Origin, when sent, is this server, requires
+application/json for a POST (a browser asks the server first, and the server never says yes), and takes only
+the Host names it serves (a DNS-rebinding page names its own). Beyond loopback, --token requires
+"Authorization: Bearer <token>" on every API request.
+"""
+import hmac
+from urllib.parse import urlsplit
+
+from .api_input import BadInput
+
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def is_loopback(host: str) -> bool:
+    return host in LOOPBACK_HOSTS or host.startswith("127.")
+
+
+def _name(host_header: str) -> str:
+    """The host name of a Host header or an Origin's netloc, without its port or brackets."""
+    try:
+        return urlsplit(f"//{host_header}").hostname or ""
+    except ValueError:
+        return ""
+
+
+class Access:
+    """hosts: the names the server answers to (None: any); token: the bearer token required, if any."""
+
+    def __init__(self, hosts=LOOPBACK_HOSTS, token=None):
+        self.hosts = None if hosts is None else {h.lower().strip("[]") for h in hosts}
+        self.token = token
+
+    def check(self, http, json_body=False):
+        """BadInput (400, 403, 401 or 415) unless this request may call the API."""
+        host = http.headers.get("host", "")
+        if self.hosts is not None and _name(host) not in self.hosts:
+            raise BadInput(f"the Host header {host[:80]!r} is not one this server answers to (see --allow_host)")
+        origin = http.headers.get("origin")
+        if origin is not None and urlsplit(origin).netloc.lower() != host.lower():
+            raise BadInput(f"requests from other sites ({origin[:80]}) are refused", 403)
+        if self.token is not None:
+            scheme, _, given = http.headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), self.token.encode()):
+                raise BadInput("this server needs its token: send Authorization: Bearer <token>", 401)
+        if json_body and http.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
+            raise BadInput("send the body as JSON, with Content-Type: application/json", 415)

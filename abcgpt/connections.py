@@ -1,0 +1,49 @@
+"""The HTTP server's limits: uvicorn's own settings, and the two it lacks.
+
+uvicorn bounds header size (h11_max_incomplete_event_size), idle keep-alive (timeout_keep_alive) and
+requests in flight (limit_concurrency, answered 503). It has no deadline for a request's headers: its
+keep-alive timer restarts on every byte, so a client that trickles a header byte now and then holds a
+connection (and a file descriptor) for ever. GuardedH11Protocol adds that deadline, counted from the
+connection's start or the end of its previous response, and closes connections beyond twice the request
+limit at once, so that half-open ones cannot use up the process's files. The body has its own deadline
+where it is read (api_input.read_body).
+"""
+import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+HEADER_BYTES = 8_192  # the largest request head (request line and headers)
+KEEP_ALIVE = 5  # seconds an idle connection stays open between requests
+
+
+class GuardedH11Protocol(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol with a deadline for each request's headers and a hard connection cap."""
+
+    def connection_made(self, transport):
+        super().connection_made(transport)
+        if len(self.connections) > 2 * self.limit_concurrency:
+            transport.close()
+            return
+        self._expect_request(after=None)
+
+    def on_response_complete(self):
+        finished = self.cycle
+        super().on_response_complete()
+        self._expect_request(after=finished)
+
+    def _expect_request(self, after):
+        """Close the connection unless a request newer than `after` has its headers within the deadline."""
+        def expire():
+            if self.cycle is after and not self.transport.is_closing():
+                self.transport.close()
+
+        self.loop.call_later(self.config.header_timeout, expire)
+
+
+def server_config(app, host, port, max_connections, header_timeout) -> uvicorn.Config:
+    """uvicorn's settings for serving app: at most max_connections requests at once, and header_timeout
+    seconds for a request's headers to arrive."""
+    config = uvicorn.Config(app, host=host, port=port, http=GuardedH11Protocol, log_level="warning",
+                            limit_concurrency=max_connections, timeout_keep_alive=KEEP_ALIVE,
+                            h11_max_incomplete_event_size=HEADER_BYTES)
+    config.header_timeout = header_timeout
+    return config
