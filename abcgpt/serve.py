@@ -128,9 +128,7 @@ class Service:
 
 
 def error(e):
-    headers = {"Retry-After": str(RETRY_AFTER)} if e.status == 503 else None
-    if e.status == 401:
-        headers = {"WWW-Authenticate": "Bearer"}
+    headers = {503: {"Retry-After": str(RETRY_AFTER)}, 401: {"WWW-Authenticate": "Bearer"}}.get(e.status)
     return JSONResponse({"error": str(e)}, status_code=e.status, headers=headers)
 
 
