@@ -1,10 +1,10 @@
-"""Generation (sampling.py): the key/value caches and the compiled decoder give what a full forward gives."""
+"""sampling.py: how tokens are drawn; the caches and the compiled decoder give what a full forward gives."""
 import pytest
 import torch
 
 from abcgpt.attention import KVCache
 from abcgpt.model import GPT, GPTConfig
-from abcgpt.sampling import generate
+from abcgpt.sampling import GREEDY_BELOW, draw, generate
 from conftest import SMALL_GPT as CONFIG
 from conftest import token_batch as batch
 
@@ -68,3 +68,37 @@ def test_compiled_decoder_steps_without_recompiling_and_gives_the_same_tokens(ca
                              generator=torch.Generator().manual_seed(3)) for d in (decoder, None)]
             assert torch.equal(runs[0], runs[1])
 
+
+
+def test_draw_samples_each_row_from_its_softmax():
+    """Inverse-CDF draws from uniforms follow softmax(logits / temperature), row by row."""
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, -3.0], [0.0, 0.0, 0.0, 5.0, 0.0]])
+    temperature = torch.tensor([[1.0], [2.0]])
+    n = 20_000
+    u = torch.rand(n, 1, generator=torch.Generator().manual_seed(0))
+    for row in range(2):
+        tokens = draw(logits[row].expand(n, -1), temperature[row].expand(n, 1), None, u).flatten()
+        seen = torch.bincount(tokens, minlength=5).float() / n
+        expected = torch.softmax(logits[row] / temperature[row], dim=-1)
+        assert torch.allclose(seen, expected, atol=0.015), (seen, expected)
+
+
+def test_draw_cuts_each_row_to_its_top_k_and_never_takes_a_zero_mass_token():
+    logits = torch.tensor([[float("-inf"), 3.0, 2.0, 1.0, 0.0]] * 2)
+    top_k = torch.tensor([[1], [3]])
+    for u in (0.0, 0.3, 0.999999):
+        tokens = draw(logits, torch.ones(2, 1), top_k, torch.full((2, 1), u)).flatten().tolist()
+        assert tokens[0] == 1 and tokens[1] in (1, 2, 3)
+    assert draw(logits, torch.ones(2, 1), None, torch.zeros(2, 1)).flatten().tolist() == [1, 1]  # not the -inf one
+
+
+@pytest.mark.parametrize("temperature", [GREEDY_BELOW / 2, 1e-40, 1e-300, 0.0])
+def test_a_temperature_near_zero_is_greedy_and_never_nan(temperature):
+    """logits / 1e-40 overflows to inf, and softmax of inf is NaN: such a temperature takes the argmax."""
+    logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(1)) * 30
+    temperature = torch.tensor([[temperature], [1.0]] * 3)
+    u = torch.rand(6, 1, generator=torch.Generator().manual_seed(2))
+    tokens = draw(logits, temperature, None, u).flatten()
+    greedy = logits.argmax(-1)
+    assert torch.equal(tokens[0::2], greedy[0::2])
+    assert torch.equal(tokens[1::2], draw(logits[1::2], temperature[1::2], None, u[1::2]).flatten())  # untouched
