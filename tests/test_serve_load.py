@@ -1,7 +1,8 @@
-"""Load and faults against `python serve.py` on 127.0.0.1: honest clients at mixed alphas beside abandoned
+"""`python serve.py` as a process: load and faults on 127.0.0.1: honest clients at mixed alphas beside abandoned
 POSTs and streams, readers that never read, a hostile temperature, hostile JSON, an oversized body and
 slowloris connections. Every honest request completes in full, the server's memory stays bounded, the
-half-open connections are cut off, and the log has no tracebacks."""
+half-open connections are cut off, and the log has no tracebacks. And listening beyond loopback warns, with
+the token and the allowed host names enforced."""
 import json
 import socket
 import subprocess
@@ -158,3 +159,40 @@ def test_honest_requests_complete_in_full_under_load_and_faults(served):
     stderr = log.read_text()
     assert "Traceback" not in stderr and process.poll() is None
     assert "a client left" in stderr and all(len(line) < 300 for line in stderr.splitlines())  # one line each
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("extra, said, unsaid", [
+    ([], ["anyone who can reach it can use it", "give --token", "--allow_host NAME"], []),
+    (["--token", "s3cret", "--allow_host", "dial.example"], ["anyone who can reach it can use it"],
+     ["give --token", "--allow_host NAME"]),
+])
+def test_listening_beyond_loopback_warns(trained_checkpoint, extra, said, unsaid):
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "serve.py", "--ckpt", str(trained_checkpoint), "--host", "0.0.0.0",
+                                "--port", str(port), *extra], cwd=ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout.readline().startswith("serving ")  # the warning comes before it
+        if extra:  # a served name and the token: let in; a wrong token: not
+            url, host = f"http://127.0.0.1:{port}/api/info", {"host": "dial.example"}
+            deadline = time.time() + 60
+            while time.time() < deadline:
+                try:
+                    refused = httpx2.get(url, headers=host, timeout=5)
+                    break
+                except httpx2.TransportError:
+                    time.sleep(0.2)
+            assert refused.status_code == 401
+            assert httpx2.get(url, headers={**host, "authorization": "Bearer s3cret"}, timeout=5).status_code == 200
+    finally:
+        process.terminate()
+        stderr = process.communicate(timeout=30)[1]
+    warning = stderr.splitlines()[0]
+    assert warning.startswith("warning: listening on 0.0.0.0")
+    assert all(s in warning for s in said) and not any(s in warning for s in unsaid)
