@@ -41,9 +41,8 @@ def dials(args, run):
     """(alpha, label, temperature, top_k) for each dial asked for: --alpha as is, at the sampling settings
     given or the defaults; or --mix through the checkpoint's map, at the settings it was calibrated at."""
     if args.mix is None:
-        temperature = args.temperature if args.temperature is not None else settings.DEFAULTS.temperature
-        top_k = args.top_k if args.top_k is not None else settings.DEFAULTS.top_k
-        return [(a, dial_label(a, run.source_names), temperature, top_k) for a in parse_dials(args.alpha)]
+        sampling = settings.or_defaults(args.temperature, args.top_k)
+        return [(a, dial_label(a, run.source_names), *sampling) for a in parse_dials(args.alpha)]
     missing = (f"--mix: {args.ckpt} has no calibrated dial; make one with: python calibrate.py --ckpt {args.ckpt} "
                "(or use --alpha)")
     resolved = []
@@ -120,9 +119,8 @@ def main(argv=None):
         sys.exit(f"error: {e}")
 
     gated = model.config.gated
-    default = (None, "", settings.DEFAULTS.temperature if args.temperature is None else args.temperature,
-               settings.DEFAULTS.top_k if args.top_k is None else args.top_k)
-    for alpha, label, temperature, top_k in resolved if gated else [default]:
+    vanilla = (None, "", *settings.or_defaults(args.temperature, args.top_k))
+    for alpha, label, temperature, top_k in resolved if gated else [vanilla]:
         generator = torch.Generator(device=args.device).manual_seed(args.seed)
         idx = torch.tensor([start_ids] * args.samples, dtype=torch.long, device=args.device)
         out = generate(model, idx, args.max_new_tokens, alpha, temperature, top_k, generator)

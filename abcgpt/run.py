@@ -193,11 +193,21 @@ def corpus_for(run, tokenizer, sources=None, cache_dir=None):
         corpus = Corpus.from_sources(sources, tokenizer, config.val_fraction, cache_dir or config.cache_dir or None)
     except UnknownCharactersError as e:
         raise DataError(f"the sources have text the checkpoint's tokenizer lacks: {e}") from None
-    for spec, recorded, actual in zip(sources, run.source_sha256, corpus.sha256):
-        if recorded is not None and recorded != actual:  # older checkpoints recorded none
+    changed = changed_sources(run, corpus)
+    for spec in sources:
+        digests = changed.get(spec.name)
+        if digests:
             raise DataError(f"source {spec.name!r}: {spec.path or 'the built-in copy'} is not the text the checkpoint "
-                            f"was trained on under that name (sha256 {actual[:12]}..., trained on {recorded[:12]}...)")
+                            f"was trained on under that name (sha256 {digests['to'][:12]}..., trained on "
+                            f"{digests['from'][:12]}...)")
     return corpus
+
+
+def changed_sources(run, corpus) -> dict:
+    """The sources whose text is not what the run recorded, as {name: {"from": recorded, "to": now}}
+    (older checkpoints recorded no sha256: nothing to compare)."""
+    return {name: {"from": recorded, "to": now} for name, recorded, now
+            in zip(corpus.names, run.source_sha256, corpus.sha256) if recorded is not None and recorded != now}
 
 
 def load_gated_run(path, device="cpu", sources=None, cache_dir=None):

@@ -9,6 +9,7 @@ from . import cli
 from .checkpoint import CheckpointError
 from .config import ARCHITECTURE
 from .errors import SettingsError, UserError
+from .run import changed_sources
 
 
 class TrainingDiverged(UserError, RuntimeError):
@@ -32,8 +33,7 @@ def check_run_folder(folder, resume, overwrite):
 def check_same_sources(run, corpus, new_sources):
     """A resume trains on the text its run recorded (sha256), unless new_sources: then the changes, as
     {name: {"from": recorded, "to": now}}, for the log."""
-    changed = {name: {"from": recorded, "to": now} for name, recorded, now
-               in zip(corpus.names, run.source_sha256, corpus.sha256) if recorded is not None and recorded != now}
+    changed = changed_sources(run, corpus)
     if changed and not new_sources:
         name, digests = next(iter(changed.items()))
         raise SettingsError(f"source {name!r} is not the text the run was trained on (sha256 {digests['to'][:12]}..., "

@@ -103,8 +103,7 @@ class Service:
                 mix, self.dial_map, temperature, top_k,
                 missing="this checkpoint has no calibrated dial: give alpha, or run calibrate.py on it")
             return alpha, mix, temperature, top_k
-        temperature = settings.DEFAULTS.temperature if temperature is None else temperature
-        top_k = settings.DEFAULTS.top_k if top_k is None else top_k
+        temperature, top_k = settings.or_defaults(temperature, top_k)
         if not self.model.config.gated:
             return None, None, temperature, top_k
         return settings.check_unit(number(fields, "alpha", 0.5), "alpha"), None, temperature, top_k

@@ -65,6 +65,12 @@ def check_new_tokens(value: int, name: str = "max_new_tokens", least: int = 0, m
     return value
 
 
+def or_defaults(temperature: Optional[float], top_k: Optional[int]) -> tuple:
+    """(temperature, top_k) for a dial given as alpha: those given, the defaults for those not."""
+    return (DEFAULTS.temperature if temperature is None else temperature,
+            DEFAULTS.top_k if top_k is None else top_k)
+
+
 def calibrated_at(dial_map: dict) -> dict:
     """The temperature and top-k a dial map was measured at (maps written before they were stored: the
     settings calibrate.py has always sampled at)."""
