@@ -70,7 +70,9 @@ def test_the_check_trips_on_a_spill_too_much_shared_memory_and_no_wgmma():
             c.binary = ks.Compiler().binary(launch)
             return ks.problems(c)
         assert case() == [], case()
-        assert any("spills" in p for p in case(maxnreg=96)), case(maxnreg=96)  # two programs per SM need <= 128
+        # four warps hold the 128x128 accumulator in 128 registers a thread: capped at 128, much spills (a cap
+        # just under the kernel's 127 registers spilled 8 bytes here and nothing on the CI machine)
+        assert any("spills" in p for p in case(num_warps=4)), case(num_warps=4)
         assert any("shared memory" in p for p in case(num_stages=8)), case(num_stages=8)
         torch.backends.cuda.matmul.allow_tf32 = False  # float32 in IEEE precision: no tensor-core path
         assert any("wgmma" in p for p in case(torch.float32)), case(torch.float32)
