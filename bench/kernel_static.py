@@ -179,6 +179,7 @@ class Compiler:
         opcodes = [op for _, op, _ in instructions]
         return {"regs": regs, "stack_bytes": stack, "local_ops": sum(op in ("LDL", "STL") for op in opcodes),
                 "hgmma": sum(op == "HGMMA" for op in opcodes), "hmma": sum(op == "HMMA" for op in opcodes),
+                "tma_stores": sum(op == "UTMASTG" for op in opcodes),
                 "instructions": len(opcodes), "regions": regions(instructions)}
 
 

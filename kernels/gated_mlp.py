@@ -198,7 +198,8 @@ def _up_epilogue(z, off_m, off_n, M, N, b_ptr, gate_ptr, stride_g, ROWS_PER_GATE
     gate = _load_gate(gate_ptr, rm, rn, off_m, M, N, stride_g, ROWS_PER_GATE, GATE)
     if STORE_SLOPE:
         value, dvalue = _gelu_and_slope(z, TANH, FAST_GELU, ASM)
-        _store(slope, dvalue * gate, off_m, off_n, M, N, stride_sm, stride_sn, USE_TMA, BLOCK_M, CHUNK_N)
+        # through pointers: a TMA store would share h's staging buffer, and the two would wait on each other
+        _store(slope, dvalue * gate, off_m, off_n, M, N, stride_sm, stride_sn, False, BLOCK_M, CHUNK_N)
     else:
         value = _gelu(z, TANH, FAST_GELU, ASM)
     _store(h, value * gate, off_m, off_n, M, N, stride_hm, stride_hn, USE_TMA, BLOCK_M, CHUNK_N)
@@ -235,8 +236,8 @@ def gated_up_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """h = GELU(z) * G with z = x @ W.T + b, and the slope dh/dz = GELU'(z) * G if STORE_SLOPE.
-    W is (N, K) as in nn.Linear. With TMA, h's and the slope's descriptors have blocks of BLOCK_N // 2
-    columns, BLOCK_N // 4 with STORE_SLOPE (up_launch)."""
+    W is (N, K) as in nn.Linear. With TMA, h's descriptor has blocks of BLOCK_N // 2 columns, BLOCK_N // 4
+    with STORE_SLOPE (up_launch); the slope is always a pointer."""
     HALF_N: tl.constexpr = BLOCK_N // 2
     tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
     for tile in range(tl.program_id(0), tiles, num_programs):

@@ -148,11 +148,11 @@ def up_launch(x, weight, bias, gate, h, slope, tanh, target):
     N = weight.shape[0]
     store_slope = slope.numel() > 0
     slope_arg = slope if store_slope else h  # never written when STORE_SLOPE is off
-    cfg, (x_op, w_op, h_op, s_op), tma, programs = _matmul_launch(x, weight, (h, slope_arg), M, N, target,
-                                                                   b_is_nk=True, chunks=4 if store_slope else 2)
+    cfg, (x_op, w_op, h_op), tma, programs = _matmul_launch(x, weight, (h,), M, N, target, b_is_nk=True,
+                                                             chunks=4 if store_slope else 2)
     gate_mode, rows_per_gate, stride_g = _gate_layout(gate, M, cfg["BLOCK_M"])
     return Launch(gated_up_kernel, (programs,), (
-        x_op, w_op, bias if bias is not None else gate, gate, h_op, s_op,
+        x_op, w_op, bias if bias is not None else gate, gate, h_op, slope_arg,
         M, N, K, rows_per_gate, programs,
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), stride_g,
         h.stride(0), h.stride(1), slope_arg.stride(0), slope_arg.stride(1),

@@ -56,6 +56,17 @@ def test_the_table_gates_cost_what_the_vector_costs(static_check):
             assert case["smem_bytes"] <= vector["smem_bytes"] and case["regs"] <= vector["regs"], (case, vector)
 
 
+def test_the_training_forward_stores_only_h_through_tma(static_check):
+    """TMA stores share one staging buffer and each waits for the last to be read out of it; the slope goes
+    out through pointers, so the training forward's TMA stores are h's four chunks per tile, as the
+    forward's are its two halves, and no slope store waits on an h store or the reverse."""
+    _, record = static_check
+    for case in record["cases"]:
+        if case["path"] == "tma" and case["kernel"] in ("up", "up-train") and case["shape"][0] > 64:
+            chunks = 4 if case["kernel"] == "up-train" else 2
+            assert case["tma_stores"] == chunks, case
+
+
 def test_the_check_trips_on_a_spill_too_much_shared_memory_and_no_wgmma():
     result = run_python("""
         import torch
