@@ -12,7 +12,9 @@ distinct specialization is compiled by Triton for sm_90a as its JIT would compil
 CUDA tools Triton's wheel ships: registers and stack from cuobjdump -res-usage, shared memory from the
 compiled metadata, and wgmma (HGMMA), special-function (MUFU) and epilogue instruction counts from the
 SASS. A plain persistent TMA matmul of our own (bench.plain_matmul) goes through the same model, which
-calibrates it: a model that does not put that kernel near a plain matmul is not to be trusted.
+calibrates it: a model that does not put that kernel near a plain matmul is not to be trusted. So does
+the deferred-epilogue forward (bench.deferred_up), the overlap design the GPU benchmark weighs against
+two programs per SM; the check also holds it to having a wgmma in flight under its epilogue.
 
 Every time here is predicted by the model below, never measured; --help-model prints it.
 """
@@ -43,16 +45,29 @@ MODEL = """The issue-bound model (per output tile, on one SM; H100 SXM figures):
                                                   unit takes 8 clocks for a warp's MUFU
   kstep    = max(0, S * W / 4 - mma per K step)   S instructions per thread in a K step beyond what the
                                                   step's wgmma hides, for every K step
-  per tile = mma + epilogue + kstep               with one program per SM: the warps that issue the
-                                                  wgmma also run the epilogue, so nothing overlaps it
-  per tile = max(mma, (mma + epilogue + kstep) / P, epilogue + kstep * steps)
-                                                  with P programs resident per SM: the tensor cores serve
-                                                  one program's tile while another runs its epilogue
+  per tile = mma + epilogue + kstep               "in step": one program per SM, whose warps issue the
+                                                  wgmma and also run the epilogue; or P programs per SM
+                                                  that run their matmuls together and then their
+                                                  epilogues together, so nothing overlaps an epilogue
+  per tile = max(mma, (mma + epilogue + kstep) / P, epilogue + kstep)
+                                                  "interleaved": P programs per SM, the tensor cores
+                                                  serving one program's tile while another runs its
+                                                  epilogue
+  epilogue = T * W / 4 + 4 * max(0, S * W / 4 + Q - mma per K step)
+                                                  the deferred kernel (bench.deferred_up), one program
+                                                  per SM, K of at least four steps: T instructions of
+                                                  the tile's own, then a quarter of the kept tile's
+                                                  epilogue, Q = max(E / 4 * W / 4, U / 4 * W / 4 * 8),
+                                                  after each of the first four K steps' wgmma, which
+                                                  hides it up to that step's mma cycles
   time     = max(tiles per SM * per tile / 1.83 GHz, bytes / 3.35 TB/s)
   ratio    = the same product as a plain matmul would take at full rate, max(2 M N K / 989.4 TFLOP/s,
              its own bytes / 3.35 TB/s), over that time; 1 would match an ideal cuBLAS.
-Latencies, waits on TMA and barriers, L2 misses and clock changes are not in it: it is an upper
-bound for comparing designs, and every ratio it gives is "predicted"."""
+With two programs per SM it gives both: nothing in the kernels orders them, they start together on
+equal work, and two programs that share the tensor cores and the issue slots equally keep whatever
+offset they have, so the model cannot say which holds (bench.kernel_bench times the same binary at
+one program per SM to find out). Latencies, waits on TMA and barriers, L2 misses and clock changes
+are not in it: it is an upper bound for comparing designs, and every ratio it gives is "predicted"."""
 
 H100 = Target(sms=132, capability=(9, 0))
 CLOCK_HZ = 1.83e9
@@ -72,7 +87,7 @@ ROWS_PER_SEQUENCE = 256  # the reference recipe's block, as bench.kernel_bench g
 @dataclass
 class Case:
     """One launch the ops would make: what it is, the launch, and what it moves and computes."""
-    kernel: str  # up, up-train (h and its slope), down-grad, plain
+    kernel: str  # up, up-train (h and its slope), down-grad, plain, deferred-up
     path: str  # tma, pointer, or - for the elementwise kernel
     gate: str  # vector, table, or -
     shape: tuple  # (M, K, N)
@@ -93,7 +108,9 @@ def gate_of(kind, M, N, rows_per_sequence=ROWS_PER_SEQUENCE):
 
 
 def planned_cases(shapes, paths):
-    """Every launch the ops plan for an H100 at these shapes, and the plain matmul at each."""
+    """Every launch the ops plan for an H100 at these shapes, and at each our plain matmul and the deferred
+    forward (bench.deferred_up), the benchmark's rivals."""
+    from bench.deferred_up import deferred_up_launch
     from bench.plain_matmul import plain_matmul_launch
 
     cases = []
@@ -122,6 +139,11 @@ def planned_cases(shapes, paths):
     for M, K, N in shapes:
         cases.append(Case("plain", "tma", "-", (M, K, N), plain_matmul_launch(meta(M, K), meta(N, K), meta(M, N), H100),
                           2 * (M * K + N * K + M * N)))
+        for gate in ("vector", "table"):
+            g = gate_of(gate, M, N)
+            cases.append(Case("deferred-up", "tma", gate, (M, K, N),
+                              deferred_up_launch(meta(M, K), meta(N, K), g, meta(M, N), H100),
+                              2 * (M * K + N * K + M * N) + g.numel() * 4))
     return cases
 
 
@@ -176,7 +198,7 @@ class Compiler:
                                   check=True).stdout
         regs, stack = (int(v) for v in re.search(r"REG:(\d+) STACK:(\d+)", usage).groups())
         instructions = parse_sass(sass)
-        opcodes = [op for _, op, _ in instructions]
+        opcodes = [op for _, op, *_ in instructions]
         return {"regs": regs, "stack_bytes": stack, "local_ops": sum(op in ("LDL", "STL") for op in opcodes),
                 "hgmma": sum(op == "HGMMA" for op in opcodes), "hmma": sum(op == "HMMA" for op in opcodes),
                 "tma_stores": sum(op == "UTMASTG" for op in opcodes),
@@ -184,20 +206,33 @@ class Compiler:
 
 
 def parse_sass(text):
-    """[(index, opcode without modifiers, the branch target's address or None)] of one kernel's SASS."""
-    found = []
+    """[(index, opcode without modifiers, the branch target's address or None, the whole instruction)] of
+    one kernel's SASS.
+    Out-of-line code (such as a barrier wait's retry loop) is entered by a conditional branch forward and
+    left by an unconditional branch back to the instruction after it: that way home gets no target, as it
+    is no loop's back edge."""
+    found, predicated = [], {}
     for line in text.splitlines():
-        m = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)[^;]*;", line)
+        m = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+((@!?U?P\w+\s+)?([A-Z0-9_]+)[^;]*);", line)
         if not m:
             continue
-        address, opcode = int(m.group(1), 16), m.group(2)
+        address, opcode = int(m.group(1), 16), m.group(4)
         target = None
         if opcode == "BRA":
             t = re.search(r"0x([0-9a-f]+)", line[m.end(1):])
             target = int(t.group(1), 16) if t else None
+            predicated[address] = bool(m.group(3))
         if opcode != "NOP":
-            found.append((address, opcode, target))
-    return found
+            found.append((address, opcode, target, m.group(2)))
+    before = {b[0]: a for a, b in zip(found, found[1:])}  # the instruction before each address
+    parsed = []
+    for address, opcode, target, text in found:
+        if opcode == "BRA" and target is not None and target <= address and not predicated[address]:
+            entry = before.get(target)  # a conditional branch into (target, address] left the path just there
+            if entry and entry[1] == "BRA" and predicated[entry[0]] and target < (entry[2] or -1) <= address:
+                target = None
+        parsed.append((address, opcode, target, text))
+    return parsed
 
 
 def regions(instructions):
@@ -206,35 +241,47 @@ def regions(instructions):
 
     The main loop is the innermost loop holding the wgmma. Triton's flattened loop nest puts the
     epilogue inside it, behind a forward branch that the K steps before the last take around it (the
-    widest such branch after the last wgmma); a nested loop puts it after the K loop's back edge, up to
-    the tile loop's, and the tile loop's other instructions are the tile's own."""
-    index = {address: i for i, (address, _, _) in enumerate(instructions)}
-    mma = [i for i, (_, op, _) in enumerate(instructions) if op in ("HGMMA", "HMMA")]
+    widest such branch after the last wgmma), and so does a deferred epilogue (bench.deferred_up),
+    inside a tile loop; a nested loop puts it after the K loop's back edge, up to the tile loop's. The
+    tile loop's other instructions are the tile's own, less what forward branches take some tiles
+    around (code that stores: an epilogue's variant for a short K loop)."""
+    index = {address: i for i, (address, *_) in enumerate(instructions)}
+    mma = [i for i, (_, op, *_) in enumerate(instructions) if op in ("HGMMA", "HMMA")]
     if not mma:
         return None
-    loops = sorted((i - index[t], index[t], i) for i, (_, op, t) in enumerate(instructions)
+    loops = sorted((i - index[t], index[t], i) for i, (_, op, t, _) in enumerate(instructions)
                    if op == "BRA" and t in index and index[t] <= i)
     loops = [(head, tail) for _, head, tail in loops if head <= mma[0] and mma[-1] <= tail]
     if not loops:
         return None
     head, tail = loops[0]
-    stores = [i for i, (_, op, _) in enumerate(instructions) if op in ("UTMASTG", "STG")]
-    skips = [(index[t] - i, i + 1, index[t]) for i, (_, op, t) in enumerate(instructions)
+    stores = [i for i, (_, op, *_) in enumerate(instructions) if op in ("UTMASTG", "STG")]
+    skips = [(index[t] - i, i + 1, index[t]) for i, (_, op, t, _) in enumerate(instructions)
              if op == "BRA" and mma[-1] < i < tail and t in index and i < index[t] <= tail
              and any(i < s < index[t] for s in stores)]
     if skips:
         _, start, end = max(skips)
-        epilogue, kstep, tile = range(start, end), (end - start), 0
+        epilogue = range(start, end)
         kstep = tail + 1 - head - len(epilogue)
     elif len(loops) > 1:
-        outer_head, outer_tail = loops[1]
-        epilogue = range(tail + 1, outer_tail)
+        epilogue = range(tail + 1, loops[1][1])
         kstep = tail + 1 - head
-        tile = (outer_tail + 1 - outer_head) - kstep - len(epilogue)
     else:
         return None
+    tile = 0
+    if len(loops) > 1:
+        outer_head, outer_tail = loops[1]
+        own = set(range(outer_head, outer_tail + 1)) - set(range(head, tail + 1)) - set(epilogue)
+        for i, (_, op, t, _) in enumerate(instructions):
+            if op == "BRA" and i in own and t in index and i < index[t] and any(i < s < index[t] for s in stores):
+                own -= set(range(i + 1, index[t]))
+        tile = len(own)
+    # wgmma groups the epilogue leaves in flight: the fewest any wgmma wait from the last wgmma before it on allows
+    last_mma = max(i for i in mma if i < epilogue.start) if any(i < epilogue.start for i in mma) else epilogue.start
+    in_flight = [int(re.search(r"gsb0, (0x[0-9a-f]+)", text).group(1), 16)
+                 for _, op, _, text in instructions[last_mma:epilogue.stop] if op == "WARPGROUP" and "DEPBAR" in text]
     return {"epilogue": len(epilogue), "mufu": sum(instructions[i][1] == "MUFU" for i in epilogue),
-            "kstep": kstep, "tile": tile}
+            "kstep": kstep, "tile": tile, "wgmma_in_flight": min(in_flight, default=0)}
 
 
 def programs_per_sm(binary, launch):
@@ -258,22 +305,32 @@ def predict(case):
     steps = -(-K // bk)
     mma = bm * bn * K / MMA_PER_CLOCK
     issue = warps / 4  # clocks per instruction per thread: each sub-partition issues one warp instruction a clock
-    epilogue = max((r["epilogue"] + r["tile"]) * issue, r["mufu"] * issue * 8)
-    kstep = max(0.0, r["kstep"] * issue - mma / steps) * steps
-    if resident == 1:
-        per_tile = mma + epilogue + kstep
+    if case.kernel == "deferred-up":  # the first four K steps each carry a quarter of the kept tile's epilogue
+        under = min(steps, 4)
+        quarter = max(r["epilogue"] / 4 * issue, r["mufu"] / 4 * issue * 8)
+        epilogue = (r["tile"] * issue + under * max(0.0, r["kstep"] * issue + quarter - mma / steps)
+                    + (4 - under) * quarter)
+        kstep = max(0.0, r["kstep"] * issue - mma / steps) * (steps - under)
     else:
-        per_tile = max(mma, (mma + epilogue + kstep) / resident, epilogue + kstep)
+        epilogue = max((r["epilogue"] + r["tile"]) * issue, r["mufu"] * issue * 8)
+        kstep = max(0.0, r["kstep"] * issue - mma / steps) * steps
+    in_step = mma + epilogue + kstep
+    interleaved = max(mma, in_step / resident, epilogue + kstep)
     tiles = -(-M // bm) * -(-N // bn)
     tiles_per_sm = -(-tiles // case.launch.grid[0]) * given  # every program the grid gives an SM runs there
-    seconds = max(tiles_per_sm * per_tile / CLOCK_HZ, case.hbm_bytes / HBM_BYTES_PER_S)
     ideal = max(2 * M * N * K / PEAK_FLOPS, 2 * (M * K + N * K + M * N) / HBM_BYTES_PER_S)
+
+    def seconds(per_tile):
+        return max(tiles_per_sm * per_tile / CLOCK_HZ, case.hbm_bytes / HBM_BYTES_PER_S)
+
     return {"resident_per_sm": resident, "mma_cycles": mma, "epilogue_cycles": epilogue, "kstep_excess_cycles": kstep,
-            "predicted_us": seconds * 1e6, "predicted_ratio": ideal / seconds}
+            "predicted_us": seconds(interleaved) * 1e6, "predicted_ratio": ideal / seconds(interleaved),
+            "predicted_us_in_step": seconds(in_step) * 1e6, "predicted_ratio_in_step": ideal / seconds(in_step)}
 
 
 def problems(case):
-    """What the H100 would refuse or pay for: spills, shared memory over the limit, a matmul without wgmma."""
+    """What the H100 would refuse or pay for: spills, shared memory over the limit, a matmul without wgmma,
+    a deferred epilogue with no wgmma under it."""
     b, found = case.binary, []
     if b["stack_bytes"] or b["local_ops"]:
         found.append(f"spills: {b['stack_bytes']} B of stack, {b['local_ops']} local loads and stores")
@@ -281,6 +338,8 @@ def problems(case):
         found.append(f"needs {b['smem_bytes']} B of shared memory, over the {SMEM_PER_BLOCK} B an H100 allows")
     if b["hgmma"] == 0:
         found.append("a matmul without wgmma (HGMMA)")
+    if case.kernel == "deferred-up" and not (b["regions"] or {}).get("wgmma_in_flight"):
+        found.append("a deferred epilogue that waits for every wgmma: nothing runs under it")
     return found
 
 
@@ -298,20 +357,28 @@ def run(shapes, paths):
     return cases, len(compiler.binaries)
 
 
+def both(in_step, interleaved):
+    """A prediction in step and interleaved; one figure where the two agree."""
+    return f"{in_step:.2f}" if f"{in_step:.2f}" == f"{interleaved:.2f}" else f"{in_step:.2f} / {interleaved:.2f}"
+
+
 def report(cases):
-    plain = {c.shape: predict(c)["predicted_us"] for c in cases if c.kernel == "plain"}
+    plain = {c.shape: predict(c) for c in cases if c.kernel == "plain"}
     rows = []
     for case in cases:
         b, p, r = case.binary, predict(case), case.binary["regions"]
-        against_plain = plain.get(case.shape) / p["predicted_us"] if p and case.shape in plain else None
+        ours = plain.get(case.shape) if p else None
         rows.append([label(case), "x".join(map(str, case.shape)), b["regs"], b["stack_bytes"], b["smem_bytes"],
                      p.get("resident_per_sm", "-"), b["hgmma"], f"{r['epilogue']} ({r['mufu']})" if r else "-",
-                     f"{p['predicted_ratio']:.2f}" if p else "-", f"{against_plain:.2f}" if against_plain else "-",
+                     both(p["predicted_ratio_in_step"], p["predicted_ratio"]) if p else "-",
+                     both(ours["predicted_us_in_step"] / p["predicted_us_in_step"],
+                          ours["predicted_us"] / p["predicted_us"]) if ours else "-",
                      "; ".join(problems(case)) or "ok"])
     return markdown_table(["kernel, path, gate, tile, warps", "M x K x N", "registers", "spill B", "shared B",
                            "programs per SM", "wgmma", "epilogue instructions (MUFU) per thread",
-                           "predicted ratio to an ideal matmul", "predicted ratio to our plain matmul", "check"],
-                          rows, numeric=range(2, 10))
+                           "predicted ratio to an ideal matmul, in step / interleaved",
+                           "predicted ratio to our plain matmul, in step / interleaved", "check"],
+                          rows, numeric=range(2, 8))
 
 
 def parse_shape(text):

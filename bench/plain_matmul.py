@@ -30,19 +30,20 @@ def plain_matmul_kernel(a, b, c, M, N, K, num_programs, BLOCK_M: tl.constexpr, B
         c.store([off_m, off_n + HALF_N], right.to(c.dtype))
 
 
-def plain_matmul_launch(a, b, c, target):
+def plain_matmul_launch(a, b, c, target, programs_per_sm=None):
     """c = a @ b.T with the fused kernel's tile settings for this shape and target; TMA only."""
     M, K = a.shape
     N = b.shape[0]
     cfg, per_sm = tile_config(M, N, target, tma=True)
+    per_sm = programs_per_sm or per_sm
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     programs = _programs(triton.cdiv(M, bm) * triton.cdiv(N, bn), target, per_sm)
     operands = (_descriptor(a, [bm, bk]), _descriptor(b, [bn, bk]), _descriptor(c, [bm, bn // 2]))
     return Launch(plain_matmul_kernel, (programs,), (*operands, M, N, K, programs), cfg)
 
 
-def plain_matmul(a, b):
+def plain_matmul(a, b, programs_per_sm=None):
     """a @ b.T through the kernel above: the kernel benchmark's Triton rival to cuBLAS."""
     c = torch.empty((a.shape[0], b.shape[0]), device=a.device, dtype=a.dtype)
-    plain_matmul_launch(a, b, c, target_of(a.device))()
+    plain_matmul_launch(a, b, c, target_of(a.device), programs_per_sm)()
     return c

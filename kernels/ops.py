@@ -126,12 +126,13 @@ class Launch:
         self.kernel[self.grid](*self.args, **self.kwargs)
 
 
-def _matmul_launch(a, b, outputs, M, N, target, b_is_nk, chunks):
+def _matmul_launch(a, b, outputs, M, N, target, b_is_nk, chunks, programs_per_sm=None):
     """Tile settings, the operands A, B and the (M, N) outputs (which the epilogue stores in chunks column
     blocks per tile) as TMA descriptors where the rules allow or as the tensors themselves, whether TMA
-    serves, and the grid size."""
+    serves, and the grid size (programs_per_sm overrides the configuration's, for the kernel benchmark)."""
     tma = use_tma(target, a, b, *outputs)
     cfg, per_sm = tile_config(M, N, target, tma)
+    per_sm = programs_per_sm or per_sm
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     if tma:
         operands = (_descriptor(a, [bm, bk]), _descriptor(b, [bn, bk] if b_is_nk else [bk, bn]),
@@ -142,14 +143,15 @@ def _matmul_launch(a, b, outputs, M, N, target, b_is_nk, chunks):
     return cfg, operands, tma, programs
 
 
-def up_launch(x, weight, bias, gate, h, slope, tanh, target):
+def up_launch(x, weight, bias, gate, h, slope, tanh, target, programs_per_sm=None):
     """h = GELU(x @ weight.T + bias) * gate into h, and its slope dh/dz into slope unless slope is empty."""
     M, K = x.shape
     N = weight.shape[0]
     store_slope = slope.numel() > 0
     slope_arg = slope if store_slope else h  # never written when STORE_SLOPE is off
     cfg, (x_op, w_op, h_op), tma, programs = _matmul_launch(x, weight, (h,), M, N, target, b_is_nk=True,
-                                                             chunks=4 if store_slope else 2)
+                                                             chunks=4 if store_slope else 2,
+                                                             programs_per_sm=programs_per_sm)
     gate_mode, rows_per_gate, stride_g = _gate_layout(gate, M, cfg["BLOCK_M"])
     return Launch(gated_up_kernel, (programs,), (
         x_op, w_op, bias if bias is not None else gate, gate, h_op, slope_arg,
