@@ -53,13 +53,14 @@ MODEL = """The issue-bound model (per output tile, on one SM; H100 SXM figures):
                                                   "interleaved": P programs per SM, the tensor cores
                                                   serving one program's tile while another runs its
                                                   epilogue
-  epilogue = T * W / 4 + 4 * max(0, S * W / 4 + Q - mma per K step)
+  epilogue = T * W / 4 + C * max(0, S * W / 4 + Q - mma per K step)
                                                   the deferred kernel (bench.deferred_up), one program
-                                                  per SM, K of at least four steps: T instructions of
-                                                  the tile's own, then a quarter of the kept tile's
-                                                  epilogue, Q = max(E / 4 * W / 4, U / 4 * W / 4 * 8),
-                                                  after each of the first four K steps' wgmma, which
-                                                  hides it up to that step's mma cycles
+                                                  per SM, K of at least C steps: T instructions of the
+                                                  tile's own, then a chunk of the kept tile's epilogue,
+                                                  Q = max(E / C * W / 4, U / C * W / 4 * 8), after each
+                                                  of the first C K steps' wgmma, which hides it up to
+                                                  that step's mma cycles (a short K loop leaves the
+                                                  other chunks unhidden)
   time     = max(tiles per SM * per tile / 1.83 GHz, bytes / 3.35 TB/s)
   ratio    = the same product as a plain matmul would take at full rate, max(2 M N K / 989.4 TFLOP/s,
              its own bytes / 3.35 TB/s), over that time; 1 would match an ideal cuBLAS.
@@ -305,11 +306,12 @@ def predict(case):
     steps = -(-K // bk)
     mma = bm * bn * K / MMA_PER_CLOCK
     issue = warps / 4  # clocks per instruction per thread: each sub-partition issues one warp instruction a clock
-    if case.kernel == "deferred-up":  # the first four K steps each carry a quarter of the kept tile's epilogue
-        under = min(steps, 4)
-        quarter = max(r["epilogue"] / 4 * issue, r["mufu"] / 4 * issue * 8)
-        epilogue = (r["tile"] * issue + under * max(0.0, r["kstep"] * issue + quarter - mma / steps)
-                    + (4 - under) * quarter)
+    if case.kernel == "deferred-up":  # the first C K steps each carry a chunk of the kept tile's epilogue
+        chunks = 2 ** cfg["LEVELS"]
+        under = min(steps, chunks)
+        chunk = max(r["epilogue"] / chunks * issue, r["mufu"] / chunks * issue * 8)
+        epilogue = (r["tile"] * issue + under * max(0.0, r["kstep"] * issue + chunk - mma / steps)
+                    + (chunks - under) * chunk)
         kstep = max(0.0, r["kstep"] * issue - mma / steps) * (steps - under)
     else:
         epilogue = max((r["epilogue"] + r["tile"]) * issue, r["mufu"] * issue * 8)

@@ -13,7 +13,8 @@ from bench.plain_matmul import plain_matmul
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 2e-2}
-# (M, K, N): K = 24 is two K steps of the interpreter's 16 (fewer steps than quarters); 72 is five steps
+# (M, K, N): K = 24 is two K steps of the interpreter's 16, fewer than the chunks (4 in float16, 8 in float32);
+# 72 is five steps, 48 three
 SHAPES = [(37, 24, 40), (70, 72, 104), (130, 48, 64)]
 
 

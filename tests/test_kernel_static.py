@@ -80,6 +80,28 @@ def test_the_deferred_epilogue_runs_under_a_wgmma_and_the_tile_loop_is_found(sta
             assert case["regions"]["tile"] > 0, case
 
 
+def test_the_deferred_epilogue_keeps_its_math_in_the_k_loop():
+    """Without its opaque move, the compiler hoists each chunk's loop-invariant math out of the K loop,
+    where no wgmma runs under it, and keeps the results live across the loop in registers."""
+    result = run_python("""
+        import torch
+        import bench.kernel_static as ks
+        from bench.deferred_up import deferred_up_launch
+        m = lambda *s: torch.empty(s, dtype=torch.bfloat16, device="meta")
+        built = {}
+        for in_loop in (True, False):
+            launch = deferred_up_launch(m(16384, 768), m(3072, 768), ks.gate_of("vector", 16384, 3072),
+                                        m(16384, 3072), ks.H100)
+            launch.kwargs["IN_LOOP"] = in_loop
+            built[in_loop] = ks.Compiler().binary(launch)
+        kept, hoisted = built[True], built[False]
+        assert kept["regions"]["epilogue"] > hoisted["regions"]["epilogue"] + 200, (kept, hoisted)
+        assert kept["regs"] < hoisted["regs"], (kept["regs"], hoisted["regs"])
+        print("kept in the loop")
+    """)
+    assert result.returncode == 0 and "kept in the loop" in result.stdout, result.stdout + result.stderr
+
+
 def test_the_check_trips_on_a_spill_too_much_shared_memory_and_no_wgmma():
     result = run_python("""
         import torch
@@ -100,7 +122,7 @@ def test_the_check_trips_on_a_spill_too_much_shared_memory_and_no_wgmma():
         assert any("shared memory" in p for p in case(num_stages=8)), case(num_stages=8)
         torch.backends.cuda.matmul.allow_tf32 = False  # float32 in IEEE precision: no tensor-core path
         assert any("wgmma" in p for p in case(torch.float32)), case(torch.float32)
-        # the deferred forward unpipelined: each K step waits for its own wgmma, so no quarter runs under one
+        # the deferred forward unpipelined: each K step waits for its own wgmma, so no chunk runs under one
         from bench.deferred_up import deferred_up_launch
         m = lambda *s: torch.empty(s, dtype=torch.bfloat16, device="meta")
         deferred = ks.Case("deferred-up", "tma", "vector", (16384, 768, 3072), deferred_up_launch(
