@@ -62,7 +62,8 @@ def steps(out, quick, cuda):
     if not cuda:
         kernel.append("--no-compile")
 
-    tests = ["tests/test_cuda.py", "tests/test_kernels.py", "tests/test_kernel_fuzz.py", "tests/test_backends.py"]
+    tests = ["tests/test_cuda.py", "tests/test_kernels.py", "tests/test_kernel_fuzz.py", "tests/test_bench_kernels.py",
+             "tests/test_backends.py"]
     if not cuda:  # the interpreter's kernel tests run in the ordinary test suite; here a quick check
         tests = ["tests/test_cuda.py", "tests/test_backends.py"]
     pytest = [py, "-m", "pytest", "-v", "-p", "no:cacheprovider", *(["-x"] if quick else []), *tests]
