@@ -13,8 +13,9 @@ CUDA tools Triton's wheel ships: registers and stack from cuobjdump -res-usage, 
 compiled metadata, and wgmma (HGMMA), special-function (MUFU) and epilogue instruction counts from the
 SASS. A plain persistent TMA matmul of our own (bench.plain_matmul) goes through the same model, which
 calibrates it: a model that does not put that kernel near a plain matmul is not to be trusted. So does
-the deferred-epilogue forward (bench.deferred_up), the overlap design the GPU benchmark weighs against
-two programs per SM; the check also holds it to having a wgmma in flight under its epilogue.
+the forward the other way (up-two-programs: gated_up_kernel at two programs per SM), the overlap design
+the kernel benchmark weighs against the deferred forward. The check holds the deferred forward to having
+a wgmma in flight under its epilogue.
 
 Every time here is predicted by the model below, never measured; --help-model prints it.
 """
@@ -54,21 +55,23 @@ MODEL = """The issue-bound model (per output tile, on one SM; H100 SXM figures):
                                                   serving one program's tile while another runs its
                                                   epilogue
   epilogue = T * W / 4 + C * max(0, S * W / 4 + Q - mma per K step)
-                                                  the deferred kernel (bench.deferred_up), one program
-                                                  per SM, K of at least C steps: T instructions of the
-                                                  tile's own, then a chunk of the kept tile's epilogue,
-                                                  Q = max(E / C * W / 4, U / C * W / 4 * 8), after each
-                                                  of the first C K steps' wgmma, which hides it up to
-                                                  that step's mma cycles (a short K loop leaves the
-                                                  other chunks unhidden)
+                                                  the deferred forward (gated_up_deferred_kernel), one
+                                                  program per SM, K of at least C steps: T instructions
+                                                  of the tile's own, then a chunk of the kept tile's
+                                                  epilogue, Q = max(E / C * W / 4, U / C * W / 4 * 8),
+                                                  after each of the first C K steps' wgmma, which hides
+                                                  it up to that step's mma cycles (a short K loop
+                                                  leaves the other chunks unhidden); and once per
+                                                  program, its last tile's C chunks, unhidden
   time     = max(tiles per SM * per tile / 1.83 GHz, bytes / 3.35 TB/s)
   ratio    = the same product as a plain matmul would take at full rate, max(2 M N K / 989.4 TFLOP/s,
              its own bytes / 3.35 TB/s), over that time; 1 would match an ideal cuBLAS.
 With two programs per SM it gives both: nothing in the kernels orders them, they start together on
 equal work, and two programs that share the tensor cores and the issue slots equally keep whatever
 offset they have, so the model cannot say which holds (bench.kernel_bench times the same binary at
-one program per SM to find out). Latencies, waits on TMA and barriers, L2 misses and clock changes
-are not in it: it is an upper bound for comparing designs, and every ratio it gives is "predicted"."""
+one program per SM to find out); a kernel with one program per SM has one figure. Latencies, waits
+on TMA and barriers, L2 misses and clock changes are not in it: it is an upper bound for comparing
+designs, and every ratio it gives is "predicted"."""
 
 H100 = Target(sms=132, capability=(9, 0))
 CLOCK_HZ = 1.83e9
@@ -81,14 +84,14 @@ REGS_PER_SM = 65536
 THREADS_PER_SM = 2048
 
 SHAPES = [(16384, 384, 1536), (16384, 768, 3072), (65536, 384, 1536), (65536, 768, 3072), (16384, 1024, 4096)]
-DECODE_ROWS = (1, 8, 64)  # small batches of one-token steps: one binary for them all
+DECODE_BATCHES = (1, 8, 64)  # small batches of one-token steps: one binary for them all
 ROWS_PER_SEQUENCE = 256  # the reference recipe's block, as bench.kernel_bench gates it
 
 
 @dataclass
 class Case:
     """One launch the ops would make: what it is, the launch, and what it moves and computes."""
-    kernel: str  # up, up-train (h and its slope), down-grad, plain, deferred-up
+    kernel: str  # up, up-train (h and its slope), down-grad; plain, up-two-programs (the benchmark's rivals)
     path: str  # tma, pointer, or - for the elementwise kernel
     gate: str  # vector, table, or -
     shape: tuple  # (M, K, N)
@@ -109,9 +112,8 @@ def gate_of(kind, M, N, rows_per_sequence=ROWS_PER_SEQUENCE):
 
 
 def planned_cases(shapes, paths):
-    """Every launch the ops plan for an H100 at these shapes, and at each our plain matmul and the deferred
-    forward (bench.deferred_up), the benchmark's rivals."""
-    from bench.deferred_up import deferred_up_launch
+    """Every launch the ops plan for an H100 at these shapes, and at each the kernel benchmark's rivals: our
+    plain matmul, and the forward as gated_up_kernel at two programs per SM."""
     from bench.plain_matmul import plain_matmul_launch
 
     cases = []
@@ -130,7 +132,7 @@ def planned_cases(shapes, paths):
             cases.append(Case("down-grad", path, "-", (M, K, N),  # the gate is in the slope the forward kept
                               down_grad_launch(meta(M, K), meta(K, N), meta(M, N), meta(M, N), H100),
                               2 * (M * K + N * K + 2 * M * N)))
-        for rows in DECODE_ROWS:
+        for rows in DECODE_BATCHES:
             for M, K, N in sorted({(rows, k, n) for _, k, n in shapes}):
                 for gate in ("vector", "table"):
                     cases.append(Case("up", path, gate, (M, K, N),
@@ -142,9 +144,9 @@ def planned_cases(shapes, paths):
                           2 * (M * K + N * K + M * N)))
         for gate in ("vector", "table"):
             g = gate_of(gate, M, N)
-            cases.append(Case("deferred-up", "tma", gate, (M, K, N),
-                              deferred_up_launch(meta(M, K), meta(N, K), g, meta(M, N), H100),
-                              2 * (M * K + N * K + M * N) + g.numel() * 4))
+            cases.append(Case("up-two-programs", "tma", gate, (M, K, N),
+                              up_launch(meta(M, K), meta(N, K), None, g, meta(M, N), meta(0), False, H100,
+                                        deferred=False), 2 * (M * K + N * K + M * N) + g.numel() * 4))
     return cases
 
 
@@ -242,7 +244,7 @@ def regions(instructions):
 
     The main loop is the innermost loop holding the wgmma. Triton's flattened loop nest puts the
     epilogue inside it, behind a forward branch that the K steps before the last take around it (the
-    widest such branch after the last wgmma), and so does a deferred epilogue (bench.deferred_up),
+    widest such branch after the last wgmma), and so does a deferred epilogue (gated_up_deferred_kernel),
     inside a tile loop; a nested loop puts it after the K loop's back edge, up to the tile loop's. The
     tile loop's other instructions are the tile's own, less what forward branches take some tiles
     around (code that stores: an epilogue's variant for a short K loop)."""
@@ -293,6 +295,10 @@ def programs_per_sm(binary, launch):
     return fit, -(-launch.grid[0] // H100.sms)
 
 
+def deferred(case):
+    return case.binary["function"] == "gated_up_deferred_kernel"
+
+
 def predict(case):
     """The model's time and ratio to an ideal plain matmul for one case (see MODEL); {} without a main loop."""
     b, r = case.binary, case.binary["regions"]
@@ -306,16 +312,18 @@ def predict(case):
     steps = -(-K // bk)
     mma = bm * bn * K / MMA_PER_CLOCK
     issue = warps / 4  # clocks per instruction per thread: each sub-partition issues one warp instruction a clock
-    if case.kernel == "deferred-up":  # the first C K steps each carry a chunk of the kept tile's epilogue
+    if deferred(case):  # the first C K steps each carry a chunk of the kept tile's epilogue
         chunks = 2 ** cfg["LEVELS"]
         under = min(steps, chunks)
         chunk = max(r["epilogue"] / chunks * issue, r["mufu"] / chunks * issue * 8)
         epilogue = (r["tile"] * issue + under * max(0.0, r["kstep"] * issue + chunk - mma / steps)
                     + (chunks - under) * chunk)
         kstep = max(0.0, r["kstep"] * issue - mma / steps) * (steps - under)
+        last = chunks * chunk  # each program's last tile has no next K loop to hide under
     else:
         epilogue = max((r["epilogue"] + r["tile"]) * issue, r["mufu"] * issue * 8)
         kstep = max(0.0, r["kstep"] * issue - mma / steps) * steps
+        last = 0.0
     in_step = mma + epilogue + kstep
     interleaved = max(mma, in_step / resident, epilogue + kstep)
     tiles = -(-M // bm) * -(-N // bn)
@@ -323,7 +331,7 @@ def predict(case):
     ideal = max(2 * M * N * K / PEAK_FLOPS, 2 * (M * K + N * K + M * N) / HBM_BYTES_PER_S)
 
     def seconds(per_tile):
-        return max(tiles_per_sm * per_tile / CLOCK_HZ, case.hbm_bytes / HBM_BYTES_PER_S)
+        return max((tiles_per_sm * per_tile + given * last) / CLOCK_HZ, case.hbm_bytes / HBM_BYTES_PER_S)
 
     return {"resident_per_sm": resident, "mma_cycles": mma, "epilogue_cycles": epilogue, "kstep_excess_cycles": kstep,
             "predicted_us": seconds(interleaved) * 1e6, "predicted_ratio": ideal / seconds(interleaved),
@@ -340,7 +348,7 @@ def problems(case):
         found.append(f"needs {b['smem_bytes']} B of shared memory, over the {SMEM_PER_BLOCK} B an H100 allows")
     if b["hgmma"] == 0:
         found.append("a matmul without wgmma (HGMMA)")
-    if case.kernel == "deferred-up" and not (b["regions"] or {}).get("wgmma_in_flight"):
+    if deferred(case) and not (b["regions"] or {}).get("wgmma_in_flight"):
         found.append("a deferred epilogue that waits for every wgmma: nothing runs under it")
     return found
 

@@ -2,10 +2,10 @@
 
 It has the fused up-projection's structure (persistent grid, grouped tile order, TMA
 loads, an epilogue on two column halves, TMA stores) and nothing else, with the
-same tile settings as the fused kernel's. The static check (bench.kernel_static)
-runs its model on it to calibrate itself, and the kernel benchmark times it beside
-cuBLAS and the fused kernel, which separates what Triton costs from what the
-epilogue costs.
+same tile settings as the fused forward's: one program per SM, as Triton's
+persistent tutorial runs too. The static check (bench.kernel_static) runs its model
+on it to calibrate itself, and the kernel benchmark times it beside cuBLAS and the
+fused kernel, which separates what Triton costs from what the epilogue costs.
 """
 import torch
 import triton
@@ -34,7 +34,7 @@ def plain_matmul_launch(a, b, c, target, programs_per_sm=None):
     """c = a @ b.T with the fused kernel's tile settings for this shape and target; TMA only."""
     M, K = a.shape
     N = b.shape[0]
-    cfg, per_sm = tile_config(M, N, target, tma=True)
+    cfg, per_sm = tile_config(M, N, target, tma=True, deferred=True)
     per_sm = programs_per_sm or per_sm
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     programs = _programs(triton.cdiv(M, bm) * triton.cdiv(N, bn), target, per_sm)

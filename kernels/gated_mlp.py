@@ -11,12 +11,16 @@ multiples of BLOCK_M, so that a tile reads one row of it; "row", the same table 
 as G[row // ROWS_PER_GATE] row by row (any sequence length). The kernels never
 evaluate the tent themselves.
 
-The two matmul kernels are persistent: a grid of up to two programs per SM, each
-walking its share of the output tiles, so that one program's epilogue runs while
-the other's wgmma keeps the tensor cores busy. Operands come through TMA
-tensor descriptors where the hardware and the strides allow (USE_TMA), else through
-masked pointer loads; both paths share the tile order and the epilogue, which works
-on the fp32 accumulator in two halves to keep register pressure down.
+The matmul kernels are persistent, each program walking its share of the output
+tiles, and each hides its epilogue under wgmma one of two ways (docs/design.md,
+Overlap). The forward on the TMA path (gated_up_deferred_kernel) defers a tile's
+epilogue into the next tile's K loop, a chunk under each of its first wgmma, one
+program per SM. The other launches (gated_up_kernel, gated_down_grad_kernel) run up
+to two programs per SM, so that one program's epilogue can run while the other's
+wgmma keeps the tensor cores busy. Operands come through TMA tensor descriptors
+where the hardware and the strides allow (USE_TMA), else through masked pointer
+loads; both paths share the tile order and the epilogue, which works on the fp32
+accumulator in column chunks to keep register pressure down.
 
 GELU for 16-bit outputs (FAST_GELU) is z * sigmoid(p(z)) with sigmoid(y) = 1 / (1 + 2^-y):
 for the tanh form that is its own formula exactly, and for the erf form p is the
@@ -251,6 +255,69 @@ def gated_up_kernel(
         _up_epilogue_half(right, off_m, off_n + HALF_N, M, N, b_ptr, gate_ptr, stride_g, ROWS_PER_GATE, h, slope,
                           stride_hm, stride_hn, stride_sm, stride_sn,
                           HAS_BIAS, GATE, STORE_SLOPE, TANH, FAST_GELU, ASM, USE_TMA, BLOCK_M, HALF_N)
+
+
+@triton.jit
+def _chunk_epilogue(acc, chunk: tl.constexpr, off_m, off_n, M, N, b_ptr, gate_ptr, stride_g, ROWS_PER_GATE, h,
+                    HAS_BIAS: tl.constexpr, GATE: tl.constexpr, TANH: tl.constexpr, FAST_GELU: tl.constexpr,
+                    ASM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LEVELS: tl.constexpr,
+                    IN_LOOP: tl.constexpr):
+    """h for the columns [chunk, chunk + 1) * BLOCK_N / 2^LEVELS of the tile whose accumulator is acc."""
+    CHUNK_N: tl.constexpr = BLOCK_N >> LEVELS
+    z = acc
+    for level in tl.static_range(LEVELS):  # halve the columns, keeping the half that holds the chunk
+        left, right = _halves(z, BLOCK_M, BLOCK_N >> level)
+        z = left if (chunk >> (LEVELS - 1 - level)) % 2 == 0 else right
+    if ASM and IN_LOOP:  # an opaque move: else the compiler hoists the chunk's math, loop-invariant, out of the K loop
+        z = tl.inline_asm_elementwise("mov.f32 $0, $1;", "=f,f", [z], dtype=tl.float32, is_pure=False, pack=1)
+    _up_epilogue(z, off_m, off_n + chunk * CHUNK_N, M, N, b_ptr, gate_ptr, stride_g, ROWS_PER_GATE, h, h, 0, 0, 0, 0,
+                 HAS_BIAS, GATE, False, TANH, FAST_GELU, ASM, True, BLOCK_M, CHUNK_N)
+
+
+@triton.jit(do_not_specialize=["M", "num_programs"])
+def gated_up_deferred_kernel(
+    x, w, b_ptr, gate_ptr, h, slope,
+    M, N, K, ROWS_PER_GATE, num_programs,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_g, stride_hm, stride_hn, stride_sm, stride_sn,
+    HAS_BIAS: tl.constexpr, GATE: tl.constexpr, STORE_SLOPE: tl.constexpr, TANH: tl.constexpr,
+    FAST_GELU: tl.constexpr, ASM: tl.constexpr, USE_TMA: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    LEVELS: tl.constexpr, IN_LOOP: tl.constexpr = True,
+):
+    """h = GELU(z) * G as gated_up_kernel computes it, with its arguments (TMA, no slope: the forward), one
+    program per SM. It keeps a tile's accumulator through the next tile's K loop and finishes one chunk of
+    it (BLOCK_N / 2^LEVELS columns; h's descriptor blocks are as wide) after each of that loop's first
+    2^LEVELS wgmma issues, so the chunk runs while the wgmma does. IN_LOOP=False lets the compiler hoist
+    the chunks' math out of the K loop, for the test of that guard."""
+    CHUNKS: tl.constexpr = 1 << LEVELS
+    tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+    steps = tl.cdiv(K, BLOCK_K)
+    kept = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # the previous tile's accumulator, once there is one
+    kept_m = 0
+    kept_n = 0
+    for tile in range(tl.program_id(0), tiles, num_programs):
+        off_m, off_n = _tile_origin(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k in range(0, steps):
+            acc = tl.dot(x.load([off_m, k * BLOCK_K]), w.load([off_n, k * BLOCK_K]).T, acc,
+                         input_precision=PRECISION)
+            if tile != tl.program_id(0):
+                for chunk in tl.static_range(CHUNKS):
+                    if k == chunk:
+                        _chunk_epilogue(kept, chunk, kept_m, kept_n, M, N, b_ptr, gate_ptr, stride_g, ROWS_PER_GATE,
+                                        h, HAS_BIAS, GATE, TANH, FAST_GELU, ASM, BLOCK_M, BLOCK_N, LEVELS, IN_LOOP)
+        if tile != tl.program_id(0):  # chunks a short K loop had no step for
+            for chunk in tl.static_range(CHUNKS):
+                if steps <= chunk:
+                    _chunk_epilogue(kept, chunk, kept_m, kept_n, M, N, b_ptr, gate_ptr, stride_g, ROWS_PER_GATE,
+                                    h, HAS_BIAS, GATE, TANH, FAST_GELU, ASM, BLOCK_M, BLOCK_N, LEVELS, IN_LOOP)
+        kept = acc
+        kept_m = off_m
+        kept_n = off_n
+    if tl.program_id(0) < tiles:  # the last tile's epilogue has no next K loop
+        for chunk in tl.static_range(CHUNKS):
+            _chunk_epilogue(kept, chunk, kept_m, kept_n, M, N, b_ptr, gate_ptr, stride_g, ROWS_PER_GATE,
+                            h, HAS_BIAS, GATE, TANH, FAST_GELU, ASM, BLOCK_M, BLOCK_N, LEVELS, IN_LOOP)
 
 
 @triton.jit(do_not_specialize=["M", "num_programs"])

@@ -24,10 +24,14 @@ import triton
 from torch import Tensor
 from torch.nn import functional as F
 
-from .gated_mlp import gated_down_grad_kernel, gated_up_kernel
+from .gated_mlp import gated_down_grad_kernel, gated_up_deferred_kernel, gated_up_kernel
 
 GELU_FORMS = ("none", "tanh")  # as nn.GELU(approximate=...)
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# the deferred forward finishes a kept tile in eighths where TMA allows (chunks 16 bytes wide at least): an
+# eighth's work fits under one K step's wgmma on an H100, a quarter's does not (bench.kernel_static)
+MOST_CHUNKS = 8
+DECODE_ROWS = 64  # up to this many rows (decoding), one tile row: a program has one tile, nothing to defer into
 
 
 @dataclass(frozen=True)
@@ -50,18 +54,19 @@ def target_of(device):
     return _cuda_target(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def tile_config(M, N, target, tma):
+def tile_config(M, N, target, tma, deferred=False):
     """(tile sizes and launch settings, programs per SM) for an (M, N) output: a fixed choice per device
-    generation, size class and load path, so a new shape compiles once and never sweeps configurations."""
+    generation, size class, load path and overlap design (deferred: gated_up_deferred_kernel), so a new
+    shape compiles once and never sweeps configurations."""
     if target is None:  # the interpreter: small tiles, and a few programs to exercise the persistent loop
         return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, GROUP_M=4, num_warps=4, num_stages=1), 0
     major, per_sm = target.capability[0], 1
-    if M <= 64:  # decoding: a few rows
+    if M <= DECODE_ROWS:  # decoding: a few rows
         cfg = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=3)
-    elif major >= 9 and tma:  # two programs per SM, so that one's epilogue runs under the other's matmul:
-        # 128 registers each, which pointer loads would spill from (bench.kernel_static checks both)
+    elif major >= 9 and tma and not deferred:  # two programs per SM, so that one's epilogue can run under the
+        # other's matmul: 128 registers each, which pointer loads would spill from (bench.kernel_static checks)
         cfg, per_sm = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3, maxnreg=128), 2
-    elif major >= 9:
+    elif major >= 9:  # one program per SM: pointer loads, or the deferred forward's two accumulators
         cfg = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
     elif major == 8:  # Ampere and Ada
         cfg = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=4)
@@ -126,14 +131,20 @@ class Launch:
         self.kernel[self.grid](*self.args, **self.kwargs)
 
 
-def _matmul_launch(a, b, outputs, M, N, target, b_is_nk, chunks, programs_per_sm=None):
+def _matmul_launch(a, b, outputs, M, N, target, b_is_nk, chunks, deferred=False, programs_per_sm=None):
     """Tile settings, the operands A, B and the (M, N) outputs (which the epilogue stores in chunks column
     blocks per tile) as TMA descriptors where the rules allow or as the tensors themselves, whether TMA
-    serves, and the grid size (programs_per_sm overrides the configuration's, for the kernel benchmark)."""
+    serves, and the grid size. deferred, where TMA serves, plans the deferred forward: its chunk count
+    goes in the settings as LEVELS (2^LEVELS chunks). programs_per_sm overrides the configuration's, for
+    the kernel benchmark."""
     tma = use_tma(target, a, b, *outputs)
-    cfg, per_sm = tile_config(M, N, target, tma)
+    deferred = deferred and tma and M > DECODE_ROWS
+    cfg, per_sm = tile_config(M, N, target, tma, deferred)
     per_sm = programs_per_sm or per_sm
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+    if deferred:
+        chunks = min(MOST_CHUNKS, bn * outputs[0].element_size() // 16)
+        cfg["LEVELS"] = chunks.bit_length() - 1
     if tma:
         operands = (_descriptor(a, [bm, bk]), _descriptor(b, [bn, bk] if b_is_nk else [bk, bn]),
                     *(_descriptor(out, [bm, bn // chunks]) for out in outputs))
@@ -143,17 +154,20 @@ def _matmul_launch(a, b, outputs, M, N, target, b_is_nk, chunks, programs_per_sm
     return cfg, operands, tma, programs
 
 
-def up_launch(x, weight, bias, gate, h, slope, tanh, target, programs_per_sm=None):
-    """h = GELU(x @ weight.T + bias) * gate into h, and its slope dh/dz into slope unless slope is empty."""
+def up_launch(x, weight, bias, gate, h, slope, tanh, target, deferred=None, programs_per_sm=None):
+    """h = GELU(x @ weight.T + bias) * gate into h, and its slope dh/dz into slope unless slope is empty.
+    The forward (no slope) defers its epilogue where TMA serves; deferred=False, and programs_per_sm, are
+    for the kernel benchmark's comparison of overlap designs."""
     M, K = x.shape
     N = weight.shape[0]
     store_slope = slope.numel() > 0
     slope_arg = slope if store_slope else h  # never written when STORE_SLOPE is off
-    cfg, (x_op, w_op, h_op), tma, programs = _matmul_launch(x, weight, (h,), M, N, target, b_is_nk=True,
-                                                             chunks=4 if store_slope else 2,
-                                                             programs_per_sm=programs_per_sm)
+    cfg, (x_op, w_op, h_op), tma, programs = _matmul_launch(
+        x, weight, (h,), M, N, target, b_is_nk=True, chunks=4 if store_slope else 2,
+        deferred=not store_slope if deferred is None else deferred, programs_per_sm=programs_per_sm)
     gate_mode, rows_per_gate, stride_g = _gate_layout(gate, M, cfg["BLOCK_M"])
-    return Launch(gated_up_kernel, (programs,), (
+    kernel = gated_up_deferred_kernel if "LEVELS" in cfg else gated_up_kernel
+    return Launch(kernel, (programs,), (
         x_op, w_op, bias if bias is not None else gate, gate, h_op, slope_arg,
         M, N, K, rows_per_gate, programs,
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), stride_g,

@@ -50,7 +50,7 @@ def test_the_table_gates_cost_what_the_vector_costs(static_check):
     _, record = static_check
     by_case = {(c["kernel"], c["path"], c["gate"], tuple(c["shape"])): c for c in record["cases"]}
     for (kernel, path, gate, shape), case in by_case.items():
-        if gate == "table" and shape[0] > 64 and kernel != "deferred-up":  # the ops' kernels, not the rival's
+        if gate == "table" and shape[0] > 64:
             vector = by_case[(kernel, path, "vector", shape)]
             assert case["config"]["GATE"] == "tile"
             assert case["smem_bytes"] <= vector["smem_bytes"] and case["regs"] <= vector["regs"], (case, vector)
@@ -62,20 +62,22 @@ def test_the_training_forward_stores_only_h_through_tma(static_check):
     forward's are its two halves, and no slope store waits on an h store or the reverse."""
     _, record = static_check
     for case in record["cases"]:
-        if case["path"] == "tma" and case["kernel"] in ("up", "up-train") and case["shape"][0] > 64:
+        if case["path"] == "tma" and case["kernel"] in ("up-train", "up-two-programs"):
             chunks = 4 if case["kernel"] == "up-train" else 2
             assert case["tma_stores"] == chunks, case
 
 
 def test_the_deferred_epilogue_runs_under_a_wgmma_and_the_tile_loop_is_found(static_check):
-    """The deferred forward (bench.deferred_up) finishes its kept tile while a K step's wgmma is in flight;
-    every other kernel waits for its last wgmma first. And each TMA kernel's tile loop is its real one, whose
-    own work is counted, not a barrier's retry detour (which once made it negative)."""
+    """The deferred forward finishes its kept tile while a K step's wgmma is in flight; every other kernel
+    waits for its last wgmma first. And each TMA kernel's tile loop is its real one, whose own work is
+    counted, not a barrier's retry detour (which once made it negative)."""
     _, record = static_check
+    deferred = [c for c in record["cases"] if c["function"] == "gated_up_deferred_kernel"]
+    assert {(c["kernel"], c["path"]) for c in deferred} == {("up", "tma")}  # the forward, where TMA serves
     for case in record["cases"]:
         if case["regions"] is None:
             continue
-        assert case["regions"]["wgmma_in_flight"] == (1 if case["kernel"] == "deferred-up" else 0), case
+        assert case["regions"]["wgmma_in_flight"] == (1 if case in deferred else 0), case
         if case["path"] == "tma" and case["kernel"] != "plain":  # plain's loop nest is flattened: no tile loop
             assert case["regions"]["tile"] > 0, case
 
@@ -86,12 +88,12 @@ def test_the_deferred_epilogue_keeps_its_math_in_the_k_loop():
     result = run_python("""
         import torch
         import bench.kernel_static as ks
-        from bench.deferred_up import deferred_up_launch
+        from kernels.ops import up_launch
         m = lambda *s: torch.empty(s, dtype=torch.bfloat16, device="meta")
         built = {}
         for in_loop in (True, False):
-            launch = deferred_up_launch(m(16384, 768), m(3072, 768), ks.gate_of("vector", 16384, 3072),
-                                        m(16384, 3072), ks.H100)
+            launch = up_launch(m(16384, 768), m(3072, 768), None, ks.gate_of("vector", 16384, 3072),
+                               m(16384, 3072), m(0), False, ks.H100)
             launch.kwargs["IN_LOOP"] = in_loop
             built[in_loop] = ks.Compiler().binary(launch)
         kept, hoisted = built[True], built[False]
@@ -107,15 +109,16 @@ def test_the_check_trips_on_a_spill_too_much_shared_memory_and_no_wgmma():
         import torch
         import bench.kernel_static as ks
         from kernels.ops import up_launch
-        def case(dtype=torch.bfloat16, **settings):
+        def case(dtype=torch.bfloat16, deferred=False, **settings):
             M, K, N = 16384, 768, 3072
             m = lambda *s: torch.empty(s, dtype=dtype, device="meta")
-            launch = up_launch(m(M, K), m(N, K), None, ks.gate_of("vector", M, N), m(M, N), m(0), False, ks.H100)
+            launch = up_launch(m(M, K), m(N, K), None, ks.gate_of("vector", M, N), m(M, N), m(0), False, ks.H100,
+                               deferred=deferred)
             launch.kwargs.update(settings)
             c = ks.Case("up", "tma", "vector", (M, K, N), launch, 0)
             c.binary = ks.Compiler().binary(launch)
             return ks.problems(c)
-        assert case() == [], case()
+        assert case() == [] and case(deferred=True) == [], (case(), case(deferred=True))
         # four warps hold the 128x128 accumulator in 128 registers a thread: capped at 128, much spills (a cap
         # just under the kernel's 127 registers spilled 8 bytes here and nothing on the CI machine)
         assert any("spills" in p for p in case(num_warps=4)), case(num_warps=4)
@@ -123,15 +126,8 @@ def test_the_check_trips_on_a_spill_too_much_shared_memory_and_no_wgmma():
         torch.backends.cuda.matmul.allow_tf32 = False  # float32 in IEEE precision: no tensor-core path
         assert any("wgmma" in p for p in case(torch.float32)), case(torch.float32)
         # the deferred forward unpipelined: each K step waits for its own wgmma, so no chunk runs under one
-        from bench.deferred_up import deferred_up_launch
-        m = lambda *s: torch.empty(s, dtype=torch.bfloat16, device="meta")
-        deferred = ks.Case("deferred-up", "tma", "vector", (16384, 768, 3072), deferred_up_launch(
-            m(16384, 768), m(3072, 768), ks.gate_of("vector", 16384, 3072), m(16384, 3072), ks.H100), 0)
-        deferred.binary = ks.Compiler().binary(deferred.launch)
-        assert ks.problems(deferred) == [], ks.problems(deferred)
-        deferred.launch.kwargs["num_stages"] = 1
-        deferred.binary = ks.Compiler().binary(deferred.launch)
-        assert any("nothing runs under it" in p for p in ks.problems(deferred)), ks.problems(deferred)
+        unpipelined = case(deferred=True, num_stages=1)
+        assert any("nothing runs under it" in p for p in unpipelined), unpipelined
         print("tripped")
     """)
     assert result.returncode == 0 and "tripped" in result.stdout, result.stdout + result.stderr
@@ -158,8 +154,9 @@ def test_small_batches_share_one_binary_whatever_their_grid():
 
 
 def test_one_program_per_sm_is_the_same_binary_on_half_the_grid():
-    """The kernel benchmark's overlap experiment: one program per SM against the default two must change the
-    grid and nothing else, or its timing difference would not be the overlap's."""
+    """The kernel benchmark's overlap experiment: one program per SM against two must change the grid and
+    nothing else, or its timing difference would not be the overlap's. The forward the other way runs two by
+    default, our plain matmul one."""
     result = run_python("""
         import torch
         import bench.kernel_static as ks
@@ -169,11 +166,12 @@ def test_one_program_per_sm_is_the_same_binary_on_half_the_grid():
         M, K, N = 16384, 768, 3072
         compiler = ks.Compiler()
         for plan in (lambda per_sm: up_launch(m(M, K), m(N, K), None, ks.gate_of("vector", M, N), m(M, N), m(0),
-                                               False, ks.H100, programs_per_sm=per_sm),
+                                               False, ks.H100, deferred=False, programs_per_sm=per_sm),
                      lambda per_sm: plain_matmul_launch(m(M, K), m(N, K), m(M, N), ks.H100, programs_per_sm=per_sm)):
-            default, one = plan(None), plan(1)
-            assert default.grid == (2 * ks.H100.sms,) and one.grid == (ks.H100.sms,), (default.grid, one.grid)
-            assert compiler.specialize(default)[0] == compiler.specialize(one)[0]
+            two, one = plan(2), plan(1)
+            assert two.grid == (2 * ks.H100.sms,) and one.grid == (ks.H100.sms,), (two.grid, one.grid)
+            assert compiler.specialize(two)[0] == compiler.specialize(one)[0]
+            assert plan(None).grid in (two.grid, one.grid)
         print("same binaries")
     """)
     assert result.returncode == 0 and "same binaries" in result.stdout, result.stdout + result.stderr

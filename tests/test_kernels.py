@@ -205,6 +205,23 @@ def test_per_sequence_gates_whole_tiles_or_not(sequence_rows, mode, load_path):
     assert_close(h, reference_up(x, w, b, alpha, m), torch.float32)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("M, K, N", [(130, 24, 40), (70, 72, 104), (200, 48, 64)])
+@pytest.mark.parametrize("alpha_kind", ["0.37", "sequences", "rows"])
+@pytest.mark.parametrize("bias, approximate", [(False, "none"), (True, "tanh")])
+def test_the_deferred_forward(dtype, M, K, N, alpha_kind, bias, approximate, load_path):
+    """The forward on the TMA path finishes each tile in chunks under the next tile's K loop: K loops shorter
+    than the chunks (K = 24: two steps of the interpreter's 16), longer ones, and each program's last tile."""
+    x, w, b, m, g = inputs(M, K, N, dtype, seed=M + 7 * K, bias=bias)
+    alpha = make_alpha(alpha_kind, M, g)
+    gate = ops._gate_arg(tent_gate(alpha, m))
+    h = torch.empty(M, N, device=DEVICE, dtype=dtype)
+    launch = ops.up_launch(x, w, b, gate, h, x.new_empty(0), approximate == "tanh", ops.target_of(x.device))
+    assert (launch.kernel is ops.gated_up_deferred_kernel) == (load_path == "tma")  # the path under test
+    launch()
+    assert_close(h, reference_up(x, w, b, alpha, m, approximate=approximate), dtype)
+
+
 @pytest.mark.skipif(DEVICE != "cuda", reason="the H100's own tiles: 128 rows, two programs per SM")
 @pytest.mark.parametrize("M, K, N, rows_per_sequence", [(1024, 384, 1536, 256), (1000, 768, 3072, 200),
                                                          (48, 768, 3072, 1)])
@@ -221,6 +238,8 @@ def test_gpu_sized_shapes_in_bf16(M, K, N, rows_per_sequence, load_path):
         dout = torch.randn(M, K, generator=g).to(DEVICE, torch.bfloat16)
         for got, want in zip(torch.autograd.grad(out, params, dout), torch.autograd.grad(expected, params, dout.float())):
             assert_close(got, want, torch.bfloat16)
+        with torch.no_grad():  # inference: the deferred forward where TMA serves
+            assert_close(gated_mlp(x, w1, b1, w2, None, tent_gate(alpha, m)), expected, torch.bfloat16)
 
 
 def test_tensor_descriptors_serve_aligned_strides_only(load_path):
