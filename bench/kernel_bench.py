@@ -18,7 +18,7 @@ sequence of T = 256 rows for per-sequence alphas), no bias, as the model has non
        bench.kernel_static's model cannot tell (docs/design.md, Overlap)
   mlp: the whole gated MLP, h W2^T after the up part, with the same rivals;
 each in three passes: "fwd" (inference: nothing kept for a backward), "fwd-train"
-(the forward of a training step: the fused kernel also stores z) and "fwd+bwd".
+(the forward of a training step: the fused kernel also stores the slope) and "fwd+bwd".
 Every compiled rival is compiled afresh for its own case, after every other case
 has its numbers (compiling is the slow part); a recompile while timing is reported
 as that case's error, never as a time. With --budget, cases not started in time are
