@@ -216,13 +216,16 @@ def test_the_deferred_forward(dtype, M, K, N, alpha_kind, bias, approximate, loa
     alpha = make_alpha(alpha_kind, M, g)
     gate = ops._gate_arg(tent_gate(alpha, m))
     h = torch.empty(M, N, device=DEVICE, dtype=dtype)
-    launch = ops.up_launch(x, w, b, gate, h, x.new_empty(0), approximate == "tanh", ops.target_of(x.device))
-    assert (launch.kernel is ops.gated_up_deferred_kernel) == (load_path == "tma")  # the path under test
+    target = ops.target_of(x.device)
+    launch = ops.up_launch(x, w, b, gate, h, x.new_empty(0), approximate == "tanh", target)
+    tma = ops.use_tma(target, x, w, h)
+    assert (launch.kernel is ops.gated_up_deferred_kernel) == tma
+    assert tma == (load_path == "tma") or not ops.INTERPRET  # in the interpreter, the path under test
     launch()
     assert_close(h, reference_up(x, w, b, alpha, m, approximate=approximate), dtype)
 
 
-@pytest.mark.skipif(DEVICE != "cuda", reason="the H100's own tiles: 128 rows, two programs per SM")
+@pytest.mark.skipif(DEVICE != "cuda", reason="the H100's own tiles and overlap designs")
 @pytest.mark.parametrize("M, K, N, rows_per_sequence", [(1024, 384, 1536, 256), (1000, 768, 3072, 200),
                                                          (48, 768, 3072, 1)])
 def test_gpu_sized_shapes_in_bf16(M, K, N, rows_per_sequence, load_path):
