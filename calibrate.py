@@ -24,7 +24,7 @@ from abcgpt.data import DataError
 from abcgpt.dial import classifier_for, fit_map, measure
 from abcgpt.errors import SettingsError, UserError
 from abcgpt.preflight import check_disk
-from abcgpt.run import RunFolder, load_gated_run
+from abcgpt.run import RunFolder, load_gated_run, require_two_source_line
 
 
 def main(argv=None):
@@ -42,6 +42,7 @@ def main(argv=None):
             raise SettingsError(f"--grid must be at least 2, got {args.grid}")
         settings.check_seed(args.seed, "--seed")
         model, tokenizer, run, corpus = load_gated_run(args.ckpt, args.device, args.sources, args.cache_dir)
+        require_two_source_line(run, args.ckpt, "the calibrated mix")
         if not os.access(args.ckpt, os.W_OK):
             raise SettingsError(f"--ckpt: cannot write {args.ckpt} (no write permission), where the map goes")
         if len(corpus.names) != 2:

@@ -1,4 +1,5 @@
-"""Sweep the dial over alpha = 0, 0.1, ..., 1 on each source's held-out val split.
+"""Sweep the dial over alpha = 0, 0.1, ..., 1 on each source's held-out val split (on a dial over many
+sources: every source's own setting and uniform mode).
 
     python evaluate.py --ckpt out/ckpt.pt                # the sources the run trained on
     python evaluate.py --ckpt out/ckpt.pt --sources tinystories=a.txt,tinyshakespeare=b.txt
@@ -15,7 +16,9 @@ from abcgpt.cli import (
     positive, run_tool,
 )
 from abcgpt.errors import SettingsError, UserError
-from abcgpt.evaluate import SWEEP, format_table, summarize, sweep
+from abcgpt.evaluate import (
+    SWEEP, format_table, format_voice_table, summarize, summarize_voices, sweep, voice_sweep,
+)
 from abcgpt.preflight import check_memory, forward_bytes
 from abcgpt.run import load_gated_run
 
@@ -34,7 +37,7 @@ def main(argv=None):
         positive("--batch_size", args.batch_size)
         positive("--max_windows", args.max_windows, allow_none=True)
         out = check_out_file(args.out or Path(args.ckpt).with_name("eval.json"), "--out", "an evaluation",
-                             lambda path: is_json_object(path, "checkpoint", "losses", "alphas"))
+                             lambda path: is_json_object(path, "checkpoint", "losses", "sources"))
         if out.resolve() == Path(args.ckpt).resolve():
             raise SettingsError(f"--out: {out} is the checkpoint itself; refusing to write over it")
         model, tokenizer, run, corpus = load_gated_run(args.ckpt, args.device, args.sources, args.cache_dir)
@@ -42,13 +45,20 @@ def main(argv=None):
     except UserError as e:
         sys.exit(f"error: {e}")
 
-    alphas, losses = sweep(model, corpus, SWEEP, args.batch_size, args.max_windows, args.device, progress=True)
-    summary = summarize(corpus.names, alphas, losses)
-    print(format_table(corpus.names, alphas, losses, summary))
+    if model.config.geometry == "line":
+        alphas, losses = sweep(model, corpus, SWEEP, args.batch_size, args.max_windows, args.device, progress=True)
+        summary = summarize(corpus.names, alphas, losses)
+        print(format_table(corpus.names, alphas, losses, summary))
+        grid = {"alphas": alphas}
+    else:
+        labels, losses = voice_sweep(model, corpus, args.batch_size, args.max_windows, args.device, progress=True)
+        summary = summarize_voices(corpus.names, labels, losses)
+        print(format_voice_table(corpus.names, labels, losses, summary))
+        grid = {"geometry": model.config.geometry, "settings": labels}
     result = {
         "checkpoint": str(args.ckpt), "step": run.step, "sources": corpus.names,
         "val_tokens": {n: len(v) for n, v in zip(corpus.names, corpus.val)},
-        "alphas": alphas, "losses": losses, **summary,
+        **grid, "losses": losses, **summary,
     }
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {out}")

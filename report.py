@@ -22,7 +22,7 @@ from abcgpt.cli import (
 )
 from abcgpt.errors import UserError
 from abcgpt.report import build_report, check_report_folder, plots_unavailable, write_report
-from abcgpt.run import RunFolder, load_gated_run, load_model
+from abcgpt.run import RunFolder, load_gated_run, require_two_source_line, load_model
 
 
 SHAPE = [f for f in ARCHITECTURE if f not in ("gated", "narrowness", "mask_seed", "score_beta", "sort_units")]
@@ -87,6 +87,7 @@ def main(argv=None):
         positive("--max_windows", args.max_windows, allow_none=True)
         settings.check_seed(args.seed, "--seed")
         model, tokenizer, run, corpus = load_gated_run(args.ckpt, args.device, args.sources, args.cache_dir)
+        require_two_source_line(run, args.ckpt, "the dial's report")
         check_generation_flags(args, args.device, model.config)
         baselines = load_baselines(args.ckpt, run, args.device)
         best = load_best(args.ckpt, args.device)

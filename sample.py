@@ -4,6 +4,8 @@
     python sample.py --ckpt out/ckpt.pt --alpha 0,0.5,1 --start "ROMEO:" --num_samples 2
     python sample.py --alpha 1 --start FILE:prompt.txt --max_new_tokens 500 --top_k 50
     python sample.py --mix 0.3      # 30% of source 1's voice, through the map calibrate.py stored
+    python sample.py --voice bible --voice bible=1,poems=2 --voice all   # many sources: by name, a mixture,
+                                                                         # uniform mode (every gate open)
 """
 import sys
 
@@ -19,6 +21,7 @@ from abcgpt.errors import SettingsError, UserError
 from abcgpt.run import load_model
 from abcgpt.sampling import generate
 from abcgpt.tokenizer import UnknownCharactersError
+from abcgpt.voice import parse_voice
 
 
 class InputError(SettingsError):
@@ -38,11 +41,27 @@ def parse_dials(text, flag="--alpha"):
 
 
 def dials(args, run):
-    """(alpha, label, temperature, top_k) for each dial asked for: --alpha as is, at the sampling settings
-    given or the defaults; or --mix through the checkpoint's map, at the settings it was calibrated at."""
+    """(dial, label, temperature, top_k) for each dial asked for: --voice or --alpha as is, at the sampling
+    settings given or the defaults; or --mix through the checkpoint's map, at the settings it was calibrated at."""
+    names, geometry = run.source_names, run.model_config.geometry
+    sampling = settings.or_defaults(args.temperature, args.top_k)
+    if args.voice is None and args.alpha is None and args.mix is None:  # the dial's middle: alpha 0.5, or all
+        args.alpha, args.voice = ("0.5", None) if geometry == "line" else (None, ["all"])
+    if args.voice is not None:
+        try:
+            return [(dial, f"voice {label}", *sampling)
+                    for dial, label in (parse_voice(text, names, geometry) for text in args.voice)]
+        except SettingsError as e:
+            raise InputError(f"--voice: {e}") from None
+    if geometry != "line":
+        flag = "--alpha" if args.mix is None else "--mix"
+        raise InputError(f"{flag}: this checkpoint's dial is a mixture of its {len(names)} sources ({geometry}), "
+                         "not one line; use --voice NAME, --voice NAME=W,NAME=W or --voice all")
     if args.mix is None:
-        sampling = settings.or_defaults(args.temperature, args.top_k)
-        return [(a, dial_label(a, run.source_names), *sampling) for a in parse_dials(args.alpha)]
+        return [(a, dial_label(a, names), *sampling) for a in parse_dials(args.alpha)]
+    if len(names) != 2:
+        raise InputError(f"--mix: the calibrated mix is a two-source feature, and this checkpoint has {len(names)} "
+                         "sources; use --voice or --alpha")
     missing = (f"--mix: {args.ckpt} has no calibrated dial; make one with: python calibrate.py --ckpt {args.ckpt} "
                "(or use --alpha)")
     resolved = []
@@ -69,11 +88,15 @@ def parse_args(argv=None):
     p = Parser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--ckpt", default="out/ckpt.pt", help="checkpoint written by train.py")
     dial = p.add_mutually_exclusive_group()
-    dial.add_argument("--alpha", default="0.5", help="the dial: one value in [0, 1] or a list such as 0,0.5,1")
+    dial.add_argument("--alpha", default=None, help="the line dial: one value in [0, 1] or a list such as 0,0.5,1 "
+                                                     "(default: 0.5)")
+    dial.add_argument("--voice", action="append", default=None,
+                      help="a source's name, a mixture NAME=W,NAME=W (weights, made to sum to 1) or 'all' (uniform "
+                           "mode: every gate open); repeat for several (default on a many-source dial: all)")
     dial.add_argument("--mix", default=None, help="the share of source 1's voice, in [0, 1] (or a list), through "
                                                    "the calibrated map calibrate.py stored; instead of --alpha")
     p.add_argument("--start", default="\n", help="the prompt, or FILE:path to read it from a file (default: %(default)r)")
-    add_generation_flags(p, 1, "samples per alpha", d.max_new_tokens)
+    add_generation_flags(p, 1, "samples per dial setting", d.max_new_tokens)
     p.add_argument("--temperature", type=float, default=None,
                    help=f"above 0; lower is more conservative (default: {d.temperature}; with --mix, the "
                         "calibration's)")
@@ -103,7 +126,8 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         apply_runtime_flags(args)
-        parse_dials(args.alpha if args.mix is None else args.mix, "--alpha" if args.mix is None else "--mix")
+        if args.alpha is not None or args.mix is not None:
+            parse_dials(args.alpha if args.mix is None else args.mix, "--alpha" if args.mix is None else "--mix")
         check_numbers(args)
         prompt = read_prompt(args.start)
         model, tokenizer, run = load_model(args.ckpt, args.device)

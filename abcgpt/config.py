@@ -7,6 +7,7 @@ from .backends import NAMES as BACKEND_NAMES
 from .backends import auto_rule, check_backend
 from .data import DEFAULT_SOURCES, split_sources
 from .errors import SettingsError
+from .gate import GEOMETRIES
 from .model import GPTConfig
 
 # Fields that shape the model; fixed once a run has started.
@@ -26,6 +27,7 @@ class TrainConfig(GPTConfig):
     # the dial during training: one alpha per batch (the reference recipe) or per sequence
     alpha_mode: str = "batch"
     only_source: str = ""  # train on this source alone (the single-source baselines; needs gated=false)
+    uniform_share: float = 0.0  # share of training dials in uniform mode (every gate 1) on the union
     # optimisation
     batch_size: int = 64
     grad_accum: int = 1
@@ -50,10 +52,11 @@ class TrainConfig(GPTConfig):
     seed: int = 1337
 
     def __post_init__(self):
-        super().__post_init__()
-        check_backend(self.gate_backend)
         if isinstance(self.sources, str):
             self.sources = split_sources(self.sources)
+        self.n_sources = len(self.sources) if self.geometry != "line" else 0  # a fact of the sources, not a flag
+        super().__post_init__()
+        check_backend(self.gate_backend)
         checks = [
             (self.alpha_mode in ("batch", "sequence"), "alpha_mode must be 'batch' or 'sequence'"),
             (self.tokenizer in ("char", "bpe"), "tokenizer must be 'char' or 'bpe'"),
@@ -69,6 +72,7 @@ class TrainConfig(GPTConfig):
             (self.grad_clip >= 0 and self.weight_decay >= 0, "grad_clip and weight_decay must not be negative"),
             (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "beta1 and beta2 must be in [0, 1)"),
             (not (self.only_source and self.gated), "only_source trains a vanilla baseline: set gated=false"),
+            (0.0 <= self.uniform_share < 1.0, f"uniform_share must be in [0, 1), got {self.uniform_share}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -130,6 +134,10 @@ FLAG_HELP = {
     "mask_seed": "seeds the specialty scores",
     "score_beta": "scores ~ Beta(a, a) for this a: below 1 mostly specialists, above 1 mostly halfsies",
     "sort_units": "relabel units in score order at init, so silent units form one block (function unchanged)",
+    "geometry": "where units sit: line (sources evenly on one alpha), or for many sources pool (shared units and "
+                "one source per other unit), simplex or tent (units at Dirichlet points); docs/design.md, section 8",
+    "shared": "pool geometry: share of units on at every setting",
+    "uniform_share": "share of training dials in uniform mode (every gate 1, a source drawn uniformly)",
     "batch_size": "sequences per micro-batch",
     "grad_accum": "micro-batches per optimizer step (a multiple of the number of processes)",
     "max_iters": "optimizer steps to train for (the run's end)",
@@ -152,13 +160,14 @@ FLAG_HELP = {
     "seed": "seeds weights, batches and dropout (0 to 2**63 - 1)",
 }
 CHOICES = {"tokenizer": ("char", "bpe"), "alpha_mode": ("batch", "sequence"), "gate_backend": BACKEND_NAMES,
+           "geometry": GEOMETRIES,
            "dtype": ("auto", "float32", "bfloat16", "float16")}
 
 
 def add_config_flags(parser):
     """One --flag per TrainConfig field; a flag left out stays absent from the parsed namespace."""
     for f in fields(TrainConfig):
-        if f.name == "vocab_size":  # set by the tokenizer
+        if f.name in ("vocab_size", "n_sources"):  # set by the tokenizer and the sources
             continue
         field_default = f.default_factory() if f.default is MISSING else f.default
         kind = type(field_default)

@@ -6,7 +6,6 @@ val before any batch is drawn; batches come from the train split only.
 """
 import hashlib
 import json
-import math
 import os
 import re
 import urllib.error
@@ -18,6 +17,7 @@ import torch
 
 from .errors import UserError
 from .tokenizer import BPETokenizer, CharTokenizer
+from .voice import draw, source_alpha
 
 MiB = 2**20
 
@@ -236,8 +236,8 @@ def make_tokenizer(kind, texts):
 
 
 def source_alphas(n_sources):
-    """Where each source sits on the dial: evenly from 0 to 1."""
-    return [k / (n_sources - 1) for k in range(n_sources)]
+    """Where each source sits on the line dial: evenly from 0 to 1."""
+    return [source_alpha(k, n_sources) for k in range(n_sources)]
 
 
 class Corpus:
@@ -295,35 +295,15 @@ class Corpus:
         return x, y
 
 
-def draw_alphas(n, generator):
-    """n dials from Beta(0.5, 0.5), as sin(pi*u/2)**2 with u ~ U(0, 1)."""
-    u = torch.rand(n, generator=generator, dtype=torch.float64)
-    return torch.sin(0.5 * math.pi * u) ** 2
+def training_batch(corpus, batch_size, block_size, generator, per_sequence=False, geometry="line",
+                   uniform_share=0.0):
+    """Inputs, targets, the dial and each row's source for one training (micro-)batch (voice.draw).
 
-
-def draw_sources(alphas, n_sources, generator):
-    """For each alpha, a source: the two neighbours on the dial, weighted by closeness.
-
-    With two sources this is the reference recipe: source 1 with probability alpha.
+    per_sequence=False (the reference recipe): one dial and one source for the whole batch.
+    per_sequence=True: each sequence draws its own dial and source.
     """
-    position = alphas * (n_sources - 1)
-    lower = position.floor().clamp(max=n_sources - 2)
-    upper_wins = torch.rand(len(alphas), generator=generator, dtype=torch.float64) < position - lower
-    return lower.long() + upper_wins.long()
-
-
-def training_batch(corpus, batch_size, block_size, generator, per_sequence=False):
-    """Inputs, targets, alpha and each row's source for one training (micro-)batch.
-
-    per_sequence=False (the reference recipe): one alpha and one source for the whole
-    batch; alpha is a 0-dim float32 tensor. per_sequence=True: each sequence draws its
-    own alpha and source; alpha is a float32 tensor of shape (batch_size,).
-    """
-    n = batch_size if per_sequence else 1
-    alphas = draw_alphas(n, generator)
-    sources = draw_sources(alphas, len(corpus.names), generator)
+    dial, sources = draw(batch_size if per_sequence else 1, len(corpus.names), geometry, generator, uniform_share)
     if not per_sequence:
-        sources = sources.expand(batch_size)
+        dial, sources = dial.row(0), sources.expand(batch_size)
     x, y = corpus.batch("train", sources, block_size, generator)
-    alpha = alphas.float() if per_sequence else alphas[0].float()
-    return x, y, alpha, sources
+    return x, y, dial, sources

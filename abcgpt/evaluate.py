@@ -5,6 +5,7 @@ evaluate.py both call it, so on the same windows they give the same number."""
 import torch
 
 from .data import source_alphas
+from .voice import UNIFORM, voices
 
 SWEEP = tuple(round(0.1 * i, 1) for i in range(11))
 
@@ -84,4 +85,48 @@ def format_table(names, alphas, losses, summary):
     lines.append(f"diag (sum of corner losses) {summary['diag']:.4f}")
     if "middle" in summary:
         lines.append(f"middle (mean loss at alpha 0.5) {summary['middle']:.4f}")
+    return "\n".join(lines)
+
+
+def voice_sweep(model, corpus, batch_size=32, max_windows=None, device="cpu", progress=False):
+    """(labels, {source name: [val loss at each setting]}) over every source's own setting and uniform mode:
+    the sweep of a dial over many sources (voice.voices)."""
+    from tqdm.auto import tqdm
+
+    model.eval()
+    settings = voices(corpus.names, model.config.geometry)
+    pairs = [(name, ids, dial) for name, ids in zip(corpus.names, corpus.val) for _, dial in settings]
+    losses = {name: [] for name in corpus.names}
+    for name, ids, dial in tqdm(pairs, desc="held-out sweep", unit="setting", disable=not progress, leave=False):
+        losses[name].append(val_loss(model, ids, dial, batch_size, max_windows, device))
+    return [label for label, _ in settings], losses
+
+
+def summarize_voices(names, labels, losses):
+    """The section 5 numbers of a many-source sweep: each source's loss at its own setting (corner_loss),
+    its contrast (mean loss at the other sources' settings minus at its own), the setting where it is lowest,
+    and the mean loss in uniform mode."""
+    at = {name: dict(zip(labels, losses[name])) for name in names}
+    corner = {name: at[name][name] for name in names}
+    return {
+        "corner_loss": corner,
+        "diag": sum(corner.values()),
+        "contrast": {name: sum(at[name][o] for o in names if o != name) / (len(names) - 1) - corner[name]
+                     for name in names},
+        "best_setting": {name: min(labels, key=lambda label: at[name][label]) for name in names},
+        "uniform": sum(at[name][UNIFORM] for name in names) / len(names),
+    }
+
+
+def format_voice_table(names, labels, losses, summary):
+    width = max(10, *(len(n) + 2 for n in names))
+    first = max(8, *(len(label) + 1 for label in labels))
+    lines = [f"{'setting':<{first}}" + "".join(f"{n:>{width}}" for n in names)]
+    for i, label in enumerate(labels):
+        lines.append(f"{label:<{first}}" + "".join(f"{losses[n][i]:>{width}.4f}" for n in names))
+    lines.append("")
+    for n in names:
+        lines.append(f"{n}: own setting's loss {summary['corner_loss'][n]:.4f}, contrast {summary['contrast'][n]:+.4f}, "
+                     f"lowest at {summary['best_setting'][n]}")
+    lines.append(f"uniform mode (every gate open): mean loss {summary['uniform']:.4f}")
     return "\n".join(lines)

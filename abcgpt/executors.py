@@ -21,7 +21,7 @@ class Backend:
     """A gate backend as the registry (backends.py) knows it."""
 
     name: str
-    build: Callable  # (model, gates, host_alpha) -> executor; host_alpha: alpha on the host, or None
+    build: Callable  # (model, gates, host_dial) -> executor; host_dial: the voice.Dial on the host, or None
     per_row: bool  # takes one alpha per sequence
     devices: tuple  # device types "auto" may choose it on
     auto_priority: int  # "auto" takes the highest that serves the device and the alphas
@@ -88,5 +88,5 @@ class Reference(Ungated):
         return model.lm_head(x * self.embd)
 
 
-REFERENCE = Backend("reference", lambda model, gates, host_alpha: Reference(gates), per_row=True,
+REFERENCE = Backend("reference", lambda model, gates, host_dial: Reference(gates), per_row=True,
                     devices=("cpu", "cuda"), auto_priority=0)

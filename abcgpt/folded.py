@@ -15,7 +15,7 @@ import torch
 from torch.nn import functional as F
 
 from .executors import Backend, Ungated, merge_heads
-from .gate import UnitGroups, active_range, gates_for
+from .gate import UnitGroups, active_range
 from .units import fold, unit_map
 
 
@@ -108,15 +108,14 @@ class FoldingState:
         return self._host_scores
 
 
-def active_ranges(model, host_alpha, gates):
-    """Each group's span of units with a nonzero gate, found on the host; every unit where alpha is only
+def active_ranges(model, host_dial, gates):
+    """Each group's span of units with a nonzero gate, found on the host; every unit where the dial is only
     on the device (finding them would be a sync) or while torch.compile traces (shapes must not depend on
-    alpha)."""
-    if host_alpha is None or torch.compiler.is_compiling():
+    the dial)."""
+    if host_dial is None or torch.compiler.is_compiling():
         return model.scores().map(lambda s: (0, len(s)))
     if gates.embd.device.type != "cpu":  # the same gates again, from the host's copies of the scores
-        host_alpha = torch.as_tensor(host_alpha, dtype=torch.float32)
-        gates = gates_for(host_alpha, model.folding.host_scores(model), model.config.narrowness)
+        gates = model.gates(host_dial, model.folding.host_scores(model))
     return gates.map(active_range)
 
 
@@ -124,8 +123,8 @@ def _attach(model):
     model.folding = FoldingState(model)
 
 
-def _build(model, gates, host_alpha):
-    return Folded(model, gates, active_ranges(model, host_alpha, gates))
+def _build(model, gates, host_dial):
+    return Folded(model, gates, active_ranges(model, host_dial, gates))
 
 
 FOLDED = Backend("folded", _build, per_row=False, devices=("cpu", "cuda"), auto_priority=2, attach=_attach)

@@ -35,5 +35,5 @@ def _unavailable(device):
     return None
 
 
-TRITON = Backend("triton", lambda model, gates, host_alpha: Fused(gates), per_row=True, devices=("cuda",),
+TRITON = Backend("triton", lambda model, gates, host_dial: Fused(gates), per_row=True, devices=("cuda",),
                  auto_priority=1, unavailable=_unavailable)

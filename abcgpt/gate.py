@@ -1,7 +1,10 @@
-"""The dial: frozen specialty scores, the tent gate, and every gate of one forward (docs/design.md, section 1).
+"""The dial: frozen specialty scores, the gate formulas, and every gate of one forward (docs/design.md,
+sections 1 and 8).
 
-The tent formula lives here and nowhere else: the backends and the Triton kernel
-all consume the Gates that gates_for() computes once per forward.
+A geometry says where units sit and how far a dial point reaches: "line" (today's two-source dial, a score
+in [0, 1] per unit), or for N sources "pool", "simplex" and "tent", where a unit's place is a point on the
+simplex of source mixtures. The gate formulas live here and nowhere else: the backends and the Triton
+kernel all consume the Gates that gates_for() computes once per forward.
 """
 import math
 from dataclasses import dataclass
@@ -19,6 +22,37 @@ def sample_scores(n, generator, concentration=0.5):
         return (torch.sin(0.5 * math.pi * u) ** 2).float()
     seed = int(torch.randint(2**62, (1,), generator=generator))
     return torch.from_numpy(np.random.default_rng(seed).beta(concentration, concentration, n)).float()
+
+
+GEOMETRIES = ("line", "pool", "simplex", "tent")
+
+
+def place_units(n, generator, geometry="line", n_sources=2, beta=0.5, shared=0.75):
+    """n units' frozen places: (n,) scores in [0, 1] on the line; (n, n_sources) points on the simplex
+    otherwise. simplex and tent draw each point from Dirichlet(beta, ..., beta); pool makes a share of
+    `shared` units shared (the simplex's centre: on at every setting) and gives every other unit one source
+    (a vertex), the sources dealt out in turn from a random start so that each has as many units, +-1."""
+    if geometry == "line":
+        return sample_scores(n, generator, beta)
+    rng = np.random.default_rng(int(torch.randint(2**62, (1,), generator=generator)))
+    if geometry in ("simplex", "tent"):
+        return torch.from_numpy(rng.dirichlet([beta] * n_sources, n)).float()
+    n_shared = round(shared * n)
+    specialists = rng.permutation(n)[n_shared:]
+    places = torch.full((n, n_sources), 1.0 / n_sources)
+    owner = torch.from_numpy((np.arange(len(specialists)) + rng.integers(n_sources)) % n_sources)
+    places[torch.from_numpy(specialists)] = torch.nn.functional.one_hot(owner, n_sources).float()
+    return places
+
+
+def sort_key(places):
+    """One number per unit whose order puts units with the same place side by side: the score itself on the
+    line; otherwise shared (centre) units first, then each source's units, nearest its vertex first."""
+    if places.dim() == 1:
+        return places
+    top, nearest = places.max(-1)
+    key = nearest + 0.5 * (1.0 - top)
+    return torch.where(top * places.size(-1) <= 1.0 + 1e-6, torch.full_like(key, -1.0), key)
 
 
 def check_alpha(alpha):
@@ -60,6 +94,28 @@ def tent_gate(alpha, scores, narrowness=1.0):
     return torch.sin(0.5 * math.pi * (1.0 - distance)) ** 2
 
 
+def point_gate(point, places, geometry, narrowness=1.0):
+    """The gates of units at places (n, N) for a dial point on the simplex of N sources: (N,) gives (n,),
+    (B, N) gives (B, n). Every geometry fades a unit as cos^2(pi/2 * min(1, distance / reach)):
+
+    - simplex: distance is the total variation 1/2 * sum |point - place|, reach w * (1 - min place), the
+      farthest vertex. With two sources this is the line's tent exactly: |alpha - m| over w * max(m, 1 - m).
+    - tent: the author's k-dim tent, Euclidean distance over one reach for all, w * sqrt(2), the edge.
+    - pool: a source's unit fades with its source's weight, as the simplex has it at a vertex; a shared
+      unit (at the centre) is on everywhere.
+    """
+    point = point.to(places.dtype).unsqueeze(-2)  # (..., 1, N) against (n, N)
+    if geometry == "tent":
+        distance = torch.linalg.vector_norm(point - places, dim=-1) / (narrowness * math.sqrt(2.0))
+    else:
+        reach = narrowness * (1.0 - places.min(-1).values)
+        distance = 0.5 * (point - places).abs().sum(-1) / reach
+    gate = torch.sin(0.5 * math.pi * (1.0 - torch.clamp(distance, max=1.0))) ** 2
+    if geometry == "pool":
+        gate = torch.where(places.max(-1).values < 1.0, torch.ones_like(gate), gate)
+    return gate
+
+
 @dataclass
 class UnitGroups:
     """One value for each group of units: the residual channels (embd), then layer l's attention heads
@@ -86,10 +142,17 @@ class Gates(UnitGroups):
         return self.embd.dim() == 2
 
 
-def gates_for(alpha, scores, narrowness=1.0):
-    """Every gate of a forward in one tent evaluation over all the scores at once."""
+def gates_for(alpha, scores, narrowness=1.0, geometry="line", uniform=None):
+    """Every gate of a forward in one evaluation over all the scores at once.
+
+    alpha: the dial's point (a line alpha, or a mixture over the sources: see point_gate); uniform: None,
+    or a bool tensor of the dial's batch shape, True where every gate is 1 (uniform mode)."""
     groups = scores.groups()
-    flat = tent_gate(alpha, torch.cat(groups), narrowness)
+    places = torch.cat(groups)
+    flat = tent_gate(alpha, places, narrowness) if geometry == "line" else point_gate(alpha, places, geometry,
+                                                                                        narrowness)
+    if uniform is not None:
+        flat = torch.where(uniform.unsqueeze(-1) if uniform.dim() else uniform, torch.ones_like(flat), flat)
     pieces = list(flat.split([len(s) for s in groups], dim=-1))
     n_layer = len(scores.heads)
     return Gates(pieces[0], pieces[1 : 1 + n_layer], pieces[1 + n_layer :])

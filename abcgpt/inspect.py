@@ -5,10 +5,19 @@
 import sys
 from pathlib import Path
 
+import torch
+
 from .cli import HelpFormatter, Parser, run_tool
 from .data import source_alphas
 from .errors import UserError
 from .run import Run
+
+
+def units_nearest(state, n_sources):
+    """How many units sit nearest each source's vertex (shared units at the centre not counted)."""
+    places = torch.cat([t for name, t in state.items() if name.endswith("_scores")])
+    top, nearest = places.max(-1)
+    return torch.bincount(nearest[top * n_sources > 1.0 + 1e-6], minlength=n_sources).tolist()
 
 
 def describe(path, run):
@@ -27,12 +36,20 @@ def describe(path, run):
         "sources (dial order):",
     ]
     seen = run.tokens_seen or [None] * len(names)
-    for name, alpha, digest, tokens in zip(names, source_alphas(max(2, len(names))), digests, seen):
-        lines.append(f"  alpha {alpha:g}: {name}" + (f", sha256 {digest[:16]}..." if digest else "")
+    geometry = getattr(model, "geometry", "line")
+    if geometry == "line":
+        places = [f"alpha {a:g}" for a in source_alphas(max(2, len(names)))]
+    else:
+        lines[-1] = (f"sources, on the {geometry} dial{f' (shared share {model.shared:g})' if geometry == 'pool' else ''}"
+                     ": each at its own vertex, with the units nearest it:")
+        counts = units_nearest(run.model, len(names)) if model.gated else [None] * len(names)
+        places = [f"vertex {k}" + (f" ({c:,} units)" if c is not None else "") for k, c in enumerate(counts)]
+    for name, place, digest, tokens in zip(names, places, digests, seen):
+        lines.append(f"  {place}: {name}" + (f", sha256 {digest[:16]}..." if digest else "")
                      + (f", {tokens:,} training tokens drawn" if tokens is not None else ""))
     if train is not None:
         lines.append("training: " + ", ".join(f"{k} {getattr(train, k)}" for k in (
-            "alpha_mode", "batch_size", "max_iters", "learning_rate", "min_lr", "dropout", "seed")))
+            "alpha_mode", "uniform_share", "batch_size", "max_iters", "learning_rate", "min_lr", "dropout", "seed")))
     if run.val_losses:
         lines.append("held-out losses at this step: " + ", ".join(f"{k.removeprefix('val/')} {v:.4f}"
                                                                  for k, v in run.val_losses.items()))

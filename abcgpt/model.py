@@ -20,11 +20,13 @@ from torch.nn import functional as F
 from . import backends
 from .attention import Cache, attend
 from .errors import SettingsError
-from .gate import UnitGroups, check_alpha, gates_for, sample_scores
+from .gate import GEOMETRIES, UnitGroups, gates_for, place_units
 from .units import sort_units
+from .voice import Dial, as_dial
 
-# one alpha (a float or 0-dim tensor), one per sequence (a (B,) tensor), or None for a vanilla model
-Alpha = Union[float, torch.Tensor, None]
+# a voice.Dial; on the line also one alpha (a float or 0-dim tensor) or one per sequence (a (B,) tensor);
+# None for a vanilla model
+Alpha = Union[Dial, float, torch.Tensor, None]
 
 
 @dataclass
@@ -41,6 +43,9 @@ class GPTConfig:
     mask_seed: int = 1337  # seeds the specialty scores, so one config gives one set of scores
     score_beta: float = 0.5  # scores ~ Beta(a, a) with a = score_beta: how many specialists and "halfsies"
     sort_units: bool = True  # relabel units in score order at init (function unchanged; see units.py)
+    geometry: str = "line"  # where units sit and how a dial point reaches them (gate.GEOMETRIES)
+    n_sources: int = 0  # sources the units are placed among; 0 on the line, whose scores do not depend on it
+    shared: float = 0.75  # pool geometry: the share of units on at every setting
 
     def __post_init__(self):
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
@@ -54,6 +59,12 @@ class GPTConfig:
             raise SettingsError(f"score_beta must be positive, got {self.score_beta}")
         if not 0.0 <= self.dropout < 1.0:
             raise SettingsError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.geometry not in GEOMETRIES:
+            raise SettingsError(f"geometry must be one of {', '.join(GEOMETRIES)}, got {self.geometry!r}")
+        if self.geometry != "line" and not 2 <= self.n_sources <= 4096:
+            raise SettingsError(f"the {self.geometry} geometry needs n_sources from 2 to 4096, got {self.n_sources}")
+        if not 0.0 <= self.shared <= 1.0:
+            raise SettingsError(f"shared must be in [0, 1], got {self.shared}")
 
     def to_dict(self):
         return asdict(self)
@@ -144,10 +155,11 @@ class GPT(nn.Module):
         # One generator, one fixed order: residual channels, then per layer heads and MLP units.
         c = self.config
         generator = torch.Generator().manual_seed(c.mask_seed)
-        self.register_buffer("embd_scores", sample_scores(c.n_embd, generator, c.score_beta))
+        place = lambda n: place_units(n, generator, c.geometry, c.n_sources, c.score_beta, c.shared)
+        self.register_buffer("embd_scores", place(c.n_embd))
         for block in self.transformer.h:
-            block.attn.register_buffer("head_scores", sample_scores(c.n_head, generator, c.score_beta))
-            block.mlp.register_buffer("hidden_scores", sample_scores(4 * c.n_embd, generator, c.score_beta))
+            block.attn.register_buffer("head_scores", place(c.n_head))
+            block.mlp.register_buffer("hidden_scores", place(4 * c.n_embd))
 
     def scores(self) -> UnitGroups:
         blocks = self.transformer.h
@@ -172,16 +184,22 @@ class GPT(nn.Module):
         """The backend a forward on device uses, with one alpha (per_row=False) or one per sequence."""
         return backends.choose(self.backend, device, per_row).name
 
+    def gates(self, dial: Dial, scores: Optional[UnitGroups] = None):
+        """Every gate at dial, from the model's scores (or host copies of them)."""
+        return gates_for(dial.point, scores if scores is not None else self.scores(), self.config.narrowness,
+                         self.config.geometry, dial.uniform)
+
     def executor(self, alpha: Alpha, batch_size: int, device: torch.device) -> backends.Executor:
-        """What runs the gated layers of a forward at alpha, with its gates computed once."""
+        """What runs the gated layers of a forward at the dial, with its gates computed once."""
         if not self.config.gated:
             if alpha is not None:
                 raise ValueError("this model is not gated (gated=False): call it without alpha")
             return backends.ungated()
-        host_alpha = alpha if not (isinstance(alpha, torch.Tensor) and alpha.device.type != "cpu") else None
-        alpha = self._prepare_alpha(alpha, batch_size, device)
-        backend = backends.choose(self.backend, device, per_row=alpha.dim() == 1)
-        return backend.build(self, gates_for(alpha, self.scores(), self.config.narrowness), host_alpha)
+        dial = self._prepare_dial(alpha, batch_size)
+        host_dial = dial if dial.on_host else None
+        dial = dial.to(device, non_blocking=True)
+        backend = backends.choose(self.backend, device, per_row=dial.per_row)
+        return backend.build(self, self.gates(dial), host_dial)
 
     def forward(self, idx: torch.Tensor, alpha: Alpha = None, targets: Optional[torch.Tensor] = None,
                 cache: Optional[Cache] = None,
@@ -218,21 +236,18 @@ class GPT(nn.Module):
             loss = None
         return logits, loss
 
-    @staticmethod
-    def _prepare_alpha(alpha, batch_size, device):
-        """A float32 tensor on device: 0-dim for one alpha, (B,) for one per sequence.
+    def _prepare_dial(self, alpha, batch_size) -> Dial:
+        """The dial as a voice.Dial of float32 tensors: a batch dial, or one row per sequence.
 
-        A tensor (not a Python float) keeps torch.compile from specialising on each
-        value. Validation never waits for the device (gate.check_alpha).
+        Tensors (not Python floats) keep torch.compile from specialising on each value. A dial on an
+        accelerator is validated there, never read back (gate.check_alpha).
         """
-        if alpha is None:
-            raise ValueError("a gated model needs alpha: a float in [0, 1] or one per sequence")
-        if not torch.compiler.is_compiling():
-            check_alpha(alpha)
-        alpha = torch.as_tensor(alpha, dtype=torch.float32).to(device, non_blocking=True)
-        if alpha.dim() == 1 and alpha.numel() != batch_size:
-            raise ValueError(f"got {alpha.numel()} alphas for a batch of {batch_size} sequences")
-        return alpha
+        if torch.compiler.is_compiling() and not isinstance(alpha, Dial):
+            return Dial(torch.as_tensor(alpha, dtype=torch.float32), mixture=False)
+        dial = as_dial(alpha, self.config.geometry)
+        if dial.per_row and dial.rows != batch_size:
+            raise ValueError(f"got {dial.rows} alphas for a batch of {batch_size} sequences")
+        return dial
 
     @torch.no_grad()
     def at(self, alpha: Alpha = None) -> Callable[..., tuple[torch.Tensor, Optional[torch.Tensor]]]:
@@ -241,7 +256,7 @@ class GPT(nn.Module):
         The gates are computed (and, where the folded backend serves, folded into the
         weights) once here, not at every call: what makes generation at one alpha fast.
         """
-        batch = torch.as_tensor(alpha).numel() if alpha is not None else 1
+        batch = (alpha.rows if isinstance(alpha, Dial) else torch.as_tensor(alpha).numel()) if alpha is not None else 1
         run = self.executor(alpha, batch, self.lm_head.weight.device)
 
         def dialed(idx, targets=None, cache=None):

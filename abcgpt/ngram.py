@@ -3,7 +3,7 @@
 Each source gets an interpolated model of orders 0..n fitted on its train split:
 P(c | h) = sum over k of lambda_k * count(h_k c) / count(h_k), with h_k the last k
 characters, plus a uniform floor so unseen characters keep some probability.
-P(source 1 | text) then follows from Bayes with equal priors.
+P(source k | text) then follows from Bayes with equal priors, for two sources or many.
 """
 import math
 
@@ -61,15 +61,32 @@ class CharNgram:
 
 
 class SourceClassifier:
-    """P(source 1 | text) from two character n-gram models and equal priors."""
+    """P(source k | text) from one character n-gram model per source and equal priors."""
 
-    def __init__(self, text_0, text_1, order=4):
-        alphabet = sorted(set(text_0) | set(text_1))
-        self.models = (CharNgram(text_0, alphabet, order), CharNgram(text_1, alphabet, order))
+    def __init__(self, *texts, order=4):
+        if len(texts) < 2:
+            raise ValueError(f"telling sources apart needs at least two texts, got {len(texts)}")
+        alphabet = sorted(set().union(*map(set, texts)))
+        self.models = tuple(CharNgram(text, alphabet, order) for text in texts)
+
+    def log_likelihoods(self, text):
+        """log P(text | source k) for every source k."""
+        return np.array([model.log_probs(text).sum() for model in self.models])
+
+    def posterior(self, text):
+        """P(source k | text) for every k (a softmax of the log-likelihoods)."""
+        z = self.log_likelihoods(text)
+        z = np.exp(z - z.max())
+        return z / z.sum()
+
+    def classify(self, text):
+        """The index of the source text most likely came from."""
+        return int(np.argmax(self.log_likelihoods(text)))
 
     def log_odds(self, text):
-        """log P(text | source 1) - log P(text | source 0)."""
-        return float(self.models[1].log_probs(text).sum() - self.models[0].log_probs(text).sum())
+        """Two sources: log P(text | source 1) - log P(text | source 0)."""
+        z = self.log_likelihoods(text)
+        return float(z[1] - z[0])
 
     def p_source_1(self, text):
         z = self.log_odds(text)

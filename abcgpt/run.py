@@ -216,3 +216,11 @@ def load_gated_run(path, device="cpu", sources=None, cache_dir=None):
     if not model.config.gated:
         raise CheckpointError(f"{path} holds a vanilla (ungated) model: there is no dial to sweep")
     return model, tokenizer, run, corpus_for(run, tokenizer, sources, cache_dir)
+
+
+def require_two_source_line(run, path, what):
+    """Refuse, in one line, a run whose dial is not the two-source line that `what` is made for."""
+    geometry, names = run.model_config.geometry, run.source_names
+    if geometry != "line" or len(names) != 2:
+        raise CheckpointError(f"{path} has {len(names)} sources on the {geometry} dial; {what} is a two-source "
+                              "feature (for many sources: evaluate.py, sample.py --voice and python -m bench.voices)")

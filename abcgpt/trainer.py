@@ -31,9 +31,9 @@ from .saving import (
     TrainingDiverged, check_resumable, check_run_folder, check_same_sources, diverged, non_finite_state,
 )
 from .tokenizer import tokenizer_from_dict
+from .voice import evaluation_settings, loss_key, own_label
 
 __all__ = ["Trainer", "TrainingDiverged", "learning_rate_at"]
-EVAL_ALPHAS = (0.0, 0.5, 1.0)
 
 
 def learning_rate_at(step, config):
@@ -138,22 +138,25 @@ class Trainer:
         eval_iters * batch_size windows of the val split every time."""
         self.model.eval()
         losses = {}
-        alphas = EVAL_ALPHAS if self.config.gated else (None,)
-        windows = self.config.eval_iters * self.config.batch_size
+        config = self.config
+        settings = (evaluation_settings(self.corpus.names, config.geometry, config.uniform_share > 0)
+                    if config.gated else [(None, None)])
+        windows = config.eval_iters * config.batch_size
         for name, ids in zip(self.corpus.names, self.corpus.val):
-            if self.config.only_source and name != self.config.only_source:
+            if config.only_source and name != config.only_source:
                 continue
-            for alpha in alphas:
+            for label, dial in settings:
                 with self.autocast:
-                    loss = val_loss(self.model, ids, alpha, self.config.batch_size, windows, self.device)
-                losses[f"val/{name}" if alpha is None else f"val/{name}@{alpha:g}"] = loss
+                    loss = val_loss(self.model, ids, dial, config.batch_size, windows, self.device)
+                losses[loss_key(name, label)] = loss
         self.model.train()
         return losses
 
     def held_out_score(self, losses):
         """One number to pick the best checkpoint by: the mean loss of each source at its own corner."""
-        own = [losses.get(f"val/{name}@{alpha:g}", losses.get(f"val/{name}"))
-               for name, alpha in zip(self.corpus.names, self.corpus.alphas)]
+        names = self.corpus.names
+        own = [losses.get(loss_key(name, own_label(k, names, self.config.geometry)), losses.get(loss_key(name)))
+               for k, name in enumerate(names)]
         own = [v for v in own if v is not None]
         return sum(own) / len(own) if own else sum(losses.values()) / len(losses)
 
@@ -206,7 +209,8 @@ class Trainer:
                 alpha = None  # a single-source baseline is vanilla
             else:
                 x, y, alpha, sources = training_batch(
-                    self.corpus, config.batch_size, config.block_size, generator, config.alpha_mode == "sequence"
+                    self.corpus, config.batch_size, config.block_size, generator, config.alpha_mode == "sequence",
+                    config.geometry, config.uniform_share,
                 )
             counts = torch.bincount(sources, minlength=len(self.corpus.names)) * config.block_size
             self.local_tokens = [seen + n for seen, n in zip(self.local_tokens, counts.tolist())]
@@ -236,8 +240,15 @@ class Trainer:
         config = self.config
         per_row = config.alpha_mode == "sequence"
         backend = backends.explain(self.model.backend, torch.device(self.device), per_row) if config.gated else "none"
-        sources = (f"source {config.only_source} alone" if config.only_source else "sources " + ", ".join(
-            f"{name} (alpha {a:g})" for name, a in zip(self.corpus.names, self.corpus.alphas)))
+        if config.only_source:
+            sources = f"source {config.only_source} alone"
+        elif config.geometry == "line":
+            sources = "sources " + ", ".join(f"{name} (alpha {a:g})" for name, a in zip(self.corpus.names,
+                                                                                       self.corpus.alphas))
+        else:
+            sources = f"{len(self.corpus.names)} sources on the {config.geometry} dial: " + ", ".join(self.corpus.names)
+        if config.uniform_share > 0:
+            sources += f"; {config.uniform_share:g} of the dials in uniform mode"
         return (f"model: {self.model.get_num_params() / 1e6:.2f}M parameters, "
                 f"{'gated' if config.gated else 'vanilla'}, gate backend {backend}; device {self.device}; {sources}")
 

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .gate import sort_key
+
 
 @dataclass(frozen=True)
 class Axis:
@@ -117,7 +119,7 @@ def sort_units(model, optimizer_state=None):
     """
     if not model.config.gated:
         raise ValueError("a vanilla model has no scores to sort by")
-    orders = model.scores().map(lambda s: torch.argsort(s.cpu(), stable=True))
+    orders = model.scores().map(lambda s: torch.argsort(sort_key(s.cpu()), stable=True))
     tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     moves = permutations(model.config, tensors, orders)
     for name, t in tensors.items():

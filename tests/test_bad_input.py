@@ -30,6 +30,7 @@ TINY = ("--sources stories={ws}/stories.txt,plays={ws}/plays.txt --n_layer 1 --n
         "--batch_size 4 --max_iters 2 --eval_interval 2 --eval_iters 1 --log_interval 1 --out_dir {ws}/fresh "
         "--device cpu ")
 CKPT = "--ckpt {ws}/run/ckpt.pt "
+VOICES = "--ckpt {ws}/voices/ckpt.pt "  # three sources on the pool dial
 
 CASES = [
     # sample.py: the dial, the prompt, the numbers
@@ -74,6 +75,36 @@ CASES = [
     Case("a mix that is not a number", "sample", CKPT + "--mix half", "--mix: 'half' is not a number"),
     Case("both --mix and --alpha", "sample", CKPT + "--mix 0.3 --alpha 0.2",
          "argument --alpha: not allowed with argument --mix"),
+    # sample.py: a dial over many sources
+    Case("a voice that names no source", "sample", VOICES + "--voice psalms",
+         "--voice: no source named 'psalms': this checkpoint's sources are stories, plays, third (or 'all' for "
+         "uniform mode)"),
+    Case("a voice on two sources that names neither", "sample", CKPT + "--voice third",
+         "--voice: no source named 'third': this checkpoint's sources are stories, plays (or 'all' for uniform mode)"),
+    Case("a mixture with a negative weight", "sample", VOICES + "--voice stories=-1,plays=2",
+         "--voice: voice 'stories=-1,plays=2': weights must be finite and not negative, got -1"),
+    Case("a mixture whose weights sum to 0", "sample", VOICES + "--voice stories=0,plays=0",
+         "--voice: voice 'stories=0,plays=0': the weights must sum to a positive number"),
+    Case("a mixture weight that is not a number", "sample", VOICES + "--voice stories=lots",
+         "--voice: voice 'stories=lots': the weight of 'stories' must be a number, got 'lots'"),
+    Case("an infinite mixture weight", "sample", VOICES + "--voice stories=inf",
+         "--voice: voice 'stories=inf': weights must be finite and not negative, got inf"),
+    Case("a mixture part without a weight", "sample", VOICES + "--voice stories=1,plays",
+         "--voice: voice 'stories=1,plays': write NAME=WEIGHT for every part of a mixture, got 'plays'"),
+    Case("an alpha on a many-source dial", "sample", VOICES + "--alpha 0.5",
+         "--alpha: this checkpoint's dial is a mixture of its 3 sources (pool), not one line; use --voice NAME, "
+         "--voice NAME=W,NAME=W or --voice all"),
+    Case("a mix on a many-source dial", "sample", VOICES + "--mix 0.5",
+         "--mix: this checkpoint's dial is a mixture of its 3 sources (pool), not one line; use --voice NAME, "
+         "--voice NAME=W,NAME=W or --voice all"),
+    Case("calibrating a many-source dial", "calibrate", VOICES,
+         "{ws}/voices/ckpt.pt has 3 sources on the pool dial; the calibrated mix is a two-source feature (for many "
+         "sources: evaluate.py, sample.py --voice and python -m bench.voices)"),
+    Case("an unknown geometry", "train", TINY + "--geometry cube",
+         "argument --geometry: invalid choice: 'cube'"),
+    Case("a uniform share of 1", "train", TINY + "--uniform_share 1", "uniform_share must be in [0, 1), got 1.0"),
+    Case("a NaN uniform share", "train", TINY + "--uniform_share nan", "uniform_share must be in [0, 1), got nan"),
+    Case("a shared share above 1", "train", TINY + "--geometry pool --shared 2", "shared must be in [0, 1], got 2.0"),
     # serve.py: refused at start-up, before it listens
     Case("a missing checkpoint, to serve", "serve", "--ckpt {ws}/no/ckpt.pt", "checkpoint not found: {ws}/no/ckpt.pt"),
     Case("a corrupt checkpoint, to serve", "serve", "--ckpt {ws}/flipped.pt", "{ws}/flipped.pt failed its checksum"),
@@ -358,6 +389,11 @@ def template(trained_checkpoint, corpus_files, tmp_path_factory):
     (ws / "latin1.txt").write_bytes("café crème".encode("latin-1"))
     (ws / "folder").mkdir()
     ckpt = ws / "run" / "ckpt.pt"
+    (ws / "third.txt").write_text(" ".join(["alpha beta gamma delta"] * 400))
+    voices = Trainer(tiny_config(corpus_files, ws / "voices", geometry="pool", uniform_share=0.2, max_iters=2,
+                                 eval_interval=2, sources=[f"stories={stories}", f"plays={plays}",
+                                                           f"third={ws / 'third.txt'}"]), log=lambda line: None)
+    voices.train()
     shutil.copy(ckpt, ws / "ckpt-copy")
     (ws / "truncated.pt").write_bytes(ckpt.read_bytes()[:5000])
     torch.save({"weights": torch.zeros(3)}, ws / "foreign.pt")

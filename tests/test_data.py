@@ -11,8 +11,6 @@ from abcgpt.data import (
     DataError,
     SourceSpec,
     download,
-    draw_alphas,
-    draw_sources,
     fetch_builtin,
     parse_sources,
     training_batch,
@@ -65,8 +63,9 @@ def test_no_val_token_reaches_a_training_batch(per_sequence):
 
 def test_batches_are_next_token_windows_of_one_source():
     corpus, tok = marked_corpus()
-    x, y, alpha, sources = training_batch(corpus, 16, 12, torch.Generator().manual_seed(1))
-    assert alpha.shape == () and alpha.dtype == torch.float32 and 0 <= alpha <= 1
+    x, y, dial, sources = training_batch(corpus, 16, 12, torch.Generator().manual_seed(1))
+    alpha = dial.point
+    assert not dial.per_row and alpha.dtype == torch.float32 and 0 <= alpha <= 1
     assert torch.equal(x[:, 1:], y[:, :-1])
     chars = set(tok.decode(torch.cat([x.flatten(), y[:, -1]]).tolist()))
     assert chars <= set("ab") or chars <= set("cd")
@@ -74,35 +73,14 @@ def test_batches_are_next_token_windows_of_one_source():
 
 def test_per_sequence_batches_draw_alpha_and_source_per_row():
     corpus, tok = marked_corpus()
-    x, y, alpha, sources = training_batch(corpus, 64, 8, torch.Generator().manual_seed(2), per_sequence=True)
-    assert alpha.shape == (64,) and alpha.dtype == torch.float32
+    x, y, dial, sources = training_batch(corpus, 64, 8, torch.Generator().manual_seed(2), per_sequence=True)
+    alpha = dial.point
+    assert alpha.shape == (64,) and alpha.dtype == torch.float32 and dial.uniform is None
     from_second = torch.tensor([set(tok.decode(row.tolist())) <= set("cd") for row in x])
     assert torch.equal(from_second, sources == 1)  # the reported sources are the rows' real ones
     assert 0 < from_second.sum() < 64
     # rows from the second source have a higher alpha on average (source 1 with probability alpha)
     assert alpha[from_second].mean() > alpha[~from_second].mean()
-
-
-def test_reference_recipe_distributions():
-    generator = torch.Generator().manual_seed(3)
-    alphas = draw_alphas(200_000, generator)
-    # Beta(0.5, 0.5): mean 1/2, variance 1/8
-    assert alphas.mean().item() == pytest.approx(0.5, abs=0.005)
-    assert alphas.var().item() == pytest.approx(0.125, abs=0.002)
-    sources = draw_sources(alphas, 2, generator)
-    # P(source 1 | alpha) = alpha: check it on bins of alpha
-    for lo in (0.0, 0.3, 0.6, 0.9):
-        in_bin = (alphas >= lo) & (alphas < lo + 0.1)
-        assert sources[in_bin].double().mean().item() == pytest.approx(alphas[in_bin].mean().item(), abs=0.02)
-
-
-def test_three_sources_mix_only_neighbours():
-    alphas = torch.full((10_000,), 0.25, dtype=torch.float64)
-    sources = draw_sources(alphas, 3, torch.Generator().manual_seed(4))
-    # alpha 0.25 lies halfway between source 0 (alpha 0) and source 1 (alpha 0.5)
-    assert set(sources.tolist()) == {0, 1}
-    assert sources.double().mean().item() == pytest.approx(0.5, abs=0.03)
-    assert draw_sources(torch.tensor([1.0], dtype=torch.float64), 3, None).item() == 2
 
 
 def test_missing_and_empty_and_binary_files(tmp_path):
