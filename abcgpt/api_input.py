@@ -1,7 +1,7 @@
 """What the server reads from a request, strictly: a body capped while it arrives, JSON bounded before it is
 parsed, and each field of one type.
 
-A field is a string (prompt), a number (alpha, mix, temperature) or an integer (max_new_tokens, top_k, seed).
+A field is a string (prompt, voice), a number (alpha, mix, temperature) or an integer (max_new_tokens, top_k, seed).
 In JSON a number must be a JSON number, never a string; in a query string it must be plain ASCII decimal
 ("0.5", "1e-3", "40"), never "1_0", "٤" or "inf". Numbers JSON can write but a float or a 64-bit integer
 cannot hold (1e400, NaN, Infinity, a 5000-digit integer) are refused by the field that holds them.
@@ -15,8 +15,8 @@ from starlette.requests import ClientDisconnect
 
 from .errors import UserError
 
-FIELDS = {"prompt": str, "alpha": float, "mix": float, "max_new_tokens": int, "temperature": float, "top_k": int,
-          "seed": int}
+FIELDS = {"prompt": str, "alpha": float, "mix": float, "voice": str, "max_new_tokens": int, "temperature": float,
+          "top_k": int, "seed": int}
 MAX_DEPTH = 4  # a request is one flat object; deeper JSON is refused before the parser recurses into it
 INTEGER_LIMIT = 2**63  # integers are 64-bit, as torch stores them
 QUERY_NUMBER = re.compile(r"-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][-+]?[0-9]{1,3})?", re.ASCII)

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .sampling import draw
+from .voice import Dial
 
 
 class QueueFull(Exception):
@@ -116,17 +117,25 @@ class SlotLayer:
         return keys[:, :, :rows.end], values[:, :, :rows.end], rows.seen
 
 
+def dial_key(dial):
+    """A request's dial as a hashable value: the alpha itself, or a Dial's point and mode."""
+    if not isinstance(dial, Dial):
+        return dial
+    return tuple(dial.point.flatten().tolist()), None if dial.uniform is None else bool(dial.uniform)
+
+
 @dataclass(eq=False)
 class Request:
     """One user's generation: its prompt, dial and sampling settings, and where its tokens go."""
 
     prompt: list
-    alpha: float
+    alpha: object  # the dial: an alpha (a float) or a voice.Dial for the one sequence
     max_new_tokens: int
     temperature: float = 1.0
     top_k: int | None = None
     seed: int = 0
     mix: float | None = None  # the mix the alpha came from, when the calibrated dial was used
+    voice: str | None = None  # the voice the dial came from (a source, a mixture or "all"), when one was named
     timeout: float = float("inf")  # seconds from submission to the last token
     tokens: list = field(default_factory=list)
     slot: int | None = None
@@ -293,12 +302,16 @@ class BatchedDecoder:
     def _executor(self, requests):
         """What runs a forward over these requests' rows: made once (gates and all) while the same requests
         sit in the same rows, which is most steps."""
-        key = tuple(r.alpha for r in requests)
+        key = tuple(dial_key(r.alpha) for r in requests)
         if key not in self.executors:
             if len(self.executors) >= 8:  # the blocks of the last few compositions
                 self.executors.clear()
-            alphas = torch.tensor(key, dtype=torch.float32) if self.model.config.gated else None
-            self.executors[key] = self.model.executor(alphas, len(requests), self.device)
+            dials = None
+            if self.model.config.gated:
+                named = [r.alpha for r in requests]
+                dials = (Dial.stack([d if isinstance(d, Dial) else Dial.alpha(d) for d in named])
+                         if any(isinstance(d, Dial) for d in named) else torch.tensor(key, dtype=torch.float32))
+            self.executors[key] = self.model.executor(dials, len(requests), self.device)
         return self.executors[key]
 
     def _draw(self, requests, logits, uniforms):

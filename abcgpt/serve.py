@@ -30,6 +30,7 @@ from .batching import BatchedDecoder, QueueFull, Request, TimedOut
 from .data import source_alphas
 from .errors import SettingsError
 from .tokenizer import UnknownCharactersError
+from .voice import UNIFORM, Dial, parse_voice
 
 PAGE = Path(__file__).with_name("page.html")
 RETRY_AFTER = 2  # seconds a client told the queue is full should wait
@@ -51,8 +52,12 @@ class Service:
 
     def info(self):
         c = self.model.config
+        if c.geometry == "line":
+            sources = [{"name": n, "alpha": a} for n, a in zip(self.names, source_alphas(max(2, len(self.names))))]
+        else:
+            sources = [{"name": n, "vertex": k} for k, n in enumerate(self.names)]
         return {
-            "sources": [{"name": n, "alpha": a} for n, a in zip(self.names, source_alphas(max(2, len(self.names))))],
+            "sources": sources, "geometry": c.geometry, "uniform": UNIFORM,
             "model": {k: getattr(c, k) for k in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "gated")},
             "step": self.run.step, "calibrated": bool(self.dial_map), "max_new_tokens": self.max_new_tokens,
             "device": str(self.decoder.device), "defaults": self.defaults(),
@@ -83,20 +88,36 @@ class Service:
                 least=1, most=self.max_new_tokens)
             temperature = number(fields, "temperature", None)
             top_k = number(fields, "top_k", None)
-            alpha, mix, temperature, top_k = self._dial(fields, temperature, top_k)
+            alpha, mix, voice, temperature, top_k = self._dial(fields, temperature, top_k)
             settings.check_temperature(temperature)
             settings.check_top_k(top_k)
             seed = settings.check_seed(number(fields, "seed", random.randrange(2**31)))
         except SettingsError as e:
             raise BadInput(str(e)) from None
         top_k = None if top_k is None else min(top_k, self.model.config.vocab_size)  # the same cut, in range
-        return Request(ids, alpha, new_tokens, temperature, top_k, seed, mix, timeout=self.timeout)
+        return Request(ids, alpha, new_tokens, temperature, top_k, seed, mix, voice, timeout=self.timeout)
 
     def _dial(self, fields, temperature, top_k):
-        """(alpha, mix, temperature, top_k): alpha as given at the sampling settings given or the defaults,
-        or a mix through the calibrated map, at the settings it was calibrated at."""
-        if "alpha" in fields and "mix" in fields:
-            raise BadInput("give alpha or mix, not both")
+        """(dial, mix, voice, temperature, top_k): a voice or an alpha as given, at the sampling settings given
+        or the defaults; or a mix through the calibrated map, at the settings it was calibrated at."""
+        given = [name for name in ("alpha", "mix", "voice") if name in fields]
+        if len(given) > 1:
+            raise BadInput(f"give one of alpha, mix and voice, not {' and '.join(given)}")
+        geometry = self.model.config.geometry
+        if self.model.config.gated and ("voice" in fields or (geometry != "line" and not given)):
+            text = fields.get("voice", UNIFORM)  # a dial over many sources starts with every gate open
+            if not isinstance(text, str):
+                raise BadInput(f"voice must be a string: a source's name, NAME=W,NAME=W or {UNIFORM!r}")
+            dial, label = parse_voice(text, self.names, geometry)
+            return (dial, None, label, *settings.or_defaults(temperature, top_k))
+        if self.model.config.gated and geometry != "line" and given:
+            raise BadInput(f"{given[0]}: this checkpoint's dial is a mixture of its {len(self.names)} sources "
+                           f"({geometry}), not one line; give voice: a source's name, NAME=W,NAME=W or {UNIFORM!r}")
+        alpha, mix, temperature, top_k = self._line_dial(fields, temperature, top_k)
+        return alpha, mix, None, temperature, top_k
+
+    def _line_dial(self, fields, temperature, top_k):
+        """(alpha, mix, temperature, top_k) on the line."""
         if self.model.config.gated and "mix" in fields:
             mix = number(fields, "mix", None)
             alpha, temperature, top_k = settings.resolve_mix(
@@ -109,7 +130,8 @@ class Service:
         return settings.check_unit(number(fields, "alpha", 0.5), "alpha"), None, temperature, top_k
 
     def result(self, request):
-        return {"text": self.tokenizer.decode(request.tokens), "alpha": request.alpha, "mix": request.mix,
+        alpha = None if isinstance(request.alpha, Dial) else request.alpha
+        return {"text": self.tokenizer.decode(request.tokens), "alpha": alpha, "mix": request.mix, "voice": request.voice,
                 "tokens": len(request.tokens), "seed": request.seed,
                 "ms": round((time.perf_counter() - request.started) * 1e3, 1)}
 

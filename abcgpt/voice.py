@@ -135,6 +135,9 @@ def parse_voice(text, names, geometry) -> tuple[Dial, str]:
         weights[k] += weight
     if sum(weights) <= 0:
         raise SettingsError(f"voice {text!r}: the weights must sum to a positive number")
+    if sum(w > 0 for w in weights) == 1:  # one source alone is its own setting, and named so
+        k = next(k for k, w in enumerate(weights) if w > 0)
+        return Dial.source(k, geometry, n), names[k]
     dial = Dial.mixture_of(weights)
     if geometry == "line":
         dial = Dial.alpha(float(sum(w * source_alpha(k, n) for k, w in enumerate(dial.point.tolist()))))

@@ -83,3 +83,23 @@ def trained_checkpoint(corpus_files, tmp_path_factory):
     trainer = Trainer(tiny_config(corpus_files, out_dir), log=lambda line: None)
     trainer.train()
     return out_dir / "ckpt.pt"
+
+
+def word_text(n_lines, seed=2):
+    """Short lines of a few repeated words: a third voice, unlike stories and plays."""
+    rng = random.Random(seed)
+    words = ["alpha", "beta", "gamma", "delta", "omega"]
+    return "\n".join(" ".join(rng.choice(words) for _ in range(6)) for _ in range(n_lines))
+
+
+@pytest.fixture(scope="session")
+def voices_checkpoint(corpus_files, tmp_path_factory):
+    """A checkpoint of a tiny gated model over three sources on the pool dial, trained for a few steps."""
+    stories, plays = corpus_files
+    words = stories.parent / "words.txt"
+    words.write_text(word_text(400))
+    out_dir = tmp_path_factory.mktemp("voices-run")
+    config = tiny_config(corpus_files, out_dir, geometry="pool", uniform_share=0.2,
+                         sources=[f"stories={stories}", f"plays={plays}", f"words={words}"])
+    Trainer(config, log=lambda line: None).train()
+    return out_dir / "ckpt.pt"

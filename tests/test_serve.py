@@ -8,6 +8,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -97,7 +98,11 @@ def test_the_stream_sends_the_same_text_token_by_token(client):
     ({"alpha": None}, "alpha must be a number, got None"),
     ({"mix": 0.3}, "this checkpoint has no calibrated dial"),
     ({"mix": 2}, "mix must be in [0, 1], got 2.0"),
-    ({"alpha": 0.2, "mix": 0.3}, "give alpha or mix, not both"),
+    ({"alpha": 0.2, "mix": 0.3}, "give one of alpha, mix and voice, not alpha and mix"),
+    ({"alpha": 0.2, "voice": "plays"}, "give one of alpha, mix and voice, not alpha and voice"),
+    ({"voice": "psalms"}, "no source named 'psalms': this checkpoint's sources are stories, plays"),
+    ({"voice": 3}, "voice must be a string"),
+    ({"voice": "stories=-2"}, "voice 'stories=-2': weights must be finite and not negative, got -2"),
     ({"prompt": "one Q day €"}, "the prompt has 2 character(s) not in the vocabulary: 'Q', '€'"),
     ({"prompt": "one day " * 10}, "the prompt is 80 tokens long; the context holds 16"),
     ({"prompt": ""}, "prompt must be a non-empty string"),
@@ -269,14 +274,13 @@ def test_a_token_is_required_when_one_is_set(own_client):
 
 
 # a real server on a free local port
-@pytest.fixture(scope="module")
-def server(loaded):
+@contextmanager
+def serve_on_a_free_port(service):
     """uvicorn with the server's own limits (a 1-second header deadline), on a thread; it records the
     requests its decoder was given and counts the hits on each path."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    service = Service(*loaded, max_batch=4, max_new_tokens=400, body_timeout=1.0)
     submitted, hits, submit = [], Counter(), service.decoder.submit
     service.decoder.submit = lambda request: (submit(request), submitted.append(request))[0]
     app = create_app(service)
@@ -294,6 +298,12 @@ def server(loaded):
     yield SimpleNamespace(url=f"http://127.0.0.1:{port}", port=port, service=service, submitted=submitted, hits=hits)
     running.should_exit = True
     thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def server(loaded):
+    with serve_on_a_free_port(Service(*loaded, max_batch=4, max_new_tokens=400, body_timeout=1.0)) as running:
+        yield running
 
 
 def until(condition, seconds=20):
