@@ -1,4 +1,5 @@
-"""The gate backends, in one registry: how a forward's gated layers run (docs/design.md, section 2).
+"""The gate backends, in one registry: how a forward's gated layers run, and which executor a forward gets
+(executor_for; docs/design.md, section 2).
 
 Each backend is a module with its executor and a Backend declaring its name, the
 devices "auto" may choose it on, whether it takes one alpha per sequence, and its
@@ -12,6 +13,7 @@ from .errors import SettingsError
 from .executors import REFERENCE, Backend, Ungated
 from .folded import FOLDED
 from .fused import TRITON
+from .voice import prepare
 
 REGISTRY = {b.name: b for b in (FOLDED, TRITON, REFERENCE)}
 Executor = Ungated  # every executor's base class: the type a forward hands its gated layers to
@@ -63,11 +65,18 @@ def available(device: torch.device) -> list:
     return [b.name for b in REGISTRY.values() if device.type in b.devices and b.unavailable(device) is None]
 
 
-def attach(model) -> None:
-    """Give a newly built gated model each backend's state of its own."""
-    for backend in REGISTRY.values():
-        if backend.attach is not None:
-            backend.attach(model)
+def executor_for(model, alpha, batch_size: int, device: torch.device) -> Executor:
+    """What runs the gated layers of model's forward at the dial (a voice.Dial, or on the line an alpha or one
+    per sequence), with its gates computed once, on the backend the registry picks."""
+    if not model.config.gated:
+        if alpha is not None:
+            raise ValueError("this model is not gated (gated=False): call it without alpha")
+        return ungated()
+    dial = prepare(alpha, model.config.geometry, batch_size)
+    host_dial = dial if dial.on_host else None
+    dial = dial.to(device, non_blocking=True)
+    backend = choose(model.backend, device, per_row=dial.per_row)
+    return backend.build(model, model.gates(dial), host_dial)
 
 
 def ungated() -> Executor:

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .backends import executor_for
 from .sampling import draw
 from .voice import Dial
 
@@ -311,7 +312,7 @@ class BatchedDecoder:
                 named = [r.alpha for r in requests]
                 dials = (Dial.stack([d if isinstance(d, Dial) else Dial.alpha(d) for d in named])
                          if any(isinstance(d, Dial) for d in named) else torch.tensor(key, dtype=torch.float32))
-            self.executors[key] = self.model.executor(dials, len(requests), self.device)
+            self.executors[key] = executor_for(self.model, dials, len(requests), self.device)
         return self.executors[key]
 
     def _draw(self, requests, logits, uniforms):

@@ -9,7 +9,7 @@ any alpha: the oracle). Each gate backend is one module with its executor and a
 Backend that declares it; backends.py lists them.
 """
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 
@@ -26,7 +26,6 @@ class Backend:
     devices: tuple  # device types "auto" may choose it on
     auto_priority: int  # "auto" takes the highest that serves the device and the alphas
     unavailable: Callable = lambda device: None  # why it cannot run on a device, or None where it can
-    attach: Optional[Callable] = None  # (model) -> None: state of its own, made once when a gated model is built
 
 
 def merge_heads(y: torch.Tensor) -> torch.Tensor:

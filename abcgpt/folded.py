@@ -1,21 +1,23 @@
-"""The folded backend: one alpha for the batch, gates moved from activations onto weights.
+"""The folded backend: one dial setting for the batch, gates moved from activations onto weights.
 
-With a single alpha every gate is a per-unit constant, so W_eff = diag(g_out) W diag(g_in):
+With a single setting every gate is a per-unit constant, so W_eff = diag(g_out) W diag(g_in):
 the cost is proportional to the parameters, not the activations. Units whose gate is
-exactly 0 contribute nothing, so the matmuls keep only each group's active range
-[lo, hi), which is tight because units are sorted by score (units.sort_units): at
-the corners, half of every group drops out. The residual stream keeps its full width
+exactly 0 contribute nothing, so the matmuls keep only each group's active units: on the
+line one range [lo, hi), tight because units are sorted by score (units.sort_units), so that
+at the corners half of every group drops out; over many sources the shared block and the
+dialled sources' blocks, gathered by index once per setting. The residual stream keeps its full width
 (LayerNorm sees every channel), but silent channels stay exactly zero, so the
 residual writes and the lm_head input skip them. Which rows and columns to scale or
 cut comes from the unit map (units.py).
 """
+import weakref
 from dataclasses import dataclass
 
 import torch
 from torch.nn import functional as F
 
 from .executors import Backend, Ungated, merge_heads
-from .gate import UnitGroups, active_range
+from .gate import UnitGroups, active_units
 from .units import fold, unit_map
 
 
@@ -34,20 +36,25 @@ class FoldedLayer:
 class Folded(Ungated):
     """A gated GPT's layers at one alpha: gates folded into (and silent units cut from) the weights.
 
-    gates: one alpha's Gates; ranges: the same groups as (lo, hi) spans of units to keep.
+    gates: one dial setting's Gates; active: the same groups, each the units to keep (gate.active_units).
     """
 
-    def __init__(self, model, gates, ranges):
-        units = model.folding.units
+    def __init__(self, model, gates, active):
+        units = folding_state(model).units
         tensors = dict(model.named_parameters(remove_duplicate=False))  # lm_head.weight is tied to wte
 
         def folded(name):
-            return fold(tensors[name], units[name], gates, ranges) if name in tensors else None
+            return fold(tensors[name], units[name], gates, active) if name in tensors else None
 
         self.n_embd = model.config.n_embd
         self.head_size = model.config.n_embd // model.config.n_head
-        self.channels = slice(*ranges.embd)
-        self.channel_index = torch.arange(*ranges.embd, device=gates.embd.device)
+        device = gates.embd.device
+        channels = active.embd
+        if isinstance(channels, torch.Tensor):  # a gather where the channels are not one block
+            self.channels = self.channel_index = channels.to(device)
+        else:
+            self.channels = slice(*channels)
+            self.channel_index = torch.arange(*channels, device=device)
         self.embd_gate = gates.embd
         self.lm_w = folded("lm_head.weight")
         self.layers = []
@@ -84,7 +91,7 @@ class Folded(Ungated):
     def active_units(self):
         """How many residual channels, heads and hidden units per layer take part."""
         return {
-            "channels": self.channels.stop - self.channels.start,
+            "channels": len(self.channel_index),
             "heads": [layer.qkv_w.size(0) // (3 * self.head_size) for layer in self.layers],
             "hidden": [layer.fc_w.size(0) for layer in self.layers],
         }
@@ -109,22 +116,28 @@ class FoldingState:
 
 
 def active_ranges(model, host_dial, gates):
-    """Each group's span of units with a nonzero gate, found on the host; every unit where the dial is only
+    """Each group's units with a nonzero gate (gate.active_units), found on the host; every unit where the dial is only
     on the device (finding them would be a sync) or while torch.compile traces (shapes must not depend on
     the dial)."""
     if host_dial is None or torch.compiler.is_compiling():
         return model.scores().map(lambda s: (0, len(s)))
     if gates.embd.device.type != "cpu":  # the same gates again, from the host's copies of the scores
-        gates = model.gates(host_dial, model.folding.host_scores(model))
-    return gates.map(active_range)
+        gates = model.gates(host_dial, folding_state(model).host_scores(model))
+    return gates.map(active_units)
 
 
-def _attach(model):
-    model.folding = FoldingState(model)
+_STATES = weakref.WeakKeyDictionary()  # model -> its FoldingState, gone with the model
+
+
+def folding_state(model) -> FoldingState:
+    """The folding state of model, made at its first fold."""
+    if model not in _STATES:
+        _STATES[model] = FoldingState(model)
+    return _STATES[model]
 
 
 def _build(model, gates, host_dial):
     return Folded(model, gates, active_ranges(model, host_dial, gates))
 
 
-FOLDED = Backend("folded", _build, per_row=False, devices=("cpu", "cuda"), auto_priority=2, attach=_attach)
+FOLDED = Backend("folded", _build, per_row=False, devices=("cpu", "cuda"), auto_priority=2)

@@ -13,13 +13,19 @@ import numpy as np
 import torch
 
 
+def beta_half(n, generator):
+    """n draws of Beta(1/2, 1/2) in float64, as sin(pi*u/2)**2 with u ~ U(0, 1): the specialty scores' law and
+    the line dial's training draw."""
+    u = torch.rand(n, generator=generator, dtype=torch.float64)
+    return torch.sin(0.5 * math.pi * u) ** 2
+
+
 def sample_scores(n, generator, concentration=0.5):
     """n specialty scores from Beta(a, a), a = concentration: below 1 most units are specialists,
     at 1 scores are uniform, above 1 most are "halfsies". Beta(0.5, 0.5), the default, is drawn as
     sin(pi*u/2)**2 with u ~ U(0, 1); other values through numpy, seeded from the same generator."""
     if concentration == 0.5:
-        u = torch.rand(n, generator=generator, dtype=torch.float64)
-        return (torch.sin(0.5 * math.pi * u) ** 2).float()
+        return beta_half(n, generator).float()
     seed = int(torch.randint(2**62, (1,), generator=generator))
     return torch.from_numpy(np.random.default_rng(seed).beta(concentration, concentration, n)).float()
 
@@ -158,12 +164,12 @@ def gates_for(alpha, scores, narrowness=1.0, geometry="line", uniform=None):
     return Gates(pieces[0], pieces[1 : 1 + n_layer], pieces[1 + n_layer :])
 
 
-def active_range(gate):
-    """[lo, hi): the span holding every nonzero entry of a gate vector on the host (empty if none).
-
-    With units sorted by score the nonzero gates are one interval, so this span is tight.
-    """
+def active_units(gate):
+    """The units of a gate vector on the host with a nonzero gate: (lo, hi) where they are one block (always
+    on the line, whose units are sorted by score), else their indices (a LongTensor), gathered once per
+    dial setting: on many sources a setting's units are the shared block and its sources' blocks."""
     on = torch.nonzero(gate > 0).flatten()
     if len(on) == 0:
         return 0, 0
-    return int(on[0]), int(on[-1]) + 1
+    lo, hi = int(on[0]), int(on[-1]) + 1
+    return (lo, hi) if hi - lo == len(on) else on

@@ -22,7 +22,7 @@ from .attention import Cache, attend
 from .errors import SettingsError
 from .gate import GEOMETRIES, UnitGroups, gates_for, place_units
 from .units import sort_units
-from .voice import Dial, as_dial
+from .voice import Dial
 
 # a voice.Dial; on the line also one alpha (a float or 0-dim tensor) or one per sequence (a (B,) tensor);
 # None for a vanilla model
@@ -149,7 +149,6 @@ class GPT(nn.Module):
             self._register_scores()
             if config.sort_units:
                 sort_units(self)
-            backends.attach(self)
 
     def _register_scores(self):
         # One generator, one fixed order: residual channels, then per layer heads and MLP units.
@@ -189,18 +188,6 @@ class GPT(nn.Module):
         return gates_for(dial.point, scores if scores is not None else self.scores(), self.config.narrowness,
                          self.config.geometry, dial.uniform)
 
-    def executor(self, alpha: Alpha, batch_size: int, device: torch.device) -> backends.Executor:
-        """What runs the gated layers of a forward at the dial, with its gates computed once."""
-        if not self.config.gated:
-            if alpha is not None:
-                raise ValueError("this model is not gated (gated=False): call it without alpha")
-            return backends.ungated()
-        dial = self._prepare_dial(alpha, batch_size)
-        host_dial = dial if dial.on_host else None
-        dial = dial.to(device, non_blocking=True)
-        backend = backends.choose(self.backend, device, per_row=dial.per_row)
-        return backend.build(self, self.gates(dial), host_dial)
-
     def forward(self, idx: torch.Tensor, alpha: Alpha = None, targets: Optional[torch.Tensor] = None,
                 cache: Optional[Cache] = None,
                 run: Optional[backends.Executor] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -216,7 +203,7 @@ class GPT(nn.Module):
         elif T > self.config.block_size:
             raise ValueError(f"sequence of length {T} is longer than block_size {self.config.block_size}")
         if run is None:
-            run = self.executor(alpha, B, idx.device)
+            run = backends.executor_for(self, alpha, B, idx.device)
 
         pos = cache.positions(T, idx.device) if cache is not None else torch.arange(T, device=idx.device)
         x = run.embed(self.transformer.wte(idx) + self.transformer.wpe(pos))
@@ -236,19 +223,6 @@ class GPT(nn.Module):
             loss = None
         return logits, loss
 
-    def _prepare_dial(self, alpha, batch_size) -> Dial:
-        """The dial as a voice.Dial of float32 tensors: a batch dial, or one row per sequence.
-
-        Tensors (not Python floats) keep torch.compile from specialising on each value. A dial on an
-        accelerator is validated there, never read back (gate.check_alpha).
-        """
-        if torch.compiler.is_compiling() and not isinstance(alpha, Dial):
-            return Dial(torch.as_tensor(alpha, dtype=torch.float32), mixture=False)
-        dial = as_dial(alpha, self.config.geometry)
-        if dial.per_row and dial.rows != batch_size:
-            raise ValueError(f"got {dial.rows} alphas for a batch of {batch_size} sequences")
-        return dial
-
     @torch.no_grad()
     def at(self, alpha: Alpha = None) -> Callable[..., tuple[torch.Tensor, Optional[torch.Tensor]]]:
         """The model fixed at one dial setting, for inference: call it as f(idx, cache=...).
@@ -257,7 +231,7 @@ class GPT(nn.Module):
         weights) once here, not at every call: what makes generation at one alpha fast.
         """
         batch = (alpha.rows if isinstance(alpha, Dial) else torch.as_tensor(alpha).numel()) if alpha is not None else 1
-        run = self.executor(alpha, batch, self.lm_head.weight.device)
+        run = backends.executor_for(self, alpha, batch, self.lm_head.weight.device)
 
         def dialed(idx, targets=None, cache=None):
             return self(idx, targets=targets, cache=cache, run=run)

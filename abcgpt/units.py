@@ -86,18 +86,22 @@ def _expand(axis, per_unit):
     return per_unit.repeat(axis.parts) if axis.parts > 1 else per_unit
 
 
-def fold(tensor, axes, gates, ranges):
-    """tensor scaled by each fold axis's gate, with each cut axis narrowed to its active range.
+def fold(tensor, axes, gates, active):
+    """tensor scaled by each fold axis's gate, with each cut axis narrowed to its active units.
 
-    gates: one alpha's Gates; ranges: the same groups as (lo, hi) unit spans. A
-    range that covers the whole axis costs no copy; other slices are views, except
-    across parts (q, k, v), which are concatenated.
+    gates: one dial setting's Gates; active: the same groups, each a (lo, hi) block of units or the active
+    units' indices (gate.active_units). A block that covers the whole axis costs no copy; other blocks are
+    views, except across parts (q, k, v), which are concatenated; indices are gathered.
     """
     for axis in axes:
-        lo, hi = group_of(ranges, axis)
+        units = group_of(active, axis)
         per_part = tensor.size(axis.dim) // axis.parts
         gate = group_of(gates, axis)
-        if axis.cut and (lo, hi) != (0, per_part // axis.unit_size):
+        if axis.cut and isinstance(units, torch.Tensor):
+            tensor = tensor.index_select(axis.dim, _index(axis, units, tensor.size(axis.dim)).to(tensor.device))
+            gate = gate[units.to(gate.device)]
+        elif axis.cut and units != (0, per_part // axis.unit_size):
+            lo, hi = units
             pieces = [tensor.narrow(axis.dim, part * per_part + lo * axis.unit_size, (hi - lo) * axis.unit_size)
                       for part in range(axis.parts)]
             tensor = pieces[0] if axis.parts == 1 else torch.cat(pieces, axis.dim)

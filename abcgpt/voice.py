@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 
 from .errors import SettingsError
-from .gate import check_alpha
+from .gate import beta_half, check_alpha
 
 UNIFORM = "all"  # the voice name of uniform mode: every gate open
 
@@ -109,6 +109,18 @@ def as_dial(value, geometry) -> Dial:
     return Dial.alpha(value)
 
 
+def prepare(value, geometry, batch_size) -> Dial:
+    """What a forward over batch_size sequences was given, as a float32 Dial: a batch dial, or one row per
+    sequence. Tensors (not Python floats) keep torch.compile from specialising on each value; a dial on an
+    accelerator is validated there, never read back (gate.check_alpha)."""
+    if torch.compiler.is_compiling() and not isinstance(value, Dial):
+        return Dial(torch.as_tensor(value, dtype=torch.float32), mixture=False)
+    dial = as_dial(value, geometry)
+    if dial.per_row and dial.rows != batch_size:
+        raise ValueError(f"got {dial.rows} alphas for a batch of {batch_size} sequences")
+    return dial
+
+
 def parse_voice(text, names, geometry) -> tuple[Dial, str]:
     """(dial, label) from a user's voice: NAME (a source's own setting), NAME=W,NAME=W (a mixture with those
     weights; a source left out has weight 0) or "all" (uniform mode). On the line with more than two
@@ -169,8 +181,7 @@ def draw(rows, n_sources, geometry, generator, uniform_share=0.0):
     uniform_share, with a source drawn uniformly.
     """
     if geometry == "line":
-        u = torch.rand(rows, generator=generator, dtype=torch.float64)
-        alphas = torch.sin(0.5 * math.pi * u) ** 2
+        alphas = beta_half(rows, generator)
         position = alphas * (n_sources - 1)
         lower = position.floor().clamp(max=n_sources - 2)
         upper_wins = torch.rand(rows, generator=generator, dtype=torch.float64) < position - lower

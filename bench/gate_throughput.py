@@ -28,6 +28,7 @@ from abcgpt.device import default_device
 from abcgpt.model import GPT, GPTConfig
 from abcgpt.recompiles import forbid_recompiles
 from abcgpt.sampling import CompiledDecoder, generate
+from abcgpt.voice import Dial
 from bench.tables import markdown_table
 from bench.timing import environment, summary, time_calls
 
@@ -38,6 +39,7 @@ SHAPES = {  # name: (n_layer, n_head, n_embd, block_size, batch_size, vocab_size
     "small": (4, 4, 128, 64, 16, 65),  # the CPU preset's shape (batch 16: half the preset's, to be quick)
     "tiny": (2, 2, 64, 32, 4, 65),  # --quick
 }
+PER_ROW = ("seq", "point")  # dials with one setting per sequence
 # Dense bf16 tensor-core peaks from the vendors' data sheets, for the MFU estimate.
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12}
 
@@ -49,10 +51,12 @@ def peak_flops(device_name):
     return None
 
 
-def build_model(shape, case, device):
+def build_model(shape, case, device, alpha=None):
+    """The case's model; for the "point" dial, on the simplex geometry over two sources (a point a row)."""
     n_layer, n_head, n_embd, block_size, _, vocab_size = shape
+    points = {"geometry": "simplex", "n_sources": 2} if alpha == "point" else {}
     config = GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, vocab_size=vocab_size,
-                       dropout=0.0, gated=case != "vanilla")
+                       dropout=0.0, gated=case != "vanilla", **points)
     torch.manual_seed(0)
     return GPT(config, "reference" if case == "vanilla" else case).to(device)
 
@@ -147,7 +151,7 @@ def dials(case, alphas, devices):
     alpha per sequence) where the backend takes it."""
     if case == "vanilla":
         return [(None, None)]
-    return [(a, d) for a in alphas if not (a == "seq" and case == "folded") for d in devices]
+    return [(a, d) for a in alphas if not (a in PER_ROW and case == "folded") for d in devices]
 
 
 def alpha_devices(choice, device):
@@ -162,6 +166,9 @@ def dial_tensor(alpha, on, batch_size):
         return None
     if alpha == "seq":
         return torch.rand(batch_size, generator=torch.Generator().manual_seed(2)).to(on)
+    if alpha == "point":  # the same per-row alphas as "seq", as points (1 - alpha, alpha) of the simplex
+        a = torch.rand(batch_size, generator=torch.Generator().manual_seed(2))
+        return Dial.mixture_of(torch.stack([1 - a, a], -1)).to(on)
     return torch.tensor(alpha, device=on)
 
 
@@ -182,9 +189,13 @@ def run_shape(name, args, device, cases, alphas, modes, compile_modes, deadline,
             continue
         group = []
         for case in cases:
-            model = build_model(shape, case, device)
-            step = TrainStep(model, compiled, device)
+            models = {}  # the line's model, and the simplex's for point dials
             for alpha, on in dials(case, alphas, alpha_devices(args.alpha_on, device)):
+                kind = "point" if alpha == "point" else "line"
+                if kind not in models:
+                    built = build_model(shape, case, device, alpha)
+                    models[kind] = built, TrainStep(built, compiled, device)
+                model, step = models[kind]
                 row = {"shape": name, "n_layer": n_layer, "n_head": n_head, "n_embd": n_embd, "block_size": block_size,
                        "vocab_size": vocab_size, "n_params": model.get_num_params(), "case": case,
                        "compiled": compiled, "alpha": alpha, "alpha_device": on}
@@ -201,7 +212,7 @@ def run_shape(name, args, device, cases, alphas, modes, compile_modes, deadline,
                 dial = dial_tensor(alpha, on, gen_batch)
                 # compiled: one-token steps compiled once over a static-shape key/value cache, on a model of its
                 # own (the decoder keeps the weights it folded, which the training cases go on changing)
-                gen_model = build_model(shape, case, device).eval() if compiled else model
+                gen_model = build_model(shape, case, device, alpha).eval() if compiled else model
                 decoder = CompiledDecoder(gen_model, dial) if compiled else None
 
                 def gen(p, model=gen_model, alpha=dial, decoder=decoder):
@@ -235,7 +246,7 @@ def format_table(results):
     """Every measured case, one row each: tokens/s, its ratio to vanilla, spread, step memory and MFU."""
     rows = []
     for r in results:
-        alpha = "-" if r["alpha"] is None else r["alpha"] if r["alpha"] == "seq" else f"{r['alpha']:g}"
+        alpha = "-" if r["alpha"] is None else r["alpha"] if r["alpha"] in PER_ROW else f"{r['alpha']:g}"
         alpha += f" ({r['alpha_device']})" if r["alpha_device"] == "cuda" else ""
         rows.append([r["shape"], r["mode"], r["case"], "yes" if r["compiled"] else "no", alpha,
                      f"{r['tokens_per_s']:,.0f}", f"{r['ratio_to_vanilla']:.3f}" if r["ratio_to_vanilla"] else "n/a",
@@ -265,7 +276,9 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="tiny shape, eager, few repeats: finishes in seconds")
     p.add_argument("--shapes", help=f"comma-separated, of {', '.join(SHAPES)} (default: reference,gpt2 on CUDA, small on CPU)")
     p.add_argument("--cases", help="comma-separated: vanilla and gate backends (default: vanilla and all available)")
-    p.add_argument("--alphas", default="0,0.5,1,seq", help="dials to time; seq: one random alpha per sequence")
+    p.add_argument("--alphas", default="0,0.5,1,seq,point",
+                   help="dials to time; seq: one random alpha per sequence; point: the same, as points of the simplex "
+                        "over two sources (a dial over many sources, at two)")
     p.add_argument("--modes", default="train,generate", help="what to time: train, generate, or both")
     p.add_argument("--compile", choices=["both", "on", "off"], default="both")
     p.add_argument("--repeats", type=int, default=30, help="timed calls per case, spread over the rounds")
@@ -299,7 +312,7 @@ def main(argv=None):
     for shape in shapes:
         if shape not in SHAPES:
             p.error(f"unknown shape {shape!r} (have: {', '.join(SHAPES)})")
-    alphas = [a if a == "seq" else float(a) for a in args.alphas.split(",")]
+    alphas = [a if a in PER_ROW else float(a) for a in args.alphas.split(",")]
     modes = args.modes.split(",")
     if not modes or set(modes) - {"train", "generate"}:
         p.error(f"--modes takes train, generate or both, got {args.modes!r}")

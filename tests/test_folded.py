@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from abcgpt.attention import KVCache
-from abcgpt.folded import Folded, active_ranges
+from abcgpt.folded import Folded, active_ranges, folding_state
 from abcgpt.gate import gates_for
 from abcgpt.model import GPT, GPTConfig
 from abcgpt.sampling import generate
@@ -101,6 +101,6 @@ def test_skipping_follows_scores_loaded_later():
     torch.manual_seed(9)
     other = GPT(GPTConfig(**CONFIG, mask_seed=99, sort_units=False), "reference")
     folded.load_state_dict(other.state_dict())
-    assert torch.equal(folded.folding.host_scores(folded).embd, other.embd_scores)
+    assert torch.equal(folding_state(folded).host_scores(folded).embd, other.embd_scores)
     for alpha in (0.0, 1.0):
         torch.testing.assert_close(folded(idx, alpha, idx)[0], other(idx, alpha, idx)[0], rtol=1e-5, atol=1e-5)

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from abcgpt.backends import executor_for
 from abcgpt.gate import GEOMETRIES, gates_for, place_units, point_gate, sort_key, tent_gate
 from abcgpt.model import GPT, GPTConfig
 from abcgpt.run import load_model
@@ -26,6 +27,22 @@ def test_a_two_source_checkpoint_of_main_gives_the_same_logits_bit_for_bit():
             assert torch.equal(model(idx, Dial.alpha(alpha), idx)[0], expected[f"{backend}@{alpha:g}"])
     model, _, _ = load_model(FIXTURES / "two_source_main_6e08da0.pt", backend="reference")
     assert torch.equal(model(idx, torch.tensor([0.0, 0.6, 1.0]), idx)[0], expected["reference@rows"])
+
+
+def test_training_two_sources_today_makes_main_s_checkpoint_bit_for_bit(tmp_path):
+    """The same settings and texts that made the fixture on main train to the same weights: the line's draw,
+    its scores and its gates are what they were."""
+    from dataclasses import replace
+
+    from abcgpt.run import Run
+    from abcgpt.trainer import Trainer
+
+    made = Run.load(FIXTURES / "two_source_main_6e08da0.pt")
+    texts = [f"{name}={FIXTURES / f'two_source_{name}.txt'}" for name in made.source_names]
+    Trainer(replace(made.train_config, sources=texts, out_dir=str(tmp_path / "again")), log=lambda line: None).train()
+    again = Run.load(tmp_path / "again" / "ckpt.pt")
+    assert again.source_sha256 == made.source_sha256 and again.model.keys() == made.model.keys()
+    assert all(torch.equal(again.model[k], made.model[k]) for k in made.model)
 
 
 def test_the_simplex_with_two_sources_is_the_line():
@@ -124,3 +141,14 @@ def test_the_line_keeps_its_scores_and_gates():
     groups = UnitGroups(scores, [scores[:4]], [scores[:50]])
     for alpha in (torch.tensor(0.3), torch.rand(5)):
         assert torch.equal(gates_for(alpha, groups).embd, tent_gate(alpha, scores))
+
+
+def test_folded_keeps_exactly_the_dialled_units_on_the_pool():
+    """At a source's setting the folded backend gathers the shared units and that source's: not one block."""
+    model = GPT(GPTConfig(**SMALL_GPT, geometry="pool", n_sources=4, shared=0.5), "folded")
+    kept = executor_for(model, Dial.source(2, "pool", 4), 3, torch.device("cpu")).active_units()
+    count = lambda places: int((places.max(-1).values < 1).sum() + (places[:, 2] == 1).sum())
+    assert kept["channels"] == count(model.embd_scores) < SMALL_GPT["n_embd"]
+    assert kept["hidden"] == [count(block.mlp.hidden_scores) for block in model.transformer.h]
+    everything = executor_for(model, Dial.everywhere("pool", 4), 3, torch.device("cpu")).active_units()
+    assert everything["channels"] == SMALL_GPT["n_embd"]

@@ -13,6 +13,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 pytest.importorskip("starlette")
 import httpx2  # noqa: E402
@@ -179,19 +180,16 @@ def test_a_hostile_temperature_gets_its_full_text(client):
     assert hostile["tokens"] == 30 and hostile["text"] == greedy["text"]
 
 
-class FailsAtAlpha:
-    """The model, but a forward with a row at `alpha` fails (as a step that meets a fault would)."""
+def fails_at_alpha(alpha):
+    """executor_for, but a forward with a row at `alpha` fails (as a step that meets a fault would)."""
+    from abcgpt.backends import executor_for
 
-    def __init__(self, model, alpha):
-        self.model, self.alpha, self.config = model, alpha, model.config
-
-    def executor(self, alphas, batch_size, device):
-        if alphas is not None and bool((alphas == self.alpha).any()):
+    def failing(model, alphas, batch_size, device):
+        if alphas is not None and bool((torch.as_tensor(alphas) == alpha).any()):
             raise RuntimeError("the device failed")
-        return self.model.executor(alphas, batch_size, device)
+        return executor_for(model, alphas, batch_size, device)
 
-    def __call__(self, idx, **kwargs):
-        return self.model(idx, **kwargs)
+    return failing
 
 
 @pytest.fixture
@@ -222,9 +220,9 @@ def stream_events(client, params, headers=None):
     return events
 
 
-def test_a_failed_step_is_a_5xx_or_an_error_event_never_a_short_200(own_client):
+def test_a_failed_step_is_a_5xx_or_an_error_event_never_a_short_200(own_client, monkeypatch):
     client, service = own_client()
-    service.decoder.model = FailsAtAlpha(service.decoder.model, 0.25)
+    monkeypatch.setattr("abcgpt.batching.executor_for", fails_at_alpha(0.25))
     failed = client.post("/api/generate", json={"prompt": "one day", "alpha": 0.25, "max_new_tokens": 20})
     assert failed.status_code == 500 and failed.json()["error"] == "decoding failed: RuntimeError: the device failed"
     events = stream_events(client, {"prompt": "one day", "alpha": "0.25", "max_new_tokens": "20"})
