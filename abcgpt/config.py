@@ -28,6 +28,7 @@ class TrainConfig(GPTConfig):
     alpha_mode: str = "batch"
     only_source: str = ""  # train on this source alone (the single-source baselines; needs gated=false)
     uniform_share: float = 0.0  # share of training dials in uniform mode (every gate 1) on the union
+    dial_beta: float = 0.5  # many sources: training dials ~ Dirichlet(dial_beta, ...); 0.5 is the line's Beta at two
     # optimisation
     batch_size: int = 64
     grad_accum: int = 1
@@ -73,6 +74,7 @@ class TrainConfig(GPTConfig):
             (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "beta1 and beta2 must be in [0, 1)"),
             (not (self.only_source and self.gated), "only_source trains a vanilla baseline: set gated=false"),
             (0.0 <= self.uniform_share < 1.0, f"uniform_share must be in [0, 1), got {self.uniform_share}"),
+            (0.0 < self.dial_beta <= 100.0, f"dial_beta must be in (0, 100], got {self.dial_beta}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -138,6 +140,7 @@ FLAG_HELP = {
                 "one source per other unit), simplex or tent (units at Dirichlet points); docs/design.md, section 8",
     "shared": "pool geometry: share of units on at every setting",
     "uniform_share": "share of training dials in uniform mode (every gate 1, a source drawn uniformly)",
+    "dial_beta": "many sources: training dials ~ Dirichlet(dial_beta, ...); below 0.5 nearer the sources' vertices",
     "batch_size": "sequences per micro-batch",
     "grad_accum": "micro-batches per optimizer step (a multiple of the number of processes)",
     "max_iters": "optimizer steps to train for (the run's end)",

@@ -296,13 +296,14 @@ class Corpus:
 
 
 def training_batch(corpus, batch_size, block_size, generator, per_sequence=False, geometry="line",
-                   uniform_share=0.0):
+                   uniform_share=0.0, concentration=0.5):
     """Inputs, targets, the dial and each row's source for one training (micro-)batch (voice.draw).
 
     per_sequence=False (the reference recipe): one dial and one source for the whole batch.
     per_sequence=True: each sequence draws its own dial and source.
     """
-    dial, sources = draw(batch_size if per_sequence else 1, len(corpus.names), geometry, generator, uniform_share)
+    dial, sources = draw(batch_size if per_sequence else 1, len(corpus.names), geometry, generator, uniform_share,
+                         concentration)
     if not per_sequence:
         dial, sources = dial.row(0), sources.expand(batch_size)
     x, y = corpus.batch("train", sources, block_size, generator)

@@ -210,7 +210,7 @@ class Trainer:
             else:
                 x, y, alpha, sources = training_batch(
                     self.corpus, config.batch_size, config.block_size, generator, config.alpha_mode == "sequence",
-                    config.geometry, config.uniform_share,
+                    config.geometry, config.uniform_share, config.dial_beta,
                 )
             counts = torch.bincount(sources, minlength=len(self.corpus.names)) * config.block_size
             self.local_tokens = [seen + n for seen, n in zip(self.local_tokens, counts.tolist())]

@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
 import torch
 
 from .errors import SettingsError
@@ -170,7 +171,7 @@ def voices(names, geometry):
         (UNIFORM, Dial.everywhere(geometry, n))]
 
 
-def draw(rows, n_sources, geometry, generator, uniform_share=0.0):
+def draw(rows, n_sources, geometry, generator, uniform_share=0.0, concentration=0.5):
     """(dial, sources): a training draw for `rows` dials (one per sequence, or one for the batch) and each
     dial's source.
 
@@ -187,8 +188,12 @@ def draw(rows, n_sources, geometry, generator, uniform_share=0.0):
         upper_wins = torch.rand(rows, generator=generator, dtype=torch.float64) < position - lower
         point, sources = alphas.float(), lower.long() + upper_wins.long()
     else:
-        squares = torch.randn(rows, n_sources, generator=generator, dtype=torch.float64) ** 2
-        weights = squares / squares.sum(-1, keepdim=True)
+        if concentration == 0.5:
+            squares = torch.randn(rows, n_sources, generator=generator, dtype=torch.float64) ** 2
+            weights = squares / squares.sum(-1, keepdim=True)
+        else:
+            rng = np.random.default_rng(int(torch.randint(2**62, (1,), generator=generator)))
+            weights = torch.from_numpy(rng.dirichlet([concentration] * n_sources, rows))
         point, sources = weights.float(), torch.multinomial(weights, 1, generator=generator).flatten()
     uniform = None
     if uniform_share > 0:

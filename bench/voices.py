@@ -1,7 +1,10 @@
 """The judge of many voices: does a dial over N sources pass the method author's two criteria?
 
     python -m bench.voices --sources a=A.txt,b=B.txt,c=C.txt,d=D.txt,e=E.txt --runs runs/voices \\
-        --out_dir reports/voices-5 --designs pool,simplex,tent
+        --out_dir reports/voices-5 --designs pool,simplex,tent,pool@shared=0.9@uniform_share=0.1
+
+A design is a geometry's name, optionally with @FLAG=VALUE settings of train.py that differ from the
+common --shared and --uniform_share (a variant, to study a setting).
 
 Trains, on the same sources with the same architecture (the CPU preset), steps and batch:
 - a gated model for each design (a geometry of docs/design.md, section 8);
@@ -52,12 +55,25 @@ def plan(args):
     ungated model per source."""
     common = ["--preset", "cpu", "--sources", args.sources, "--max_iters", str(args.steps),
               "--eval_interval", str(args.steps), "--eval_iters", "2", "--seed", str(args.seed)]
-    gated = ["--uniform_share", str(args.uniform_share), "--shared", str(args.shared)]
-    runs = [(f"gated-{d}", common + DESIGNS[d] + gated) for d in args.designs]
+    runs = []
+    for design in args.designs:
+        geometry, settings = design_settings(design)
+        gated = {"uniform_share": str(args.uniform_share), "shared": str(args.shared), **settings}
+        runs.append((f"gated-{design}", common + DESIGNS[geometry] + [part for k, v in gated.items()
+                                                                      for part in (f"--{k}", v)]))
     # the union draws sources as a simplex design does: each equally often
     runs.append(("ungated", common + ["--gated", "false", "--geometry", "simplex"]))
     runs += [(f"alone-{name}", common + ["--gated", "false", "--only_source", name]) for name in args.names]
     return runs
+
+
+def design_settings(design):
+    """(geometry, {train.py flag: value}) of a design such as pool@shared=0.9."""
+    geometry, *settings = design.split("@")
+    pairs = [setting.partition("=") for setting in settings]
+    if geometry not in DESIGNS or any(not name or not sep for name, sep, _ in pairs):
+        raise ValueError(design)
+    return geometry, {name: value for name, _, value in pairs}
 
 
 def train(name, flags, runs_dir):
@@ -142,7 +158,8 @@ def markdown(results, args):
              f"{args.uniform_margin:.0%} of the ungated model on the union; each source at its own setting below the "
              f"ungated model and within {args.own_margin:.0%} of its own model; confusion diagonal at least "
              f"{args.confusion_target:g}. Gated runs: {args.uniform_share:g} of training dials in uniform mode"
-             f"{f', pool shared share {args.shared:g}' if 'pool' in args.designs else ''}.", "",
+             f"{f', pool shared share {args.shared:g}' if any(d.startswith('pool') for d in args.designs) else ''}"
+             " unless a design says otherwise.", "",
              "## The criteria per design", ""]
     rows = []
     for design, r in results["designs"].items():
@@ -218,9 +235,15 @@ def main(argv=None):
     p.add_argument("--confusion_target", type=float, default=0.9)
     args = p.parse_args(argv)
     args.designs = [d for d in args.designs.split(",") if d]
-    unknown = [d for d in args.designs if d not in DESIGNS]
+    unknown = []
+    for design in args.designs:
+        try:
+            design_settings(design)
+        except ValueError:
+            unknown.append(design)
     if unknown or not args.designs:
-        p.error(f"--designs: unknown {', '.join(unknown) or 'none given'}; choose from {', '.join(DESIGNS)}")
+        p.error(f"--designs: unknown {', '.join(unknown) or 'none given'}; give NAME or NAME@FLAG=VALUE..., NAME one "
+                f"of {', '.join(DESIGNS)}")
     args.names = [s.split("=", 1)[0] for s in args.sources.split(",")]
     if len(args.names) < 2:
         p.error("--sources: the judge needs at least two sources")

@@ -271,13 +271,23 @@ def test_compiles_without_graph_breaks():
             assert_close(a, e, torch.float32)
 
 
-@pytest.mark.parametrize("alpha_kind", ["0.37", "1", "rows"])
+@pytest.mark.parametrize("alpha_kind", ["0.37", "1", "rows", "voices"])
 def test_model_triton_backend_matches_reference(alpha_kind):
+    """"voices": a dial over four sources (pool), a different setting per sequence: per-row gate tables, which
+    the kernels take as they take per-sequence alphas."""
+    from abcgpt.voice import Dial
+
     config = dict(block_size=24, vocab_size=40, n_layer=2, n_head=2, n_embd=20, dropout=0.0, bias=True, narrowness=0.8)
+    if alpha_kind == "voices":
+        config.update(geometry="pool", n_sources=4, shared=0.5)
     fused, reference = twin_models("triton", DEVICE, **config)
     g = torch.Generator().manual_seed(1)
     idx = torch.randint(0, 40, (3, 19), generator=g).to(DEVICE)
-    alpha = torch.rand(3, generator=g).to(DEVICE) if alpha_kind == "rows" else float(alpha_kind)
+    if alpha_kind == "voices":
+        alpha = Dial.stack([Dial.source(1, "pool", 4), Dial.mixture_of([0.5, 0.0, 0.2, 0.3]),
+                            Dial.everywhere("pool", 4)])
+    else:
+        alpha = torch.rand(3, generator=g).to(DEVICE) if alpha_kind == "rows" else float(alpha_kind)
     fused_logits, fused_loss = fused(idx, alpha, idx)
     ref_logits, ref_loss = reference(idx, alpha, idx)
     assert_close(fused_logits, ref_logits, torch.float32)

@@ -88,3 +88,12 @@ def test_evaluation_settings_visit_every_source_and_uniform_mode():
     assert labels == NAMES + [UNIFORM]
     assert [label for label, _ in evaluation_settings(NAMES[:2], "line")] == ["0", "0.5", "1"]
     assert math.isclose(evaluation_settings(NAMES[:2], "line")[1][1].point.item(), 0.5)
+
+
+def test_a_lower_concentration_puts_training_dials_nearer_the_vertices():
+    near = draw(50_000, 5, "pool", torch.Generator().manual_seed(7), concentration=0.2)[0].point.double()
+    spread = draw(50_000, 5, "pool", torch.Generator().manual_seed(7))[0].point.double()
+    assert near.mean(0).tolist() == pytest.approx([0.2] * 5, abs=0.01)
+    # Dirichlet(c, ..., c) over 5: each weight's variance is (1/5)(4/5) / (5c + 1)
+    assert near[:, 0].var().item() == pytest.approx(0.16 / 2.0, rel=0.05)
+    assert near.max(-1).values.mean() > spread.max(-1).values.mean() + 0.1
