@@ -39,6 +39,7 @@ from abcgpt.evaluate import val_loss
 from abcgpt.ngram import SourceClassifier
 from abcgpt.run import Run, RunFolder, corpus_for, load_model
 from abcgpt.sampling import generate
+from abcgpt.settings import DEFAULTS
 from abcgpt.voice import UNIFORM, voices
 from bench.tables import markdown_table
 
@@ -94,13 +95,15 @@ def train(name, flags, runs_dir):
     return folder
 
 
-def confusion(model, tokenizer, classifier, settings, n_samples, tokens, seed):
-    """Row per setting: the share of its samples attributed to each source."""
+def confusion(models, tokenizer, classifier, settings, n_samples, tokens, seed):
+    """Row per setting (a model and its dial): the share of its samples attributed to each source. Samples are
+    drawn at the product's default temperature and top-k (settings.DEFAULTS), each setting its own seed."""
     start = prompt_ids(tokenizer)
     rows = []
-    for i, (_, dial) in enumerate(settings):
+    for i, (model, dial) in enumerate(zip(models, settings)):
         idx = torch.tensor([start] * n_samples, dtype=torch.long)
-        out = generate(model, idx, tokens, dial, generator=torch.Generator().manual_seed(seed + i))
+        out = generate(model, idx, tokens, dial, DEFAULTS.temperature, DEFAULTS.top_k,
+                       generator=torch.Generator().manual_seed(seed + i))
         picks = [classifier.classify(tokenizer.decode(row[len(start):])) for row in out.tolist()]
         rows.append((np.bincount(picks, minlength=len(classifier.models)) / n_samples).tolist())
     return rows
@@ -113,11 +116,14 @@ def measure(folders, args):
     names = corpus.names
     loss = lambda model, k, dial: val_loss(model, corpus.val[k], dial, max_windows=args.windows)
     union = {n: loss(ungated, k, None) for k, n in enumerate(names)}
-    alone = {}
-    for k, n in enumerate(names):
-        model, _, _ = load_model(folders[f"alone-{n}"].checkpoint)
-        alone[n] = loss(model, k, None)
+    alone_models = [load_model(folders[f"alone-{n}"].checkpoint)[0] for n in names]
+    alone = {n: loss(model, k, None) for k, (n, model) in enumerate(zip(names, alone_models))}
     classifier = SourceClassifier(*(tokenizer.decode(ids.tolist()) for ids in corpus.train))
+    if args.max_new_tokens is None:
+        args.max_new_tokens = ungated.config.block_size - 1
+    # the classifier's own ceiling: samples of each source's own model, attributed alike
+    alone_confusion = confusion(alone_models, tokenizer, classifier, [None] * len(names), args.samples,
+                                args.max_new_tokens, args.seed)
     designs = {}
     for design in args.designs:
         model, _, gated_run = load_model(folders[f"gated-{design}"].checkpoint)
@@ -125,7 +131,8 @@ def measure(folders, args):
         grid = {label: {n: loss(model, k, dial) for k, n in enumerate(names)} for label, dial in settings}
         own = {n: grid[n][n] for n in names}
         uniform_mean, union_mean = float(np.mean(list(grid[UNIFORM].values()))), float(np.mean(list(union.values())))
-        matrix = confusion(model, tokenizer, classifier, settings[:-1], args.samples, args.max_new_tokens, args.seed)
+        matrix = confusion([model] * len(names), tokenizer, classifier, [dial for _, dial in settings[:-1]],
+                           args.samples, args.max_new_tokens, args.seed)
         per_source = {n: {
             "source_mode": own[n],
             "vs_ungated": own[n] / union[n] - 1,
@@ -146,7 +153,7 @@ def measure(folders, args):
                 "confusion": all(s["sounds_like_itself"] for s in per_source.values()),
             },
         }
-    return {"names": names, "ungated": union, "alone": alone, "designs": designs}
+    return {"names": names, "ungated": union, "alone": alone, "alone_confusion": alone_confusion, "designs": designs}
 
 
 def markdown(results, args):
@@ -159,7 +166,12 @@ def markdown(results, args):
              f"ungated model and within {args.own_margin:.0%} of its own model; confusion diagonal at least "
              f"{args.confusion_target:g}. Gated runs: {args.uniform_share:g} of training dials in uniform mode"
              f"{f', pool shared share {args.shared:g}' if any(d.startswith('pool') for d in args.designs) else ''}"
-             " unless a design says otherwise.", "",
+             " unless a design says otherwise. Samples for the confusion matrices: "
+             f"{args.samples} per source of {args.max_new_tokens} characters, at temperature {DEFAULTS.temperature} and "
+             f"top-k {DEFAULTS.top_k} (the product's defaults). Each source's own model, sampled alike, sounds like its "
+             "source in a share of " + ", ".join(f"{n} {row[k]:.2f}" for k, (n, row) in
+                                                  enumerate(zip(names, results["alone_confusion"]))) +
+             ": the classifier's ceiling.", "",
              "## The criteria per design", ""]
     rows = []
     for design, r in results["designs"].items():
@@ -228,8 +240,10 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--jobs", type=int, default=2, help="training runs at once (one thread each)")
     p.add_argument("--windows", type=int, default=200, help="held-out windows per source and setting")
-    p.add_argument("--samples", type=int, default=20, help="samples per source's setting for the confusion matrix")
-    p.add_argument("--max_new_tokens", type=int, default=200, help="characters per sample")
+    p.add_argument("--samples", type=int, default=64, help="samples per source's setting for the confusion matrix")
+    p.add_argument("--max_new_tokens", type=int, default=None,
+                   help="characters per sample (default: one context window, block_size - 1, all from the key/value "
+                        "cache; past it every token costs a whole window)")
     p.add_argument("--uniform_margin", type=float, default=0.05)
     p.add_argument("--own_margin", type=float, default=0.10)
     p.add_argument("--confusion_target", type=float, default=0.9)
@@ -248,7 +262,7 @@ def main(argv=None):
     if len(args.names) < 2:
         p.error("--sources: the judge needs at least two sources")
     for flag in ("steps", "jobs", "windows", "samples", "max_new_tokens"):
-        if getattr(args, flag) < 1:
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
             p.error(f"--{flag} must be at least 1")
     Path(args.runs).mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(2)
