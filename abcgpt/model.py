@@ -3,7 +3,8 @@
 With gated=False this is exactly nanoGPT's model: same modules, init and
 parameter count, and no gate operation in the forward. With gated=True every
 residual channel, attention head and MLP hidden unit carries a frozen specialty
-score (a buffer, never trained) and the dial alpha decides which of them fire.
+score (a buffer, never trained) and the dial (an alpha on the line, a mixture of many sources: voice.Dial)
+decides which of them fire.
 
 The forward is written once. Each forward computes its gates once (gate.py) and
 hands them to an executor, built by the gate backend the registry picks
@@ -191,7 +192,8 @@ class GPT(nn.Module):
     def forward(self, idx: torch.Tensor, alpha: Alpha = None, targets: Optional[torch.Tensor] = None,
                 cache: Optional[Cache] = None,
                 run: Optional[backends.Executor] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """idx: (B, T) token ids. alpha: a float or 0-dim tensor, or a (B,) tensor (one per sequence).
+        """idx: (B, T) token ids. alpha: the dial: a voice.Dial, or on the line a float or 0-dim tensor, or a (B,)
+        tensor (one per sequence).
         cache: an attention.Cache when generating; idx then holds only the positions not yet cached.
         run: an executor made beforehand (see at()); alpha is then not given.
 

@@ -105,6 +105,8 @@ CASES = [
     Case("a uniform share of 1", "train", TINY + "--uniform_share 1", "uniform_share must be in [0, 1), got 1.0"),
     Case("a NaN uniform share", "train", TINY + "--uniform_share nan", "uniform_share must be in [0, 1), got nan"),
     Case("a shared share above 1", "train", TINY + "--geometry pool --shared 2", "shared must be in [0, 1], got 2.0"),
+    Case("a dial concentration of 0", "train", TINY + "--geometry pool --dial_beta 0",
+         "dial_beta must be in (0, 100], got 0.0"),
     # serve.py: refused at start-up, before it listens
     Case("a missing checkpoint, to serve", "serve", "--ckpt {ws}/no/ckpt.pt", "checkpoint not found: {ws}/no/ckpt.pt"),
     Case("a corrupt checkpoint, to serve", "serve", "--ckpt {ws}/flipped.pt", "{ws}/flipped.pt failed its checksum"),

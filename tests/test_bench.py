@@ -91,3 +91,47 @@ def test_gpu_suite_runs_its_cpu_form(tmp_path):
         assert (tmp_path / f"{step}.log").exists()
     assert "## Kernel" in summary and "## End to end" in summary
     assert (tmp_path / "smoke" / "report" / "report.md").exists()
+
+
+def test_the_voices_judge_applies_the_criteria_and_reuses_its_runs(tmp_path):
+    """bench.voices on three small sources: its verdicts follow from its own losses, and a second run trains
+    nothing."""
+    from conftest import play_text, story_text, word_text
+
+    texts = {"stories": story_text(300), "plays": play_text(300), "words": word_text(300)}
+    for name, text in texts.items():
+        (tmp_path / f"{name}.txt").write_text(text)
+    sources = ",".join(f"{name}={tmp_path / name}.txt" for name in texts)
+    command = [sys.executable, "-m", "bench.voices", "--sources", sources, "--runs", str(tmp_path / "runs"),
+               "--out_dir", str(tmp_path / "out"), "--designs", "pool,line@uniform_share=0", "--steps", "3",
+               "--windows", "4", "--samples", "4", "--max_new_tokens", "12"]
+    first = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert first.returncode == 0, first.stderr
+    record = json.loads((tmp_path / "out" / "voices.json").read_text())
+    names = record["names"]
+    assert names == list(texts) and set(record["designs"]) == {"pool", "line@uniform_share=0"}
+    for design in record["designs"].values():
+        assert list(design["grid"]) == names + ["all"]
+        for k, (name, s) in enumerate(design["per_source"].items()):
+            assert s["source_mode"] == design["grid"][name][name]
+            assert s["vs_ungated"] == pytest.approx(s["source_mode"] / record["ungated"][name] - 1)
+            assert s["below_ungated"] == (s["source_mode"] < record["ungated"][name])
+            assert s["confusion_diagonal"] == design["confusion"][k][k]
+        assert all(sum(row) == pytest.approx(1) for row in design["confusion"])
+        assert design["passes"]["uniform"] == (design["uniform_vs_ungated"] <= 0.05)
+        assert design["passes"]["below_ungated"] == all(s["below_ungated"] for s in design["per_source"].values())
+    checkpoints = sorted((tmp_path / "runs").glob("*/ckpt.pt"))
+    assert len(checkpoints) == 2 + 1 + 3  # two designs, the union, one per source
+    written = [p.stat().st_mtime_ns for p in checkpoints]
+    again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stderr
+    assert [p.stat().st_mtime_ns for p in checkpoints] == written  # every run reused
+    assert "## pool" in (tmp_path / "out" / "voices.md").read_text()
+
+
+def test_the_voices_judge_refuses_an_unknown_design_in_one_line(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "bench.voices", "--sources", "a=x,b=y", "--runs", str(tmp_path),
+                             "--out_dir", str(tmp_path), "--designs", "pool,cube"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr.startswith("error: --designs: unknown cube")
+    assert len(result.stderr.strip().splitlines()) == 1

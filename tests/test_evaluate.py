@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from abcgpt.evaluate import summarize
+from abcgpt.evaluate import summarize, summarize_voices
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -61,3 +61,32 @@ def test_training_log_and_evaluate_agree_on_the_same_windows(trained_checkpoint,
         for alpha in (0.0, 0.5, 1.0):
             windows = config.eval_iters * config.batch_size
             assert logged[f"val/{name}@{alpha:g}"] == val_loss(model, ids, alpha, config.batch_size, windows)
+
+
+def test_a_many_source_summary_by_hand():
+    labels = ["a", "b", "c", "all"]
+    losses = {"a": [1.0, 2.0, 4.0, 1.5], "b": [3.0, 1.0, 2.0, 1.2], "c": [5.0, 3.0, 1.0, 2.1]}
+    s = summarize_voices(["a", "b", "c"], labels, losses)
+    assert s["corner_loss"] == {"a": 1.0, "b": 1.0, "c": 1.0}
+    assert s["contrast"] == pytest.approx({"a": 2.0, "b": 1.5, "c": 3.0})
+    assert s["best_setting"] == {"a": "a", "b": "b", "c": "c"}
+    assert s["uniform"] == pytest.approx((1.5 + 1.2 + 2.1) / 3)
+
+
+def test_evaluate_py_sweeps_every_voice_of_a_many_source_checkpoint(voices_checkpoint, tmp_path):
+    from abcgpt.evaluate import val_loss
+    from abcgpt.run import corpus_for, load_model
+    from abcgpt.voice import Dial
+
+    out = tmp_path / "eval.json"
+    done = subprocess.run([sys.executable, "evaluate.py", "--ckpt", str(voices_checkpoint), "--max_windows", "8",
+                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    record = json.loads(out.read_text())
+    names = ["stories", "plays", "words"]
+    assert record["geometry"] == "pool" and record["settings"] == names + ["all"]
+    model, tokenizer, run = load_model(voices_checkpoint)
+    corpus = corpus_for(run, tokenizer)
+    assert record["losses"]["plays"][0] == val_loss(model, corpus.val[1], Dial.source(0, "pool", 3), 32, 8)
+    assert record["corner_loss"] == {n: record["losses"][n][k] for k, n in enumerate(names)}
+    assert "uniform mode (every gate open): mean loss" in done.stdout

@@ -60,3 +60,20 @@ def test_a_write_that_fails_is_one_line_and_keeps_the_old_file(trained_checkpoin
     with pytest.raises(CheckpointError, match="could not write .*No space left on device"):
         Run.load(path).save(path)
     assert path.read_bytes() == before and not (tmp_path / "ckpt.pt.tmp").exists()
+
+
+def test_inspect_shows_each_source_and_the_units_it_owns(voices_checkpoint, trained_checkpoint):
+    from abcgpt.inspect import describe
+    from abcgpt.run import Run
+
+    run = Run.load(voices_checkpoint)
+    text = "\n".join(describe(voices_checkpoint, run))
+    assert "on the pool dial (shared share 0.75)" in text
+    owned = [int((t.max(-1).values == 1).sum()) for t in (run.model[k] for k in run.model if k.endswith("_scores"))]
+    per_source = [sum(int((t[:, k] == 1).sum()) for name, t in run.model.items() if name.endswith("_scores"))
+                  for k in range(3)]
+    assert sum(per_source) == sum(owned)
+    for k, name in enumerate(["stories", "plays", "words"]):
+        assert f"vertex {k} ({per_source[k]:,} units): {name}" in text
+    line = "\n".join(describe(trained_checkpoint, Run.load(trained_checkpoint)))
+    assert "alpha 0: stories" in line and "alpha 1: plays" in line
