@@ -107,15 +107,18 @@ def point_gate(point, places, geometry, narrowness=1.0):
     - simplex: distance is the total variation 1/2 * sum |point - place|, reach w * (1 - min place), the
       farthest vertex. With two sources this is the line's tent exactly: |alpha - m| over w * max(m, 1 - m).
     - tent: the author's k-dim tent, Euclidean distance over one reach for all, w * sqrt(2), the edge.
-    - pool: a source's unit fades with its source's weight, as the simplex has it at a vertex; a shared
-      unit (at the centre) is on everywhere.
+    - pool: a source's unit fades with its source's weight (its total variation distance is 1 - weight, its
+      reach w), as the simplex has it at a vertex; a shared unit (at the centre) is on everywhere.
     """
-    point = point.to(places.dtype).unsqueeze(-2)  # (..., 1, N) against (n, N)
-    if geometry == "tent":
-        distance = torch.linalg.vector_norm(point - places, dim=-1) / (narrowness * math.sqrt(2.0))
+    point = point.to(places.dtype)
+    if geometry == "pool":  # a unit's source weight, as a matmul: no (..., n, N) tensor at many sources
+        distance = (1.0 - point @ places.T) / narrowness
+    elif geometry == "tent":  # |d - p|^2 = |d|^2 + |p|^2 - 2 d.p, as a matmul too
+        square = (point * point).sum(-1, keepdim=True) + (places * places).sum(-1) - 2.0 * point @ places.T
+        distance = square.clamp(min=0.0).sqrt() / (narrowness * math.sqrt(2.0))
     else:
         reach = narrowness * (1.0 - places.min(-1).values)
-        distance = 0.5 * (point - places).abs().sum(-1) / reach
+        distance = 0.5 * (point.unsqueeze(-2) - places).abs().sum(-1) / reach
     gate = torch.sin(0.5 * math.pi * (1.0 - torch.clamp(distance, max=1.0))) ** 2
     if geometry == "pool":
         gate = torch.where(places.max(-1).values < 1.0, torch.ones_like(gate), gate)

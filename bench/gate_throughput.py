@@ -52,9 +52,9 @@ def peak_flops(device_name):
 
 
 def build_model(shape, case, device, alpha=None):
-    """The case's model; for the "point" dial, on the simplex geometry over two sources (a point a row)."""
+    """The case's model; for the "point" dial, on the pool geometry over two sources (a point a row)."""
     n_layer, n_head, n_embd, block_size, _, vocab_size = shape
-    points = {"geometry": "simplex", "n_sources": 2} if alpha == "point" else {}
+    points = {"geometry": "pool", "n_sources": 2} if alpha == "point" else {}
     config = GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, vocab_size=vocab_size,
                        dropout=0.0, gated=case != "vanilla", **points)
     torch.manual_seed(0)
@@ -278,7 +278,7 @@ def main(argv=None):
     p.add_argument("--cases", help="comma-separated: vanilla and gate backends (default: vanilla and all available)")
     p.add_argument("--alphas", default="0,0.5,1,seq,point",
                    help="dials to time; seq: one random alpha per sequence; point: the same, as points of the simplex "
-                        "over two sources (a dial over many sources, at two)")
+                        "over two sources (the pool dial over many sources, at two)")
     p.add_argument("--modes", default="train,generate", help="what to time: train, generate, or both")
     p.add_argument("--compile", choices=["both", "on", "off"], default="both")
     p.add_argument("--repeats", type=int, default=30, help="timed calls per case, spread over the rounds")
