@@ -499,3 +499,12 @@ def test_a_new_generate_stops_the_last_stream_and_a_refusal_is_sent_once(server,
     assert "not in the vocabulary: 'Q'" in browser.find_element(By.ID, "error").text
     time.sleep(1)  # time for a retry, were there one
     assert server.hits["/api/stream"] == streams + 1
+
+
+def test_on_the_line_a_voice_is_its_source_s_alpha_and_all_opens_every_gate(client):
+    body = {"prompt": "one day", "max_new_tokens": 30, "seed": 21}
+    by_voice = client.post("/api/generate", json={**body, "voice": "plays"}).json()
+    by_alpha = client.post("/api/generate", json={**body, "alpha": 1.0}).json()
+    assert by_voice["text"] == by_alpha["text"] and by_voice["voice"] == "plays"
+    uniform = client.post("/api/generate", json={**body, "voice": "all"})
+    assert uniform.status_code == 200 and uniform.json()["voice"] == "all" and uniform.json()["tokens"] == 30
