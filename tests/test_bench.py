@@ -46,7 +46,7 @@ def test_gate_throughput_quick(tmp_path, as_file):
     assert {(r["case"], r["alpha"], r["mode"]) for r in results} == (
         {("vanilla", None, m) for m in ("train", "generate")}
         | {(b, a, m) for b in ("reference", "folded") for a in (0.0, 0.5, 1.0) for m in ("train", "generate")}
-        | {("reference", "seq", m) for m in ("train", "generate")}  # folded takes one alpha per batch
+        | {("reference", a, m) for a in ("seq", "point") for m in ("train", "generate")}  # folded: one per batch
     )
     for r in results:
         for key in ("tokens_per_s", "median_s", "ratio_to_vanilla"):
