@@ -72,7 +72,7 @@ def executor_for(model, alpha, batch_size: int, device: torch.device) -> Executo
         if alpha is not None:
             raise ValueError("this model is not gated (gated=False): call it without alpha")
         return ungated()
-    dial = prepare(alpha, model.config.geometry, batch_size)
+    dial = prepare(alpha, model.config.geometry, batch_size, model.config.n_sources)
     host_dial = dial if dial.on_host else None
     dial = dial.to(device, non_blocking=True)
     backend = choose(model.backend, device, per_row=dial.per_row)

@@ -110,13 +110,17 @@ def as_dial(value, geometry) -> Dial:
     return Dial.alpha(value)
 
 
-def prepare(value, geometry, batch_size) -> Dial:
+def prepare(value, geometry, batch_size, n_sources=0) -> Dial:
     """What a forward over batch_size sequences was given, as a float32 Dial: a batch dial, or one row per
-    sequence. Tensors (not Python floats) keep torch.compile from specialising on each value; a dial on an
-    accelerator is validated there, never read back (gate.check_alpha)."""
+    sequence, with a weight for each of the model's n_sources. Tensors (not Python floats) keep torch.compile
+    from specialising on each value; a dial on an accelerator is validated there, never read back
+    (gate.check_alpha)."""
     if torch.compiler.is_compiling() and not isinstance(value, Dial):
         return Dial(torch.as_tensor(value, dtype=torch.float32), mixture=False)
     dial = as_dial(value, geometry)
+    if dial.mixture and dial.point.size(-1) != n_sources:
+        raise SettingsError(f"this model's dial is a mixture of {n_sources} sources; got {dial.point.size(-1)} "
+                            "weights")
     if dial.per_row and dial.rows != batch_size:
         raise ValueError(f"got {dial.rows} alphas for a batch of {batch_size} sequences")
     return dial

@@ -128,6 +128,8 @@ def test_a_line_alpha_on_a_many_source_model_is_one_clear_error():
         model(token_batch(), 0.5)
     with pytest.raises(ValueError, match="got 2 alphas for a batch of 3"):
         model(token_batch(), Dial.mixture_of(torch.ones(2, 3)))
+    with pytest.raises(Exception, match="a mixture of 3 sources; got 5 weights"):
+        model(token_batch(), Dial.mixture_of(torch.ones(5)))
 
 
 def test_the_line_keeps_its_scores_and_gates():
