@@ -308,10 +308,8 @@ class BatchedDecoder:
             if len(self.executors) >= 8:  # the blocks of the last few compositions
                 self.executors.clear()
             dials = None
-            if self.model.config.gated:
-                named = [r.alpha for r in requests]
-                dials = (Dial.stack([d if isinstance(d, Dial) else Dial.alpha(d) for d in named])
-                         if any(isinstance(d, Dial) for d in named) else torch.tensor(key, dtype=torch.float32))
+            if self.model.config.gated:  # one row per request; an alpha is a line Dial
+                dials = Dial.stack([r.alpha if isinstance(r.alpha, Dial) else Dial.alpha(r.alpha) for r in requests])
             self.executors[key] = executor_for(self.model, dials, len(requests), self.device)
         return self.executors[key]
 

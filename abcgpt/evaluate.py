@@ -36,13 +36,20 @@ def sweep(model, corpus, alphas=SWEEP, batch_size=32, max_windows=None, device="
     progress: show a progress bar over the (source, alpha) pairs."""
     from tqdm.auto import tqdm
 
-    model.eval()
     alphas = sorted(set(alphas) | set(source_alphas(len(corpus.names))))
-    pairs = [(name, ids, a) for name, ids in zip(corpus.names, corpus.val) for a in alphas]
+    return alphas, held_out_grid(model, corpus, alphas, batch_size, max_windows, device, progress, "alpha")
+
+
+def held_out_grid(model, corpus, dials, batch_size, max_windows, device, progress, unit):
+    """{source name: [val loss at each dial]}, with a progress bar over the (source, dial) pairs."""
+    from tqdm.auto import tqdm
+
+    model.eval()
+    pairs = [(name, ids, dial) for name, ids in zip(corpus.names, corpus.val) for dial in dials]
     losses = {name: [] for name in corpus.names}
-    for name, ids, a in tqdm(pairs, desc="held-out sweep", unit="alpha", disable=not progress, leave=False):
-        losses[name].append(val_loss(model, ids, a, batch_size, max_windows, device))
-    return alphas, losses
+    for name, ids, dial in tqdm(pairs, desc="held-out sweep", unit=unit, disable=not progress, leave=False):
+        losses[name].append(val_loss(model, ids, dial, batch_size, max_windows, device))
+    return losses
 
 
 def summarize(names, alphas, losses):
@@ -53,22 +60,22 @@ def summarize(names, alphas, losses):
     (the higher, the more the dial controls); middle: mean loss over sources at
     alpha 0.5; best_alpha: where each source's loss is lowest.
     """
-    own = dict(zip(names, source_alphas(len(names))))
     at = {name: dict(zip(alphas, losses[name])) for name in names}
+    summary = {**corners(names, at, dict(zip(names, source_alphas(len(names))))),
+               "best_alpha": {name: min(alphas, key=lambda a: at[name][a]) for name in names}}
+    if 0.5 in alphas:
+        summary["middle"] = sum(at[name][0.5] for name in names) / len(names)
+    return summary
+
+
+def corners(names, at, own):
+    """corner_loss, diag and contrast from at[source][setting] and each source's own setting (own[source])."""
     corner = {name: at[name][own[name]] for name in names}
     contrast = {
         name: sum(at[name][own[other]] for other in names if other != name) / (len(names) - 1) - corner[name]
         for name in names
     }
-    summary = {
-        "corner_loss": corner,
-        "diag": sum(corner.values()),
-        "contrast": contrast,
-        "best_alpha": {name: min(alphas, key=lambda a: at[name][a]) for name in names},
-    }
-    if 0.5 in alphas:
-        summary["middle"] = sum(at[name][0.5] for name in names) / len(names)
-    return summary
+    return {"corner_loss": corner, "diag": sum(corner.values()), "contrast": contrast}
 
 
 def format_table(names, alphas, losses, summary):
@@ -91,14 +98,9 @@ def format_table(names, alphas, losses, summary):
 def voice_sweep(model, corpus, batch_size=32, max_windows=None, device="cpu", progress=False):
     """(labels, {source name: [val loss at each setting]}) over every source's own setting and uniform mode:
     the sweep of a dial over many sources (voice.voices)."""
-    from tqdm.auto import tqdm
-
-    model.eval()
     settings = voices(corpus.names, model.config.geometry)
-    pairs = [(name, ids, dial) for name, ids in zip(corpus.names, corpus.val) for _, dial in settings]
-    losses = {name: [] for name in corpus.names}
-    for name, ids, dial in tqdm(pairs, desc="held-out sweep", unit="setting", disable=not progress, leave=False):
-        losses[name].append(val_loss(model, ids, dial, batch_size, max_windows, device))
+    losses = held_out_grid(model, corpus, [dial for _, dial in settings], batch_size, max_windows, device, progress,
+                           "setting")
     return [label for label, _ in settings], losses
 
 
@@ -107,12 +109,8 @@ def summarize_voices(names, labels, losses):
     its contrast (mean loss at the other sources' settings minus at its own), the setting where it is lowest,
     and the mean loss in uniform mode."""
     at = {name: dict(zip(labels, losses[name])) for name in names}
-    corner = {name: at[name][name] for name in names}
     return {
-        "corner_loss": corner,
-        "diag": sum(corner.values()),
-        "contrast": {name: sum(at[name][o] for o in names if o != name) / (len(names) - 1) - corner[name]
-                     for name in names},
+        **corners(names, at, {name: name for name in names}),
         "best_setting": {name: min(labels, key=lambda label: at[name][label]) for name in names},
         "uniform": sum(at[name][UNIFORM] for name in names) / len(names),
     }

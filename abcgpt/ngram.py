@@ -73,12 +73,6 @@ class SourceClassifier:
         """log P(text | source k) for every source k."""
         return np.array([model.log_probs(text).sum() for model in self.models])
 
-    def posterior(self, text):
-        """P(source k | text) for every k (a softmax of the log-likelihoods)."""
-        z = self.log_likelihoods(text)
-        z = np.exp(z - z.max())
-        return z / z.sum()
-
     def classify(self, text):
         """The index of the source text most likely came from."""
         return int(np.argmax(self.log_likelihoods(text)))

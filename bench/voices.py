@@ -131,6 +131,7 @@ def measure(folders, args):
         grid = {label: {n: loss(model, k, dial) for k, n in enumerate(names)} for label, dial in settings}
         own = {n: grid[n][n] for n in names}
         uniform_mean, union_mean = float(np.mean(list(grid[UNIFORM].values()))), float(np.mean(list(union.values())))
+        uniform_vs_ungated = uniform_mean / union_mean - 1
         matrix = confusion([model] * len(names), tokenizer, classifier, [dial for _, dial in settings[:-1]],
                            args.samples, args.max_new_tokens, args.seed)
         per_source = {n: {
@@ -144,10 +145,9 @@ def measure(folders, args):
         } for k, n in enumerate(names)}
         designs[design] = {
             "grid": grid, "confusion": matrix, "per_source": per_source,
-            "uniform_mean": uniform_mean, "union_mean": union_mean, "uniform_vs_ungated": uniform_mean / union_mean - 1,
-            "uniform_passes": uniform_mean / union_mean - 1 <= args.uniform_margin,
+            "uniform_mean": uniform_mean, "union_mean": union_mean, "uniform_vs_ungated": uniform_vs_ungated,
             "passes": {
-                "uniform": uniform_mean / union_mean - 1 <= args.uniform_margin,
+                "uniform": uniform_vs_ungated <= args.uniform_margin,
                 "below_ungated": all(s["below_ungated"] for s in per_source.values()),
                 "near_alone": all(s["near_alone"] for s in per_source.values()),
                 "confusion": all(s["sounds_like_itself"] for s in per_source.values()),

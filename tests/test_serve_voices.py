@@ -13,6 +13,7 @@ from abcgpt.batching import Request  # noqa: E402
 from abcgpt.run import load_model  # noqa: E402
 from abcgpt.serve import Service, create_app  # noqa: E402
 from abcgpt.voice import parse_voice  # noqa: E402
+from test_batching import decode  # noqa: E402
 from test_serve import browser, fill, needs_chromium, serve_on_a_free_port  # noqa: E402,F401 (browser: a fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,31 +62,17 @@ def test_a_bad_dial_over_many_sources_is_a_400(client, body, message):
 
 def test_requests_at_different_voices_share_a_batch_and_each_gets_its_own_text(loaded):
     """Per-row points in one forward give each request the text it gets decoded alone."""
-    import asyncio
-
-    from abcgpt.batching import BatchedDecoder
-
     model, tokenizer, _ = loaded
     prompt = tokenizer.encode("one day")
 
-    def decode(voices):
-        decoder = BatchedDecoder(model, max_batch=4)
+    def tokens(voices):
         requests = [Request(prompt, parse_voice(v, NAMES, "pool")[0], 20, 1.0, None, seed=9) for v in voices]
-
-        async def go():
-            task = asyncio.create_task(decoder.run())
-            for r in requests:
-                decoder.submit(r)
-            while not all(r.done for r in requests):
-                await asyncio.sleep(0.01)
-            task.cancel()
-        asyncio.run(go())
-        return [r.tokens for r in requests], decoder.largest_batch
+        return [r.tokens for r in requests], decode(model, requests, max_batch=4).largest_batch
 
     voices = ["stories", "plays=2,words=1", "all", "words"]
-    together, largest = decode(voices)
+    together, largest = tokens(voices)
     assert largest == 4
-    assert together == [decode([v])[0][0] for v in voices]
+    assert together == [tokens([v])[0][0] for v in voices]
 
 
 @pytest.mark.browser
