@@ -14,6 +14,7 @@ import threading
 import time
 from contextlib import contextmanager, nullcontext
 
+import numpy
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -33,7 +34,7 @@ from .saving import (
 from .tokenizer import tokenizer_from_dict
 from .voice import evaluation_settings, loss_key, own_label
 
-__all__ = ["Trainer", "TrainingDiverged", "learning_rate_at"]
+__all__ = ["Trainer", "TrainingDiverged", "learning_rate_at", "stream_seed"]
 
 
 def learning_rate_at(step, config):
@@ -46,9 +47,14 @@ def learning_rate_at(step, config):
     return config.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (config.learning_rate - config.min_lr)
 
 
-def micro_batch_seed(seed, step, index):
-    # distinct for every (step, index) with index < 2**20: no two micro-batches share a stream
-    return (seed * 2**40 + step * 2**20 + index) % 2**63
+STREAMS = ("data", "dropout")  # what a micro-batch draws at random, each from a stream of its own
+
+
+def stream_seed(seed, step, index, purpose):
+    """The seed of one (run seed, step, micro-batch, purpose) stream: all four hashed (SeedSequence) down to
+    the 32 bits that torch's CPU generator really uses, so that every one of them changes the stream."""
+    entropy = [seed, step, index, STREAMS.index(purpose)]
+    return int(numpy.random.SeedSequence(entropy).generate_state(1, numpy.uint32)[0])
 
 
 def resolve_dtype(name, device_type):
@@ -201,8 +207,8 @@ class Trainer:
         total = torch.zeros((), device=self.device)
         for micro in range(process.micro_steps):
             index = process.rank * process.micro_steps + micro
-            generator = torch.Generator().manual_seed(micro_batch_seed(config.seed, self.step, index))
-            torch.manual_seed(micro_batch_seed(config.seed + 1, self.step, index))  # dropout
+            generator = torch.Generator().manual_seed(stream_seed(config.seed, self.step, index, "data"))
+            torch.manual_seed(stream_seed(config.seed, self.step, index, "dropout"))
             if config.only_source:
                 sources = torch.full((config.batch_size,), self.corpus.names.index(config.only_source))
                 x, y = self.corpus.batch("train", sources, config.block_size, generator)

@@ -136,3 +136,31 @@ def test_checkpoint_whose_config_does_not_match_its_weights(trained_checkpoint, 
     with pytest.raises(CheckpointError, match="does not hold a usable model"):
         load_model(edited)
     assert load_checkpoint(trained_checkpoint)["model_config"]["n_embd"] == 32  # the original is untouched
+
+
+def draws_at(trainer, step):
+    """What one training step at `step` draws: its batch, its dial, and the first numbers of its dropout stream."""
+    seen = {}
+    model = trainer.forward_model
+
+    def recording(x, alpha, y):
+        seen.update(x=x.clone(), alpha=alpha.point.clone(), dropout=torch.rand(8))
+        return model(x, alpha, y)
+
+    trainer.forward_model, trainer.step = recording, step
+    trainer.train_step()
+    trainer.forward_model = model
+    return seen
+
+
+def test_every_seed_and_step_draws_its_own_streams(corpus_files, tmp_path):
+    """The run's seed and the step each change the batches, the dials and dropout: the CPU generator uses
+    32 bits of its seed, and bits above them (where the seed once sat, and steps 4096 apart) changed nothing."""
+    trainers = {seed: Trainer(tiny_config(corpus_files, tmp_path / str(seed), seed=seed, alpha_mode="sequence"),
+                              **quiet) for seed in (1337, 7)}
+    draws = {(seed, step): draws_at(trainer, step) for seed, trainer in trainers.items() for step in (5, 5 + 4096)}
+    again = draws_at(trainers[1337], 5)
+    for what in ("x", "alpha", "dropout"):
+        assert torch.equal(again[what], draws[1337, 5][what]), what  # the same (seed, step): the same stream
+        assert not torch.equal(draws[1337, 5][what], draws[7, 5][what]), what
+        assert not torch.equal(draws[1337, 5][what], draws[1337, 5 + 4096][what]), what
