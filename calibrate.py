@@ -24,7 +24,7 @@ from abcgpt.data import DataError
 from abcgpt.dial import classifier_for, fit_map, measure
 from abcgpt.errors import SettingsError, UserError
 from abcgpt.preflight import check_disk
-from abcgpt.run import RunFolder, load_gated_run, require_two_source_line
+from abcgpt.run import editing, load_gated_run, require_two_source_line
 
 
 def main(argv=None):
@@ -41,16 +41,15 @@ def main(argv=None):
         if args.grid < 2:
             raise SettingsError(f"--grid must be at least 2, got {args.grid}")
         settings.check_seed(args.seed, "--seed")
-        model, tokenizer, run, corpus = load_gated_run(args.ckpt, args.device, args.sources, args.cache_dir)
-        require_two_source_line(run, args.ckpt, "the calibrated mix")
-        if not os.access(args.ckpt, os.W_OK):
-            raise SettingsError(f"--ckpt: cannot write {args.ckpt} (no write permission), where the map goes")
-        if len(corpus.names) != 2:
-            raise DataError(f"calibration needs two sources, the checkpoint has {len(corpus.names)}")
-        check_generation_flags(args, args.device, model.config)
-        folder = RunFolder.of(args.ckpt)  # held throughout: no training run rewrites the checkpoint meanwhile
-        check_disk(folder.path, 2 * Path(args.ckpt).stat().st_size, "rewriting the checkpoint")
-        with folder.lock():
+        with editing(args.ckpt) as save:  # no training run rewrites the checkpoint from before it is read
+            model, tokenizer, run, corpus = load_gated_run(args.ckpt, args.device, args.sources, args.cache_dir)
+            require_two_source_line(run, args.ckpt, "the calibrated mix")
+            if not os.access(args.ckpt, os.W_OK):
+                raise SettingsError(f"--ckpt: cannot write {args.ckpt} (no write permission), where the map goes")
+            if len(corpus.names) != 2:
+                raise DataError(f"calibration needs two sources, the checkpoint has {len(corpus.names)}")
+            check_generation_flags(args, args.device, model.config)
+            check_disk(Path(args.ckpt).parent, Path(args.ckpt).stat().st_size, "rewriting the checkpoint")
             alphas = [round(float(a), 6) for a in np.linspace(0.0, 1.0, args.grid)]
             scores = measure(model, tokenizer, classifier_for(corpus), alphas, args.samples, args.max_new_tokens,
                              args.seed, args.device)
@@ -60,7 +59,7 @@ def main(argv=None):
             for a, fitted in zip(dial_map["alpha"], dial_map["p"]):
                 print(f"  alpha {a:.3f}: measured {np.mean(scores[a]):.3f}, fitted {fitted:.3f}")
             run.dial_map = dial_map
-            run.save(args.ckpt)
+            save(run)
     except UserError as e:
         sys.exit(f"error: {e}")
     print(f"wrote the map into {args.ckpt}; sample with --mix")

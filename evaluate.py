@@ -7,10 +7,10 @@ sources: every source's own setting and uniform mode).
 Prints the loss table with corner losses, contrast, middle and best alpha per
 source, and writes them as JSON (default: eval.json beside the checkpoint).
 """
-import json
 import sys
 from pathlib import Path
 
+from abcgpt.atomic import write_json
 from abcgpt.cli import (
     HelpFormatter, Parser, add_runtime_flags, add_source_flags, apply_runtime_flags, check_out_file, is_json_object,
     positive, run_tool,
@@ -60,7 +60,10 @@ def main(argv=None):
         "val_tokens": {n: len(v) for n, v in zip(corpus.names, corpus.val)},
         **grid, "losses": losses, **summary,
     }
-    out.write_text(json.dumps(result, indent=1) + "\n")
+    try:
+        write_json(out, result)
+    except UserError as e:
+        sys.exit(f"error: {e}")
     print(f"wrote {out}")
 
 

@@ -53,6 +53,10 @@ def load_baselines(ckpt, run, device):
             if path.exists():
                 model, _, baseline = load_model(path, device)
                 check_baseline(path, baseline, run, name)
+                if which == "final" and baseline.step < baseline.train_config.max_iters:
+                    raise CheckpointError(f"{path} stopped at step {baseline.step} of {baseline.train_config.max_iters}"
+                                          f": finish it with python train.py --resume --baselines --out_dir "
+                                          f"{RunFolder.of(ckpt)}")
                 kept[which] = (model, baseline.step)
         if kept:
             kept.setdefault("best", kept.get("final"))
@@ -60,13 +64,27 @@ def load_baselines(ckpt, run, device):
     return baselines
 
 
-def load_best(ckpt, device):
+def same_run(best, run):
+    """Whether best is an earlier state of run: the same run id (older checkpoints, without one: the same
+    seed and settings), at a step not after run's."""
+    if best.run_id is not None or run.run_id is not None:
+        same = best.run_id == run.run_id
+    else:
+        same = best.seed == run.seed and best.source_names == run.source_names and all(
+            getattr(best.train_config, f) == getattr(run.train_config, f) for f in ARCHITECTURE)
+    return same and best.step <= run.step
+
+
+def load_best(ckpt, run, device):
     """The gated run's best checkpoint beside ckpt, as (model, step), unless ckpt is that one."""
     path = RunFolder.of(ckpt).best
     if not path.exists() or path.resolve() == Path(ckpt).resolve():
         return None
-    model, _, run = load_model(path, device)
-    return model, run.step
+    model, _, best = load_model(path, device)
+    if not same_run(best, run):
+        raise CheckpointError(f"{path} is not {ckpt}'s best checkpoint: it is of another run (run id, settings or "
+                              "later step); move it away, or report on it with --ckpt")
+    return model, best.step
 
 
 def main(argv=None):
@@ -90,12 +108,12 @@ def main(argv=None):
         require_two_source_line(run, args.ckpt, "the dial's report")
         check_generation_flags(args, args.device, model.config)
         baselines = load_baselines(args.ckpt, run, args.device)
-        best = load_best(args.ckpt, args.device)
+        best = load_best(args.ckpt, run, args.device)
+        report = build_report(model, tokenizer, run, corpus, baselines, args.samples, args.max_new_tokens,
+                              args.max_windows, args.device, args.seed, best)
+        path = write_report(report, args.out_dir, args.title or f"abcGPT report: {args.ckpt}")
     except UserError as e:
         sys.exit(f"error: {e}")
-    report = build_report(model, tokenizer, run, corpus, baselines, args.samples, args.max_new_tokens,
-                          args.max_windows, args.device, args.seed, best)
-    path = write_report(report, args.out_dir, args.title or f"abcGPT report: {args.ckpt}")
     skipped = plots_unavailable()
     print(f"wrote {path}" + (f"; plots skipped: {skipped}" if skipped else ""))
 

@@ -45,8 +45,12 @@ def parse_args(argv=None):
 
 
 def resumed_base(overrides):
-    """The saved run's settings; a longer --max_iters keeps the saved decay unless --lr_decay_iters says otherwise."""
-    saved = Run.load(RunFolder(overrides.get("out_dir", "out")).checkpoint).train_config
+    """The saved run's settings; a longer --max_iters keeps the saved decay unless --lr_decay_iters says otherwise.
+    None for a run that saved no checkpoint, only its log: it starts from nothing."""
+    folder = RunFolder(overrides.get("out_dir", "out"))
+    if folder.run_files() == ["log.jsonl"]:
+        return None
+    saved = Run.load(folder.checkpoint).train_config
     extends = overrides.get("max_iters", saved.max_iters) != saved.max_iters
     if extends and "lr_decay_iters" not in overrides and not saved.lr_decay_iters:
         overrides["lr_decay_iters"] = saved.max_iters
@@ -68,12 +72,27 @@ def main(argv=None):
             raise SettingsError("--new_sources goes with --resume: a new run records whatever sources it has")
         losses, tokens_seen, names = run(config, options["resume"], options["overwrite"], options["new_sources"])
         if options["baselines"]:
-            for name, tokens in tqdm(list(zip(names, tokens_seen)), desc="baselines", unit="source"):
-                tqdm.write(f"baseline: vanilla GPT on {name} alone, {tokens:,} tokens")
-                baseline = baseline_config(config, name, tokens, RunFolder(config.out_dir).baseline(name))
-                run(baseline, False, options["overwrite"])
+            train_baselines(config, names, tokens_seen, options["resume"], options["overwrite"])
     except UserError as e:
         sys.exit(f"error: {e}")
+
+
+def train_baselines(config, names, tokens_seen, resume, overwrite):
+    """One vanilla GPT per source on as many of its tokens as the run saw; with resume, a baseline cut short
+    goes on from its checkpoint and a finished one is kept."""
+    folder = RunFolder(config.out_dir)
+    for name, tokens in tqdm(list(zip(names, tokens_seen)), desc="baselines", unit="source"):
+        baseline = baseline_config(config, name, tokens, folder.baseline(name))
+        where = RunFolder(baseline.out_dir)
+        done = Run.load(where.checkpoint).step if resume and where.checkpoint.exists() else None
+        if done is not None and done >= baseline.max_iters:
+            tqdm.write(f"baseline: {name} is done ({where.checkpoint}, step {done})")
+            continue
+        tqdm.write(f"baseline: vanilla GPT on {name} alone, {tokens:,} tokens"
+                   + (f", from step {done}" if done is not None else ""))
+        with folder.lock():  # the run's manifest, so that --overwrite removes exactly what runs wrote
+            folder.record(where.path.name)
+        run(baseline, resume and where.run_files() != [], overwrite)
 
 
 def run(config, resume, overwrite, new_sources=False):

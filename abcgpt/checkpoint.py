@@ -12,12 +12,12 @@ Every checkpoint carries a sha256 of each tensor and of everything else in it
 which torch.load itself would not notice, is refused with the part it hit.
 """
 import hashlib
-import os
 import shutil
 from pathlib import Path
 
 import torch
 
+from .atomic import write_atomically
 from .errors import UserError
 
 FORMAT = "abcgpt-checkpoint-v2"  # v1: the same without checksums, still read
@@ -79,8 +79,6 @@ def save_checkpoint(state, path):
     def write(tmp):
         with open(tmp, "wb") as f:
             torch.save({"format": FORMAT, **state, "checksums": checksums(state)}, f)
-            f.flush()
-            os.fsync(f.fileno())
         load_checkpoint(tmp)
 
     _replace(path, write)
@@ -90,26 +88,14 @@ def copy_checkpoint(source, path):
     """Copy a checkpoint that save_checkpoint wrote (and so read back) to path, byte for byte, as safely."""
     def write(tmp):
         shutil.copyfile(source, tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
 
     _replace(path, write)
 
 
 def _replace(path, write):
     """Fill a temporary file beside path with write(tmp), then swap it in: path is whole or untouched."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except OSError as e:  # a full disk, a file-size limit: the old file stays, and the message is one line
-        tmp.unlink(missing_ok=True)
-        raise CheckpointError(f"could not write {path}: {e.strerror or e}; {path.name} is as it was before") from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    write_atomically(path, write, CheckpointError)
 
 
 def load_checkpoint(path, map_location="cpu"):

@@ -5,7 +5,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 
 from .backends import NAMES as BACKEND_NAMES
 from .backends import auto_rule, check_backend
-from .data import DEFAULT_SOURCES, split_sources
+from .data import DEFAULT_SOURCES, check_source_name, split_sources
 from .errors import SettingsError
 from .gate import GEOMETRIES
 from .model import GPTConfig
@@ -79,6 +79,8 @@ class TrainConfig(GPTConfig):
         for ok, message in checks:
             if not ok:
                 raise SettingsError(message)
+        if self.only_source:
+            check_source_name(self.only_source)
 
     def model_config(self, vocab_size):
         """The GPTConfig of the model this run trains."""

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from .atomic import write_json
 from .errors import UserError
 from .tokenizer import BPETokenizer, CharTokenizer
 from .voice import draw, source_alpha
@@ -54,6 +55,18 @@ class DownloadError(DataError):
         self.name, self.reason = name, reason
 
 
+SOURCE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}", re.ASCII)
+
+
+def check_source_name(name):
+    """A source's name is data, never a path: letters, digits, '-', '_' and '.', at most 64, not '.' or '..'
+    (run folders name files after it, RunFolder.baseline)."""
+    if not SOURCE_NAME.fullmatch(name) or name in (".", ".."):
+        raise DataError(f"source name {name[:80]!r} is not allowed: use letters, digits, '-', '_' and '.', at "
+                        "most 64 characters (not '.' or '..')")
+    return name
+
+
 def default_cache_dir():
     root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(os.environ.get("ABCGPT_CACHE_DIR") or Path(root) / "abcgpt")
@@ -71,6 +84,7 @@ class SourceSpec:
         name = name.strip()
         if not name:
             raise DataError(f"source {text!r} has no name: write NAME or NAME=PATH")
+        check_source_name(name)
         if sep:
             if not path:
                 raise DataError(f"source {name!r} has an empty path: write {name}=PATH")
@@ -154,7 +168,7 @@ def download(url, dest, max_bytes=None, sha256=None, desc=None):
         part.unlink(missing_ok=True)
         raise
     record = {"url": url, "bytes": written, "sha256": digest.hexdigest()}
-    dest.with_name(dest.name + ".json").write_text(json.dumps(record, indent=1) + "\n")
+    write_json(dest.with_name(dest.name + ".json"), record, DataError)
     return record
 
 

@@ -12,8 +12,19 @@ from pathlib import Path
 from .checkpoint import CheckpointError
 from .cli import HelpFormatter, Parser, check_output, run_tool
 from .errors import SettingsError, UserError
-from .run import RunFolder, load_model
+from .run import RunFolder, editing, load_model
 from .units import sort_units
+
+
+def sorted_run(path):
+    """The run at path with its units sorted by score, and its optimizer's moments with them."""
+    model, _, run = load_model(path)
+    if not model.config.gated:
+        raise CheckpointError(f"{path} holds a vanilla model: there are no scores to sort by")
+    run.optimizer = sort_units(model, run.optimizer)
+    run.model = model.state_dict()
+    run.model_config.sort_units = True
+    return run
 
 
 def main(argv=None):
@@ -28,14 +39,12 @@ def main(argv=None):
         dest = Path(args.source if args.in_place else args.dest)
         if not args.in_place:  # a new path: nothing the user did not name is written over
             check_output(dest, "dest", "a new path", lambda _: False)
-        model, _, run = load_model(args.source)
-        if not model.config.gated:
-            raise CheckpointError(f"{args.source} holds a vanilla model: there are no scores to sort by")
-        run.optimizer = sort_units(model, run.optimizer)
-        run.model = model.state_dict()
-        run.model_config.sort_units = True
-        with RunFolder.of(dest).lock():
-            run.save(dest)
+        if args.in_place:
+            with editing(dest) as save:  # locked before it is read
+                save(sorted_run(args.source))
+        else:
+            with RunFolder.of(dest).lock():
+                sorted_run(args.source).save(dest)
     except UserError as e:
         sys.exit(f"error: {e}")
     print(f"wrote {dest} with units sorted by score")

@@ -7,12 +7,12 @@ n-gram models fitted on the train splits score samples at each alpha as
 P(source 1 | text)), samples at five alphas and, with matplotlib, two plots.
 """
 import importlib.util
-import json
 from pathlib import Path
 
 import numpy as np
 
 from . import cli
+from .atomic import save_figure, write_json, write_text
 from .data import source_alphas
 from .dial import classifier_for, measure, mix_to_alpha, sample_texts
 from .evaluate import SWEEP, format_table, summarize, sweep, val_loss
@@ -128,7 +128,7 @@ def plot(report, out_dir):
     ax.set(xlabel="alpha", ylabel="held-out val loss (nats/token)", title="Loss along the dial")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out_dir / "val_loss.png", dpi=120)
+    save_figure(fig, out_dir / "val_loss.png")
     written.append("val_loss.png")
     if "calibration" in report:
         cal = report["calibration"]
@@ -141,7 +141,7 @@ def plot(report, out_dir):
                ylim=(-0.05, 1.05))
         ax.legend(fontsize=8)
         fig.tight_layout()
-        fig.savefig(out_dir / "calibration.png", dpi=120)
+        save_figure(fig, out_dir / "calibration.png")
         written.append("calibration.png")
     plt.close("all")
     return written
@@ -234,6 +234,6 @@ def write_report(report, out_dir, title):
     out_dir.mkdir(parents=True, exist_ok=True)
     skipped = plots_unavailable()
     plots = plot(report, out_dir) if skipped is None else []
-    (out_dir / "report.json").write_text(json.dumps(report, indent=1) + "\n")
-    (out_dir / "report.md").write_text(render_markdown(report, title, plots, skipped) + "\n")
+    write_json(out_dir / "report.json", report)
+    write_text(out_dir / "report.md", render_markdown(report, title, plots, skipped) + "\n")
     return out_dir / "report.md"

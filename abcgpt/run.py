@@ -5,17 +5,21 @@ checks the file (checkpoint.py) and refuses, in one line, a field this version d
 not know, naming the field and the versions involved, before anything is built from it.
 """
 import fcntl
+import hashlib
+import json
 import os
 import socket
+import stat
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Optional
 
+from .atomic import write_json
 from .checkpoint import CheckpointError, copy_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
-from .data import Corpus, DataError, parse_sources
+from .data import SOURCE_NAME, Corpus, DataError, check_source_name, parse_sources
 from .errors import SettingsError
 from .model import GPT, GPTConfig
 from .tokenizer import UnknownCharactersError, tokenizer_from_dict
@@ -41,6 +45,7 @@ class Run:
     tokens_seen: list = field(default_factory=list)  # training tokens drawn from each source
     best_val_loss: Optional[float] = None  # the run's best held-out score so far
     dial_map: Optional[dict] = None  # the calibrated dial (calibrate.py)
+    run_id: Optional[str] = None  # the same in every checkpoint of one run, its best.pt too (None: older versions)
     version: str = VERSION  # of abcgpt, where it wrote the checkpoint
     format: str = ""  # of the file, as load found it
 
@@ -127,15 +132,36 @@ class RunFolder:
 
     def baseline(self, source) -> "RunFolder":
         """Where train.py --baselines trains a vanilla GPT on one source alone."""
-        return RunFolder(self.path / f"baseline-{source}")
+        return RunFolder(self.path / f"baseline-{check_source_name(source)}")
 
     def run_files(self) -> list:
         """The names of the run files that exist here."""
         return [name for name in self.FILES if (self.path / name).exists()]
 
-    def baseline_folders(self) -> list:
-        """The folders of the baselines trained beside this run."""
-        return sorted(p for p in self.path.glob("baseline-*") if p.is_dir()) if self.path.is_dir() else []
+    @property
+    def manifest(self) -> Path:
+        return self.path / "manifest.json"  # what the runs in this folder wrote here: all that --overwrite removes
+
+    def recorded(self) -> list:
+        """The names of the files and folders a run recorded writing here (a folder of an older version, which
+        kept no manifest: its run files)."""
+        try:
+            names = json.loads(self.manifest.read_text())["written"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return self.run_files()
+        return [n for n in names if isinstance(n, str) and (n in self.FILES or self._is_baseline_name(n))]
+
+    @staticmethod
+    def _is_baseline_name(name):
+        """Whether name is one RunFolder.baseline gives: a manifest holds names, never paths."""
+        source = name.removeprefix("baseline-")
+        return source != name and SOURCE_NAME.fullmatch(source) is not None and source not in (".", "..")
+
+    def record(self, *names) -> None:
+        """Add names (files or folders in this folder) to what the manifest says a run wrote here."""
+        written = list(dict.fromkeys([*self.recorded(), *names]))
+        self.path.mkdir(parents=True, exist_ok=True)
+        write_json(self.manifest, {"written": written})
 
     @contextmanager
     def lock(self):
@@ -145,7 +171,7 @@ class RunFolder:
         self.path.mkdir(parents=True, exist_ok=True)
         path = self.path / ".lock"
         while True:
-            handle = open(path, "a+")
+            handle = _open_lock(path)
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -174,6 +200,57 @@ class RunFolder:
         run.save(self.checkpoint)
         if best:  # no second round of hashing, writing and reading back
             copy_checkpoint(self.checkpoint, self.best)
+
+
+@contextmanager
+def editing(path):
+    """A tool's change to the checkpoint at path: its folder held (RunFolder.lock) from before the checkpoint is
+    read until the change is saved. Yields save(run), which writes run over path only while path is still the
+    file it was when the edit began (its sha256): a writer that ignored the lock is not undone."""
+    path = Path(path)
+    with RunFolder.of(path).lock():
+        began = identity(path)
+
+        def save(run):
+            if identity(path) != began:
+                raise changed_meanwhile(path, run.step)
+            run.save(path)
+
+        yield save
+
+
+def identity(path):
+    """The sha256 of a checkpoint file, None where there is none: whether it is still the file once read."""
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+def changed_meanwhile(path, step_read):
+    """The refusal to write over a checkpoint that another writer replaced since it was read at step_read."""
+    try:
+        now = f"step {load_checkpoint(path).get('step')}"
+    except CheckpointError:
+        now = "not a readable checkpoint"
+    return CheckpointError(f"{path} changed while this tool worked on it (step {step_read} then, {now} now): "
+                           "nothing was written; run it again")
+
+
+def _open_lock(path):
+    """The lock file, opened for reading and writing: a regular file or nothing (then made). A link is never
+    followed (its target would be written), and a folder, a pipe or a device at that name is refused."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
+    except OSError as e:
+        kind = "a link" if path.is_symlink() else "a folder" if path.is_dir() else e.strerror
+        raise SettingsError(f"{path} is not a lock file ({kind}): remove it if no abcgpt tool is using this "
+                            "folder") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise SettingsError(f"{path} is not a lock file (a pipe or a device): remove it if no abcgpt tool is "
+                            "using this folder")
+    return os.fdopen(fd, "r+")
 
 
 def load_model(path, device="cpu", backend="auto"):

@@ -1,17 +1,13 @@
 """A run's log: one line per event on the console, and the same as strict JSON lines in the run's log file."""
 import json
-import math
+
+from .atomic import strict
 
 
 def format_seconds(seconds: float) -> str:
     minutes, seconds = divmod(round(seconds), 60)
     hours, minutes = divmod(minutes, 60)
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s"
-
-
-def finite_json(record: dict) -> dict:
-    """record with non-finite floats as null, so that log lines are strict JSON."""
-    return {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in record.items()}
 
 
 class RunLog:
@@ -33,4 +29,4 @@ class RunLog:
                                            for k, v in record.items()))
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a") as f:
-            f.write(json.dumps(finite_json(record), allow_nan=False) + "\n")
+            f.write(json.dumps(strict(record), allow_nan=False) + "\n")

@@ -18,16 +18,19 @@ class TrainingDiverged(UserError, RuntimeError):
 
 def check_run_folder(folder, resume, overwrite):
     """Refuse, before any work, an out_dir that cannot be written, or one whose run a new run would replace
-    without overwrite; return the old run's files and baseline folders that the new run replaces."""
+    without overwrite; return what the new run replaces: exactly what the old one recorded writing there."""
     cli.check_out_dir(folder.path, "out_dir")
     for path in (folder.checkpoint, folder.best):
         if path.exists() and not (path.is_file() and zipfile.is_zipfile(path)):
             raise SettingsError(f"out_dir: {path} is not a checkpoint; refusing to write over it")
     existing = folder.run_files()
+    if existing == ["log.jsonl"] and not resume and not overwrite:
+        raise SettingsError(f"out_dir {folder} holds only the log of a run that saved no checkpoint: start that "
+                            "run from nothing with --resume (its log is kept), or clear it with --overwrite")
     if existing and not resume and not overwrite:
         raise SettingsError(f"out_dir {folder} already holds a run ({', '.join(existing)}): continue it with "
                             "--resume, or replace it with --overwrite")
-    return [] if resume else [folder.path / name for name in existing] + folder.baseline_folders()
+    return [] if resume else [folder.path / name for name in folder.recorded()] + [folder.manifest]
 
 
 def check_same_sources(run, corpus, new_sources):

@@ -12,6 +12,7 @@ import shutil
 import signal
 import threading
 import time
+import uuid
 from contextlib import contextmanager, nullcontext
 
 import numpy
@@ -26,7 +27,7 @@ from .errors import SettingsError
 from .evaluate import val_loss
 from .model import GPT
 from .process import Process
-from .run import Run, RunFolder
+from .run import Run, RunFolder, changed_meanwhile, identity
 from .runlog import RunLog, format_seconds
 from .saving import (
     TrainingDiverged, check_resumable, check_run_folder, check_same_sources, diverged, non_finite_state,
@@ -79,9 +80,14 @@ class Trainer:
         self.log = RunLog(self.folder.log, log, active=self.is_master)
         # an old run's files go only once this one is set up and starts, so a setup error loses nothing
         self.replaced = check_run_folder(self.folder, resume, overwrite) if self.is_master else []
-        saved = Run.load(self.folder.checkpoint) if resume else None
+        from_nothing = resume and self.folder.run_files() == ["log.jsonl"]  # a run that saved no checkpoint
+        saved = Run.load(self.folder.checkpoint) if resume and not from_nothing else None
+        self.read_at_start = identity(self.folder.checkpoint) if saved is not None else None
         if saved is not None:
             check_resumable(saved, config)
+        if from_nothing:
+            self.log.line(f"note: {self.folder} holds no checkpoint, only the log of a run that saved none; "
+                          "starting that run from step 0 (the log goes on)")
 
         tokenizer = tokenizer_from_dict(saved.tokenizer) if saved else config.tokenizer
         self.corpus = corpus or Corpus.from_sources(config.sources, tokenizer, config.val_fraction,
@@ -111,6 +117,7 @@ class Trainer:
         self.saved_step = None  # the step of the last checkpoint written by this run
         self.first_bad_step = torch.tensor(-1, device=self.device)  # first step with a NaN/inf loss or gradient
         self.stop_requested = self.interrupted = False
+        self.run_id = uuid.uuid4().hex  # one per run, kept by resumes: which best.pt and baselines are this run's
         if saved is not None:
             self._restore(saved)
 
@@ -127,6 +134,7 @@ class Trainer:
         self.best_val_loss = saved.best_val_loss if saved.best_val_loss is not None else math.inf
         self.last_losses = saved.val_losses
         self.saved_step = self.step = saved.step
+        self.run_id = saved.run_id or self.run_id
         try:
             self.model.load_state_dict(saved.model)
             self.optimizer.load_state_dict(saved.optimizer)
@@ -174,7 +182,7 @@ class Trainer:
         return Run(model=self.model.state_dict(), optimizer=self.optimizer.state_dict(), model_config=self.model_config,
                    train_config=self.config, tokenizer=self.corpus.tokenizer.to_dict(), source_names=self.corpus.names,
                    source_sha256=self.corpus.sha256, val_losses=self.last_losses, step=self.step, seed=self.config.seed,
-                   tokens_seen=self.tokens_seen(), best_val_loss=self.best_val_loss)
+                   tokens_seen=self.tokens_seen(), best_val_loss=self.best_val_loss, run_id=self.run_id)
 
     def save(self, best=False):
         """The latest checkpoint, and the best one too when best; never a state that went non-finite."""
@@ -268,9 +276,13 @@ class Trainer:
         config = self.config
         if self.step == 0:
             self.log.line(self.describe())
+        if self.is_master and self.read_at_start and identity(self.folder.checkpoint) != self.read_at_start:
+            raise changed_meanwhile(self.folder.checkpoint, self.step)  # read before the lock was taken
         for path in self.replaced:  # an old run's files go only now, once this one has started
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
         self.replaced = []
+        if self.is_master:
+            self.folder.record(*RunFolder.FILES)
         if self.new_sources:
             self.log.record({"step": self.step, "new_sources": self.new_sources},
                             f"note: resuming on new text for {', '.join(self.new_sources)} (--new_sources)")

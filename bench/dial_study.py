@@ -10,7 +10,6 @@ alphas, its Spearman correlation and whether it rises monotonically); and the co
 of the dial against each baseline's best held-out val. Writes study.json, study.md
 and study.png into --out_dir. Runs already finished in --runs are reused.
 """
-import json
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -23,6 +22,7 @@ from abcgpt.dial import classifier_for, measure
 from abcgpt.evaluate import SWEEP, summarize, sweep, val_loss
 from abcgpt.report import calibration_summary
 from abcgpt.run import Run, RunFolder, corpus_for, load_model
+from abcgpt.atomic import save_figure, write_json, write_text
 
 SETTINGS = {  # name: train.py flags on top of the CPU preset
     "default": [],  # the CPU preset as it stands: one alpha per sequence
@@ -85,7 +85,7 @@ def write(results, baselines, args):
     """baselines: {run length in steps: {source: best held-out val}}."""
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "study.json").write_text(json.dumps({"baselines_best_val": baselines, "runs": results}, indent=1) + "\n")
+    write_json(out / "study.json", {"baselines_best_val": baselines, "runs": results})
     names = list(next(iter(baselines.values())))
     lines = ["# Recipe study (CPU preset, shared corpora)", "",
              "Baselines (vanilla, one source each, as many of its tokens as the first gated run of that length saw; "
@@ -100,7 +100,7 @@ def write(results, baselines, args):
                      + f" | {r['diag']:.3f} | {r['middle']:.3f} | {r['spearman']:.3f} | {'yes' if r['monotone'] else 'no'} | "
                      + " | ".join(f"{r['cost_vs_best_baseline'][n]:+.1%}" for n in names)
                      + " | " + " ".join(f"{p:.2f}" for p in r["calibration"]) + " |")
-    (out / "study.md").write_text("\n".join(lines) + "\n")
+    write_text(out / "study.md", "\n".join(lines) + "\n")
     try:
         import matplotlib
 
@@ -115,7 +115,7 @@ def write(results, baselines, args):
     ax.set(xlabel="alpha", ylabel=f"mean P({names[-1]} | sample)", title="Raw dial calibration per setting")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / "study.png", dpi=120)
+    save_figure(fig, out / "study.png", dpi=120)
 
 
 def main(argv=None):

@@ -15,7 +15,6 @@ in the same run. Timing: CUDA events (or perf_counter), warm-up, rotating
 batches, median.
 """
 import argparse
-import json
 import statistics
 import time
 from contextlib import nullcontext
@@ -31,6 +30,7 @@ from abcgpt.sampling import CompiledDecoder, generate
 from abcgpt.voice import Dial
 from bench.tables import markdown_table
 from bench.timing import environment, summary, time_calls
+from abcgpt.atomic import write_json
 
 
 SHAPES = {  # name: (n_layer, n_head, n_embd, block_size, batch_size, vocab_size)
@@ -331,7 +331,7 @@ def main(argv=None):
         add_ratios_and_mfu(results, peak_flops(env["device"]) if device == "cuda" else None)
         if args.out:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.out).write_text(json.dumps({**record, "results": results}, indent=1) + "\n")
+            write_json(args.out, {**record, "results": results})
 
     for shape in shapes:
         run_shape(shape, args, device, cases, alphas, modes, compile_modes, deadline, results, save)

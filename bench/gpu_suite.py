@@ -30,6 +30,7 @@ from abcgpt.device import default_device
 from bench.gate_throughput import ratio_rows
 from bench.kernel_bench import kernel_table
 from bench.tables import markdown_table
+from abcgpt.atomic import write_json, write_text
 
 ROOT = Path(__file__).resolve().parents[1]
 BUDGET = {False: 480, True: 240}  # seconds of wall time for the whole suite, full and --quick
@@ -162,9 +163,9 @@ def write_summary(out, results, quick, budget, device):
               "kernel is faster.", "", *kernel_lines(out / "kernel_bench.json")]
     lines += ["", "## End to end (bench.gate_throughput)", "", "Ratios are gated tokens/s over vanilla tokens/s, "
               "same run.", "", *throughput_lines(out / "gate_throughput.json")]
-    (out / "summary.md").write_text("\n".join(lines) + "\n")
+    write_text(out / "summary.md", "\n".join(lines) + "\n")
     record = {"device": device, "quick": quick, "budget_s": budget, "steps": results}
-    (out / "summary.json").write_text(json.dumps(record, indent=1) + "\n")
+    write_json(out / "summary.json", record)
 
 
 def main(argv=None):

@@ -28,7 +28,6 @@ process, so ratios come from one run. Off CUDA it runs tiny fp32 shapes through
 Triton's interpreter: that checks the script, and its times mean nothing.
 """
 import argparse
-import json
 import os
 import time
 from contextlib import nullcontext
@@ -48,6 +47,7 @@ from bench.plain_matmul import plain_matmul  # noqa: E402
 from bench.tables import markdown_table  # noqa: E402
 from bench.timing import environment, summary, time_calls  # noqa: E402
 from kernels.ops import _gate_arg, gated_linear_gelu, gated_mlp, target_of, up_launch  # noqa: E402
+from abcgpt.atomic import write_json
 
 GPU_SHAPES = [(m, k, 4 * k) for m in (16384, 65536) for k in (768, 384)]  # in order of value; --quick: the first
 QUICK_SHAPES = [(64, 16, 48)]
@@ -211,7 +211,7 @@ def main(argv=None):
                     del sets
             if args.out:  # after every shape: a run cut short keeps what it measured
                 Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-                Path(args.out).write_text(json.dumps(record, indent=1) + "\n")
+                write_json(args.out, record)
     print(kernel_table(record["results"]))
     print("ratios are speed-ups of the fused kernel: rival time / fused time (the matmuls have no epilogue: the "
           "ceiling); 1 per SM vs 2: above 1, a second program's overlap pays")

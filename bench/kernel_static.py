@@ -36,6 +36,7 @@ import triton  # noqa: E402
 
 from bench.tables import markdown_table  # noqa: E402
 from kernels.ops import Target, down_grad_launch, up_launch  # noqa: E402
+from abcgpt.atomic import write_json
 
 MODEL = """The issue-bound model (per output tile, on one SM; H100 SXM figures):
   mma      = BLOCK_M * BLOCK_N * K / 2048         wgmma cycles: 2048 bf16 multiply-adds per SM per clock
@@ -424,7 +425,7 @@ def main(argv=None):
                              "grid": c.launch.grid, "config": {k: v for k, v in c.launch.kwargs.items()
                                                                if k.isupper() or k.startswith("num_")},
                              **c.binary, **predict(c), "problems": problems(c)} for c in cases]}
-        Path(args.out).write_text(json.dumps(record, indent=1) + "\n")
+        write_json(args.out, record)
         print(f"wrote {args.out}")
     failed = [c for c in cases if problems(c)]
     if args.check and failed:

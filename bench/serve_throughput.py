@@ -14,7 +14,6 @@ request at a time, and how long a short request waits beside long ones.
    arrive one after another. Their p50/p95 latency, beside their latency on an idle server.
 """
 import asyncio
-import json
 import random
 import socket
 import statistics
@@ -34,6 +33,7 @@ from abcgpt.run import load_model
 from abcgpt.sampling import generate
 from abcgpt.serve import Service, create_app
 from bench.timing import environment
+from abcgpt.atomic import write_json
 
 
 def start_server(service, max_connections):
@@ -212,7 +212,7 @@ def main(argv=None):
         server.should_exit = True
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(record, indent=1) + "\n")
+        write_json(args.out, record)
         print(f"wrote {args.out}")
 
 

@@ -42,6 +42,7 @@ from abcgpt.sampling import generate
 from abcgpt.settings import DEFAULTS
 from abcgpt.voice import UNIFORM, voices
 from bench.tables import markdown_table
+from abcgpt.atomic import save_figure, write_json, write_text
 
 DESIGNS = {  # name: train.py flags that make the design (docs/design.md, section 8)
     "pool": ["--geometry", "pool"],
@@ -226,7 +227,7 @@ def plot(results, path):
         axes[1][col].set_yticklabels(names, fontsize=7)
         fig.colorbar(bottom, ax=axes[1][col], fraction=0.046)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     return True
 
 
@@ -275,8 +276,8 @@ def main(argv=None):
     results["settings"] = {k: v for k, v in vars(args).items() if k not in ("names",)}
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "voices.json").write_text(json.dumps(results, indent=1) + "\n")
-    (out / "voices.md").write_text(markdown(results, args) + "\n")
+    write_json(out / "voices.json", results)
+    write_text(out / "voices.md", markdown(results, args) + "\n")
     plotted = plot(results, out / "voices.png")
     print(f"wrote {out / 'voices.md'}" + ("" if plotted else " (no plots: matplotlib is not installed)"))
 

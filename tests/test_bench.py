@@ -80,9 +80,11 @@ def test_readme_results_table_is_current():
 
 
 def test_gpu_suite_runs_its_cpu_form(tmp_path):
-    """On a machine without CUDA the suite runs what makes sense there, and summarises every step."""
-    result = subprocess.run([sys.executable, "-m", "bench.gpu_suite", "--quick", "--out_dir", str(tmp_path)], cwd=ROOT,
-                            capture_output=True, text=True, timeout=900)
+    """On a machine without CUDA the suite runs what makes sense there, and summarises every step. The budget is
+    one no step can reach on a busy machine either: this checks the steps and the summary, not how fast this
+    machine is (test_gpu_suite.py checks the budget's arithmetic)."""
+    command = [sys.executable, "-m", "bench.gpu_suite", "--quick", "--budget", "100000", "--out_dir", str(tmp_path)]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=1800)
     assert result.returncode == 0, result.stdout + result.stderr
     summary = (tmp_path / "summary.md").read_text()
     for step in ("tests", "kernel_bench", "gate_throughput", "smoke_train", "smoke_sample", "smoke_evaluate",

@@ -200,14 +200,20 @@ def test_new_sources_on_resume_are_recorded(trained_checkpoint, corpus_files, tm
     assert change == {"stories": {"from": before[0], "to": after[0]}} and after[1] == before[1]
 
 
-def test_overwrite_clears_the_baselines_too(trained_checkpoint, corpus_files, tmp_path):
+def test_overwrite_clears_the_recorded_baselines_and_nothing_else(trained_checkpoint, corpus_files, tmp_path):
+    from abcgpt.run import RunFolder
+
     Trainer(tiny_config(corpus_files, tmp_path, max_iters=2, eval_interval=2), **quiet).train()
     (tmp_path / "baseline-stories").mkdir()
     (tmp_path / "baseline-stories" / "ckpt.pt").write_bytes(trained_checkpoint.read_bytes())
+    RunFolder(tmp_path).record("baseline-stories")  # as train.py --baselines does before it trains one
+    (tmp_path / "baseline-notes").mkdir()  # the user's own, named like a baseline
+    (tmp_path / "baseline-notes" / "todo.txt").write_text("keep me")
     trainer = Trainer(tiny_config(corpus_files, tmp_path, max_iters=2, eval_interval=2), overwrite=True, **quiet)
     assert (tmp_path / "baseline-stories").exists()  # nothing goes before the new run starts
     trainer.train()
     assert not (tmp_path / "baseline-stories").exists()
+    assert (tmp_path / "baseline-notes" / "todo.txt").read_text() == "keep me"
 
 
 def test_a_pipe_as_a_source_is_refused_without_waiting(corpus_files, tmp_path):
