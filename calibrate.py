@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from abcgpt import settings
+from abcgpt import limits, settings
 from abcgpt.cli import (
     HelpFormatter, Parser, add_generation_flags, add_runtime_flags, add_source_flags, apply_runtime_flags,
     check_generation_flags, run_tool,
@@ -38,8 +38,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     try:
         apply_runtime_flags(args)
-        if args.grid < 2:
-            raise SettingsError(f"--grid must be at least 2, got {args.grid}")
+        limits.check("grid", args.grid, "--grid")
         settings.check_seed(args.seed, "--seed")
         with editing(args.ckpt) as save:  # no training run rewrites the checkpoint from before it is read
             model, tokenizer, run, corpus = load_gated_run(args.ckpt, args.device, args.sources, args.cache_dir)
@@ -54,7 +53,7 @@ def main(argv=None):
             scores = measure(model, tokenizer, classifier_for(corpus), alphas, args.samples, args.max_new_tokens,
                              args.seed, args.device)
             dial_map = {**fit_map(scores), "samples_per_alpha": args.samples, "sample_tokens": args.max_new_tokens,
-                        "seed": args.seed}
+                        "seed": args.seed, "scores": {str(a): s for a, s in scores.items()}}  # report.py reuses them
             print(f"P({corpus.names[1]} | sample), mean of {args.samples} samples, and the fitted monotone curve:")
             for a, fitted in zip(dial_map["alpha"], dial_map["p"]):
                 print(f"  alpha {a:.3f}: measured {np.mean(scores[a]):.3f}, fitted {fitted:.3f}")

@@ -11,16 +11,17 @@ import sys
 from pathlib import Path
 
 from abcgpt.atomic import write_json
+from abcgpt import limits
 from abcgpt.cli import (
-    HelpFormatter, Parser, add_runtime_flags, add_source_flags, apply_runtime_flags, check_out_file, is_json_object,
-    positive, run_tool,
+    HelpFormatter, Parser, add_runtime_flags, add_source_flags, apply_runtime_flags, check_max_windows, check_out_file,
+    is_json_object, run_tool,
 )
 from abcgpt.errors import SettingsError, UserError
 from abcgpt.evaluate import (
     SWEEP, format_table, format_voice_table, summarize, summarize_voices, sweep, voice_sweep,
 )
 from abcgpt.preflight import check_memory, forward_bytes
-from abcgpt.run import load_gated_run
+from abcgpt.run import RunFolder, identity, load_gated_run
 
 
 def main(argv=None):
@@ -34,12 +35,13 @@ def main(argv=None):
     args = p.parse_args(argv)
     try:
         apply_runtime_flags(args)
-        positive("--batch_size", args.batch_size)
-        positive("--max_windows", args.max_windows, allow_none=True)
-        out = check_out_file(args.out or Path(args.ckpt).with_name("eval.json"), "--out", "an evaluation",
+        limits.check("eval_batch_size", args.batch_size, "--batch_size")
+        check_max_windows(args.max_windows)
+        out = check_out_file(args.out or RunFolder.of(args.ckpt).evaluation, "--out", "an evaluation",
                              lambda path: is_json_object(path, "checkpoint", "losses", "sources"))
         if out.resolve() == Path(args.ckpt).resolve():
             raise SettingsError(f"--out: {out} is the checkpoint itself; refusing to write over it")
+        checkpoint_sha256 = identity(args.ckpt)  # report.py reuses the sweep only for this very file
         model, tokenizer, run, corpus = load_gated_run(args.ckpt, args.device, args.sources, args.cache_dir)
         check_memory(forward_bytes(model.config, args.batch_size), args.device, f"--batch_size {args.batch_size:,}")
     except UserError as e:
@@ -56,7 +58,8 @@ def main(argv=None):
         print(format_voice_table(corpus.names, labels, losses, summary))
         grid = {"geometry": model.config.geometry, "settings": labels}
     result = {
-        "checkpoint": str(args.ckpt), "step": run.step, "sources": corpus.names,
+        "checkpoint": str(args.ckpt), "checkpoint_sha256": checkpoint_sha256, "max_windows": args.max_windows,
+        "step": run.step, "sources": corpus.names,
         "val_tokens": {n: len(v) for n, v in zip(corpus.names, corpus.val)},
         **grid, "losses": losses, **summary,
     }

@@ -18,11 +18,13 @@ from abcgpt.checkpoint import CheckpointError
 from abcgpt.config import ARCHITECTURE
 from abcgpt.cli import (
     HelpFormatter, Parser, add_generation_flags, add_runtime_flags, add_source_flags, apply_runtime_flags,
-    check_generation_flags, positive, run_tool,
+    check_generation_flags, check_max_windows, run_tool,
 )
 from abcgpt.errors import UserError
-from abcgpt.report import build_report, check_report_folder, plots_unavailable, write_report
-from abcgpt.run import RunFolder, load_gated_run, require_two_source_line, load_model
+from abcgpt.report import (
+    build_report, check_report_folder, plots_unavailable, reusable_calibration, reusable_sweep, write_report,
+)
+from abcgpt.run import RunFolder, identity, load_gated_run, load_model, require_two_source_line
 
 
 SHAPE = [f for f in ARCHITECTURE if f not in ("gated", "narrowness", "mask_seed", "score_beta", "sort_units")]
@@ -102,15 +104,22 @@ def main(argv=None):
     try:
         apply_runtime_flags(args)
         check_report_folder(args.out_dir)
-        positive("--max_windows", args.max_windows, allow_none=True)
+        check_max_windows(args.max_windows)
         settings.check_seed(args.seed, "--seed")
+        checkpoint_sha256 = identity(args.ckpt)
         model, tokenizer, run, corpus = load_gated_run(args.ckpt, args.device, args.sources, args.cache_dir)
         require_two_source_line(run, args.ckpt, "the dial's report")
         check_generation_flags(args, args.device, model.config)
         baselines = load_baselines(args.ckpt, run, args.device)
         best = load_best(args.ckpt, run, args.device)
+        reused_sweep = reusable_sweep(RunFolder.of(args.ckpt).evaluation, checkpoint_sha256, args.max_windows, corpus)
+        reused_calibration = reusable_calibration(run.dial_map, args.samples, args.max_new_tokens)
+        for what, where, reused in (("the held-out sweep", RunFolder.of(args.ckpt).evaluation, reused_sweep),
+                                    ("the calibration samples", f"{args.ckpt}'s calibrated map", reused_calibration)):
+            if reused:
+                print(f"reusing {what} of this checkpoint from {where}")
         report = build_report(model, tokenizer, run, corpus, baselines, args.samples, args.max_new_tokens,
-                              args.max_windows, args.device, args.seed, best)
+                              args.max_windows, args.device, args.seed, best, reused_sweep, reused_calibration)
         path = write_report(report, args.out_dir, args.title or f"abcGPT report: {args.ckpt}")
     except UserError as e:
         sys.exit(f"error: {e}")

@@ -9,13 +9,16 @@ page takes it from its address, http://host:port/#token=<token>.
 """
 import logging
 import os
+import socket
 import sys
 
 from abcgpt.access import LOOPBACK_HOSTS, Access, is_loopback
-from abcgpt.cli import HelpFormatter, Parser, add_runtime_flags, apply_runtime_flags, positive, run_tool
+from abcgpt import limits
+from abcgpt.cli import HelpFormatter, Parser, add_runtime_flags, apply_runtime_flags, run_tool
 from abcgpt.errors import SettingsError, UserError
 from abcgpt.preflight import check_memory, generation_bytes
 from abcgpt.run import load_model
+from abcgpt.settings import check_new_tokens
 
 
 def main(argv=None):
@@ -47,18 +50,13 @@ def main(argv=None):
         sys.exit(f"error: serving needs the [serve] extra ({e.name} is missing): pip install -e \".[serve]\"")
     try:
         apply_runtime_flags(args)
-        positive("--max_batch", args.max_batch)
-        positive("--max_new_tokens", args.max_new_tokens)
-        for flag in ("max_queue", "max_connections"):
+        check_new_tokens(args.max_new_tokens, "--max_new_tokens", least=1)
+        for flag in ("max_batch", "max_queue", "max_connections", "port", "timeout", "header_timeout"):
             if getattr(args, flag) is not None:
-                positive(f"--{flag}", getattr(args, flag))
-        for flag in ("timeout", "header_timeout"):
-            if not 0 < getattr(args, flag) < float("inf"):
-                raise SettingsError(f"--{flag} must be a positive number of seconds, got {getattr(args, flag)}")
+                limits.check(flag.replace("header_", ""), getattr(args, flag), f"--{flag}")
         if args.token is not None and not args.token.strip():
             raise SettingsError("--token must not be empty")
-        if not 0 <= args.port < 65536:
-            raise SettingsError(f"--port must be in [0, 65535], got {args.port}")
+        listening = bind(args.host, args.port)
         model, tokenizer, run = load_model(args.ckpt, args.device)
         check_memory(generation_bytes(model.config, args.max_batch), args.device, f"--max_batch {args.max_batch:,}")
     except UserError as e:
@@ -73,9 +71,27 @@ def main(argv=None):
     service = Service(model, tokenizer, run, args.max_batch, args.max_new_tokens, max_queue=args.max_queue,
                       timeout=args.timeout, body_timeout=args.header_timeout, access=Access(hosts, args.token))
     logging.basicConfig(format="%(asctime)s %(message)s", level=logging.INFO)
-    print(f"serving {args.ckpt} on http://{args.host}:{args.port} (Ctrl-C stops)", flush=True)
-    config = server_config(create_app(service), args.host, args.port, args.max_connections, args.header_timeout)
-    uvicorn.Server(config).run()
+    host, port = listening.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    print(f"serving {args.ckpt} on http://{shown}:{port} (Ctrl-C stops)", flush=True)  # the bound port, for --port 0
+    config = server_config(create_app(service), args.host, port, args.max_connections, args.header_timeout)
+    uvicorn.Server(config).run(sockets=[listening])
+
+
+def bind(host, port):
+    """The listening socket, bound before the model loads: a port in use is one line, and --port 0 gets a free
+    port whose number the server then prints."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listening = socket.socket(family, socket.SOCK_STREAM)
+    listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listening.bind((host, port))
+    except OSError as e:
+        listening.close()
+        raise SettingsError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    listening.listen(2048)
+    listening.set_inheritable(True)
+    return listening
 
 
 if __name__ == "__main__":

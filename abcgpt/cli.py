@@ -2,7 +2,6 @@
 before any work starts, so a bad flag costs a one-line error, not a lost minute."""
 import argparse
 import json
-import math
 import os
 import sys
 import zipfile
@@ -10,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from . import limits
 from .device import resolve_device
 from .errors import SettingsError
 from .preflight import check_memory, generation_bytes
@@ -66,8 +66,7 @@ def add_generation_flags(parser, samples, samples_help, tokens):
 
 def check_generation_flags(args, device, config):
     """--samples at least 1, --max_new_tokens within its bound, and room for --samples rows in memory."""
-    if args.samples < 1:
-        raise SettingsError(f"--samples must be at least 1, got {args.samples}")
+    limits.check("samples", args.samples, "--samples")
     check_new_tokens(args.max_new_tokens, "--max_new_tokens", least=1)
     check_memory(generation_bytes(config, args.samples), device, f"generating {args.samples:,} samples at once")
 
@@ -83,9 +82,7 @@ def apply_runtime_flags(args):
     if "device" in vars(args):
         args.device = resolve_device(args.device)
     if args.threads is not None:
-        if args.threads < 1:
-            raise SettingsError(f"--threads must be at least 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+        torch.set_num_threads(limits.check("threads", args.threads, "--threads"))
     elif sys.stderr.isatty():  # a hint for a person at a terminal; logs and tests stay as they are
         hint = busy_machine_hint()
         if hint:
@@ -103,13 +100,9 @@ def busy_machine_hint(load=None, cores=None):
     return None
 
 
-def positive(name, value, allow_none=False):
-    """value, refused unless it is a finite number above 0."""
-    if value is None and allow_none:
-        return value
-    if value is None or not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-        raise SettingsError(f"{name} must be a positive number, got {value}")
-    return value
+def check_max_windows(value):
+    """--max_windows: unset (every window), or within its limit."""
+    return value if value is None else limits.check("max_windows", value, "--max_windows")
 
 
 SYSTEM_FOLDERS = ("/dev", "/proc", "/sys")  # never written into, through a link or not

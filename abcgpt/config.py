@@ -3,6 +3,7 @@ import argparse
 import math
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 
+from . import limits
 from .backends import NAMES as BACKEND_NAMES
 from .backends import auto_rule, check_backend
 from .data import DEFAULT_SOURCES, check_source_name, split_sources
@@ -62,20 +63,15 @@ class TrainConfig(GPTConfig):
             (self.alpha_mode in ("batch", "sequence"), "alpha_mode must be 'batch' or 'sequence'"),
             (self.tokenizer in ("char", "bpe"), "tokenizer must be 'char' or 'bpe'"),
             (self.dtype in ("auto", "float32", "bfloat16", "float16"), "dtype must be auto, float32, bfloat16 or float16"),
-            (self.batch_size > 0 and self.grad_accum > 0, "batch_size and grad_accum must be positive"),
-            (self.max_iters >= 0 and self.warmup_iters >= 0, "max_iters and warmup_iters must not be negative"),
-            (self.eval_interval > 0 and self.eval_iters > 0 and self.log_interval > 0,
-             "eval_interval, eval_iters and log_interval must be positive"),
-            (0 <= self.seed < 2**63, f"seed must be in [0, 2**63 - 1], got {self.seed}"),
-            (self.lr_decay_iters >= 0, "lr_decay_iters must not be negative (0: decay over max_iters)"),
-            (self.learning_rate > 0 and self.min_lr >= 0, "learning_rate must be positive and min_lr not negative"),
             (0.0 < self.val_fraction < 1.0, f"val_fraction must be between 0 and 1, got {self.val_fraction}"),
-            (self.grad_clip >= 0 and self.weight_decay >= 0, "grad_clip and weight_decay must not be negative"),
             (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "beta1 and beta2 must be in [0, 1)"),
             (not (self.only_source and self.gated), "only_source trains a vanilla baseline: set gated=false"),
             (0.0 <= self.uniform_share < 1.0, f"uniform_share must be in [0, 1), got {self.uniform_share}"),
             (0.0 < self.dial_beta <= 100.0, f"dial_beta must be in (0, 100], got {self.dial_beta}"),
         ]
+        for name in ("batch_size", "grad_accum", "max_iters", "warmup_iters", "lr_decay_iters", "eval_interval",
+                     "eval_iters", "log_interval", "seed", "learning_rate", "min_lr", "weight_decay", "grad_clip"):
+            limits.check(name, getattr(self, name))
         for ok, message in checks:
             if not ok:
                 raise SettingsError(message)

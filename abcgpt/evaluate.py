@@ -34,8 +34,6 @@ def val_loss(model, ids, alpha, batch_size=32, max_windows=None, device="cpu"):
 def sweep(model, corpus, alphas=SWEEP, batch_size=32, max_windows=None, device="cpu", progress=False):
     """{source name: [val loss at each alpha]}; every source's own corner is included in alphas.
     progress: show a progress bar over the (source, alpha) pairs."""
-    from tqdm.auto import tqdm
-
     alphas = sorted(set(alphas) | set(source_alphas(len(corpus.names))))
     return alphas, held_out_grid(model, corpus, alphas, batch_size, max_windows, device, progress, "alpha")
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from . import backends
+from . import backends, limits
 from .attention import Cache, attend
 from .errors import SettingsError
 from .gate import GEOMETRIES, UnitGroups, gates_for, place_units
@@ -49,15 +49,12 @@ class GPTConfig:
     shared: float = 0.75  # pool geometry: the share of units on at every setting
 
     def __post_init__(self):
-        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
-            if getattr(self, name) < 1:
-                raise SettingsError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "mask_seed"):
+            limits.check(name, getattr(self, name))
         if self.n_embd % self.n_head:
             raise SettingsError(f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
-        if not self.narrowness > 0:
-            raise SettingsError(f"narrowness must be positive, got {self.narrowness}")
-        if not self.score_beta > 0:
-            raise SettingsError(f"score_beta must be positive, got {self.score_beta}")
+        limits.check("narrowness", self.narrowness)
+        limits.check("score_beta", self.score_beta)
         if not 0.0 <= self.dropout < 1.0:
             raise SettingsError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.geometry not in GEOMETRIES:

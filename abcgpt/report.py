@@ -7,6 +7,7 @@ n-gram models fitted on the train splits score samples at each alpha as
 P(source 1 | text)), samples at five alphas and, with matplotlib, two plots.
 """
 import importlib.util
+import json
 from pathlib import Path
 
 import numpy as np
@@ -68,14 +69,41 @@ def calibrated_dial(model, tokenizer, classifier, dial_map, n_samples, tokens, s
     }
 
 
+def reusable_sweep(evaluation, checkpoint_sha256, max_windows, corpus):
+    """(alphas, losses) of evaluate.py's sweep in the file evaluation, where it swept this very checkpoint file
+    (its sha256) over the report's alphas, the same windows and the same val text; None otherwise."""
+    try:
+        record = json.loads(Path(evaluation).read_text())
+        same = (record["checkpoint_sha256"] == checkpoint_sha256 and record["max_windows"] == max_windows
+                and record["sources"] == corpus.names and record["alphas"] == list(SWEEP)
+                and record["val_tokens"] == {n: len(v) for n, v in zip(corpus.names, corpus.val)})
+        losses = {name: [float(v) for v in record["losses"][name]] for name in corpus.names}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return (list(SWEEP), losses) if same and all(len(v) == len(SWEEP) for v in losses.values()) else None
+
+
+def reusable_calibration(dial_map, n_samples, sample_tokens):
+    """{alpha: [P, ...]} at the report's alphas from the scores calibrate.py kept in the map, where it sampled
+    as many samples of as many tokens at each; None otherwise. The map lives in the checkpoint it measured."""
+    scores = (dial_map or {}).get("scores") or {}
+    if (dial_map or {}).get("samples_per_alpha") != n_samples or dial_map.get("sample_tokens") != sample_tokens:
+        return None
+    kept = {a: scores.get(str(a)) or scores.get(str(float(a))) for a in SWEEP}
+    return kept if all(isinstance(s, list) and len(s) == n_samples for s in kept.values()) else None
+
+
 def build_report(model, tokenizer, run, corpus, baselines=None, n_samples=8, sample_tokens=200,
-                 max_windows=None, device="cpu", seed=1337, best=None):
+                 max_windows=None, device="cpu", seed=1337, best=None, reused_sweep=None, reused_calibration=None):
     """Everything the report shows, as plain data.
 
     baselines: {source name: {"best": (model, step), "final": (model, step)}} of single-source
-    vanilla GPTs; best: (model, step) of the gated run's best checkpoint, if there is one.
+    vanilla GPTs; best: (model, step) of the gated run's best checkpoint, if there is one. reused_sweep and
+    reused_calibration: what evaluate.py and calibrate.py measured of this checkpoint (reusable_sweep,
+    reusable_calibration), used instead of measuring it again.
     """
-    alphas, losses = sweep(model, corpus, SWEEP, max_windows=max_windows, device=device, progress=True)
+    alphas, losses = reused_sweep or sweep(model, corpus, SWEEP, max_windows=max_windows, device=device,
+                                           progress=True)
     summary = summarize(corpus.names, alphas, losses)
     report = {
         "checkpoint_step": run.step, "sources": corpus.names, "tokens_seen": run.tokens_seen or None,
@@ -98,9 +126,12 @@ def build_report(model, tokenizer, run, corpus, baselines=None, n_samples=8, sam
 
     if len(corpus.names) == 2:
         classifier = classifier_for(corpus)
-        scores = measure(model, tokenizer, classifier, SWEEP, n_samples, sample_tokens, seed, device)
+        scores = reused_calibration or measure(model, tokenizer, classifier, SWEEP, n_samples, sample_tokens, seed,
+                                               device)
         report["calibration"] = {**calibration_summary(SWEEP, scores), "samples_per_alpha": n_samples,
-                                 "sample_tokens": sample_tokens, "scores": {str(a): s for a, s in scores.items()}}
+                                 "sample_tokens": sample_tokens, "scores": {str(a): s for a, s in scores.items()},
+                                 "seed": run.dial_map["seed"] if reused_calibration else seed,
+                                 "from": "calibrate.py" if reused_calibration else "report.py"}
         if run.dial_map:  # fresh seeds: not the samples the map was fitted on
             report["calibrated_dial"] = calibrated_dial(model, tokenizer, classifier, run.dial_map, n_samples,
                                                         sample_tokens, seed + 10_000, device)
@@ -180,7 +211,9 @@ def render_markdown(report, title, plots, plots_skipped=None):
         cal = report["calibration"]
         lines += ["## Calibration of generated text", "",
                   f"{cal['samples_per_alpha']} samples of {cal['sample_tokens']} tokens at each alpha (temperature 1), "
-                  f"scored by character 4-gram models fitted on the train splits as P({names[1]} | text).", "",
+                  f"scored by character 4-gram models fitted on the train splits as P({names[1]} | text)"
+                  + (" (calibrate.py's samples, kept in the checkpoint's map)." if cal.get("from") == "calibrate.py"
+                     else "."), "",
                   "| alpha | " + " | ".join(f"{a:g}" for a in cal["alphas"]) + " |",
                   "| --- |" + " ---: |" * len(cal["alphas"]),
                   "| mean P | " + " | ".join(f"{p:.3f}" for p in cal["mean_p_source_1"]) + " |", "",

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Optional
 
+import torch
+
 from .atomic import write_json
 from .checkpoint import CheckpointError, copy_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
@@ -63,11 +65,26 @@ class Run:
             values["model_config"] = _config(GPTConfig, state["model_config"], "model_config", LEGACY_MODEL_FIELDS)
             if state.get("train_config") is not None:
                 values["train_config"] = _config(TrainConfig, state["train_config"], "train_config", set())
-            return cls(**values, format=state["format"])
+            run = cls(**values, format=state["format"])
         except KeyError as e:
             raise CheckpointError(f"{path} lacks {e.args[0]!r}: it is not a whole run ({written_by})") from None
         except (SettingsError, _UnknownSetting) as e:
             raise CheckpointError(f"{path}: {e} ({written_by}; this is abcgpt {VERSION})") from None
+        bad = run.non_finite_tensor()
+        if bad is not None:
+            raise CheckpointError(f"{path} holds a non-finite value (NaN or inf) in {bad}: it is not a usable run; "
+                                  "use an earlier checkpoint or train again")
+        return run
+
+    def non_finite_tensor(self):
+        """The name of the first weight or optimizer moment holding a NaN or an infinity, None if all are finite:
+        one reduction per tensor."""
+        moments = {f"optimizer moment {k}/{name}": v for k, state in (self.optimizer or {}).get("state", {}).items()
+                   for name, v in state.items()}
+        for name, value in {**{f"weight {k}": v for k, v in self.model.items()}, **moments}.items():
+            if isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all():
+                return name
+        return None
 
     def save(self, path) -> None:
         save_checkpoint(self.to_state(), path)
@@ -137,6 +154,10 @@ class RunFolder:
     def run_files(self) -> list:
         """The names of the run files that exist here."""
         return [name for name in self.FILES if (self.path / name).exists()]
+
+    @property
+    def evaluation(self) -> Path:
+        return self.path / "eval.json"  # evaluate.py's sweep of the latest checkpoint, which report.py reuses
 
     @property
     def manifest(self) -> Path:

@@ -7,14 +7,13 @@ Words: "alpha" is the raw dial; a "mix" is the share of source 1's voice a user 
 keeps its meaning only at those: a mix without a temperature of its own samples at the map's, and a
 different one is refused unless forced.
 """
-import math
 from dataclasses import asdict, dataclass
 from typing import Optional
 
+from . import limits
 from .dial import CALIBRATION, mix_to_alpha
 from .errors import SettingsError
 
-SEED_LIMIT = 2**63
 MAX_NEW_TOKENS = 100_000  # the most one sample.py generation may ask for; the server sets its own, lower
 
 
@@ -42,27 +41,20 @@ def check_unit(value: float, name: str) -> float:
 
 
 def check_temperature(value: float, name: str = "temperature") -> float:
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-        raise SettingsError(f"{name} must be a positive number, got {value}")
-    return float(value)
+    return float(limits.check("temperature", value, name))
 
 
 def check_top_k(value: Optional[int], name: str = "top_k") -> Optional[int]:
-    if value is not None and value < 1:
-        raise SettingsError(f"{name} must be at least 1, got {value}")
-    return value
+    return value if value is None else limits.check("top_k", value, name)
 
 
 def check_seed(value: int, name: str = "seed") -> int:
-    if not 0 <= value < SEED_LIMIT:
-        raise SettingsError(f"{name} must be in [0, 2**63 - 1], got {value}")
-    return value
+    return limits.check("seed", value, name)
 
 
 def check_new_tokens(value: int, name: str = "max_new_tokens", least: int = 0, most: int = MAX_NEW_TOKENS) -> int:
-    if not least <= value <= most:
-        raise SettingsError(f"{name} must be between {least} and {most}, got {value}")
-    return value
+    """A number of tokens to generate: from least to most (the server sets its own most, lower)."""
+    return limits.check("max_new_tokens", value, name, limits.whole(least, most))
 
 
 def or_defaults(temperature: Optional[float], top_k: Optional[int]) -> tuple:

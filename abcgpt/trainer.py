@@ -77,7 +77,7 @@ class Trainer:
         self.process = Process.start(config.device, config.grad_accum)
         self.device, self.is_master = self.process.device, self.process.is_master
         self.folder = RunFolder(config.out_dir)
-        self.log = RunLog(self.folder.log, log, active=self.is_master)
+        self.log = RunLog(self.folder.log, log, active=self.is_master, on_closed=self._console_closed)
         # an old run's files go only once this one is set up and starts, so a setup error loses nothing
         self.replaced = check_run_folder(self.folder, resume, overwrite) if self.is_master else []
         from_nothing = resume and self.folder.run_files() == ["log.jsonl"]  # a run that saved no checkpoint
@@ -347,6 +347,10 @@ class Trainer:
         finally:
             for s in stops:
                 signal.signal(s, previous[s])
+
+    def _console_closed(self):
+        """The reader of the run's output went away (| head): save and stop, as a signal would."""
+        self.stop_requested = signal.SIGPIPE
 
     def close(self):
         self.process.close()

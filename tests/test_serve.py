@@ -107,16 +107,18 @@ def test_the_stream_sends_the_same_text_token_by_token(client):
     ({"prompt": "one day " * 10}, "the prompt is 80 tokens long; the context holds 16"),
     ({"prompt": ""}, "prompt must be a non-empty string"),
     ({"prompt": 7}, "prompt must be a non-empty string"),
-    ({"max_new_tokens": 61}, "max_new_tokens must be between 1 and 60, got 61"),
-    ({"max_new_tokens": 0}, "max_new_tokens must be between 1 and 60, got 0"),
+    ({"max_new_tokens": 61}, "max_new_tokens must be an integer from 1 to 60, got 61"),
+    ({"max_new_tokens": 0}, "max_new_tokens must be an integer from 1 to 60, got 0"),
     ({"max_new_tokens": 2.5}, "max_new_tokens must be an integer, got 2.5"),
-    ({"temperature": 0}, "temperature must be a positive number, got 0.0"),
-    ({"top_k": 0}, "top_k must be at least 1, got 0"),
-    ({"seed": -1}, "seed must be in [0, 2**63 - 1], got -1"),
+    ({"temperature": 0}, "temperature must be a number above 0 and at most 100, got 0.0"),
+    ({"temperature": 1e300}, "temperature must be a number above 0 and at most 100, got 1e+300"),  # as sample.py
+    ({"top_k": 0}, "top_k must be an integer from 1 to 1,048,576, got 0"),
+    ({"top_k": 10**18}, "top_k must be an integer from 1 to 1,048,576, got 1000000000000000000"),
+    ({"seed": -1}, "seed must be an integer from 0 to 2**63 - 1, got -1"),
     ({"alpha": 0.5, "color": "red"}, "unknown field(s): color"),
     ({"top_k": 1.0}, "top_k must be an integer, got 1.0"),
     ({"seed": 2**63}, "seed must be an integer that fits in 64 bits, got 9223372036854775808"),
-    ({"temperature": 1e-400}, "temperature must be a positive number, got 0.0"),  # JSON 1e-400 is 0.0
+    ({"temperature": 1e-400}, "temperature must be a number above 0 and at most 100, got 0.0"),  # JSON 1e-400 is 0.0
 ])
 def test_bad_requests_get_a_4xx_json_error_and_the_server_goes_on(client, body, message):
     response = client.post("/api/generate", json={"prompt": "one day", **body})
