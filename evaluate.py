@@ -8,13 +8,12 @@ Prints the loss table with corner losses, contrast, middle and best alpha per
 source, and writes them as JSON (default: eval.json beside the checkpoint).
 """
 import sys
-from pathlib import Path
 
 from abcgpt.atomic import write_json
 from abcgpt import limits
 from abcgpt.cli import (
     HelpFormatter, Parser, add_runtime_flags, add_source_flags, apply_runtime_flags, check_max_windows, check_out_file,
-    is_json_object, run_tool,
+    is_json_object, resolved, run_tool,
 )
 from abcgpt.errors import SettingsError, UserError
 from abcgpt.evaluate import (
@@ -39,7 +38,7 @@ def main(argv=None):
         check_max_windows(args.max_windows)
         out = check_out_file(args.out or RunFolder.of(args.ckpt).evaluation, "--out", "an evaluation",
                              lambda path: is_json_object(path, "checkpoint", "losses", "sources"))
-        if out.resolve() == Path(args.ckpt).resolve():
+        if resolved(out, "--out") == resolved(args.ckpt, "--ckpt"):
             raise SettingsError(f"--out: {out} is the checkpoint itself; refusing to write over it")
         checkpoint_sha256 = identity(args.ckpt)  # report.py reuses the sweep only for this very file
         model, tokenizer, run, corpus = load_gated_run(args.ckpt, args.device, args.sources, args.cache_dir)

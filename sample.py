@@ -7,6 +7,8 @@
     python sample.py --voice bible --voice bible=1,poems=2 --voice all   # many sources: by name, a mixture,
                                                                          # uniform mode (every gate open)
 """
+import os
+import stat
 import sys
 
 import torch
@@ -20,7 +22,7 @@ from abcgpt.data import source_alphas
 from abcgpt.errors import SettingsError, UserError
 from abcgpt.run import load_model
 from abcgpt.sampling import generate
-from abcgpt.tokenizer import UnknownCharactersError
+from abcgpt.tokenizer import TextStream, UnknownCharactersError
 from abcgpt.voice import parse_voice
 
 
@@ -76,9 +78,16 @@ def read_prompt(start):
     if not start.startswith("FILE:"):
         return start
     path = start[len("FILE:"):]
-    try:
-        with open(path, encoding="utf-8") as f:
-            return f.read()
+    try:  # opened without waiting (a pipe would block here), then read only if it is a file of bounded size
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        with os.fdopen(fd, "rb") as f:
+            info = os.fstat(f.fileno())
+            if not stat.S_ISREG(info.st_mode):
+                raise InputError(f"--start: prompt file {path} is not a regular file (a folder, a pipe or a device)")
+            if info.st_size > settings.PROMPT_BYTES:
+                raise InputError(f"--start: prompt file {path} has {info.st_size:,} bytes; a prompt may have at most "
+                                 f"{settings.PROMPT_BYTES:,} (the model reads only its last block_size tokens)")
+            return f.read(settings.PROMPT_BYTES + 1).decode("utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise InputError(f"--start: cannot read prompt file {path}: {getattr(e, 'strerror', None) or e}") from None
 
@@ -147,9 +156,18 @@ def main(argv=None):
     for alpha, label, temperature, top_k in resolved if gated else [vanilla]:
         generator = torch.Generator(device=args.device).manual_seed(args.seed)
         idx = torch.tensor([start_ids] * args.samples, dtype=torch.long, device=args.device)
+        heading = f"--- {label}" if gated else "---"
+        if args.samples == 1:  # one sample streams as it is generated; several come out whole, one after another
+            print(heading)
+            print(prompt, end="", flush=True)
+            stream = TextStream(tokenizer)
+            generate(model, idx, args.max_new_tokens, alpha, temperature, top_k, generator,
+                     on_token=lambda ids: print(stream.feed(ids[0].tolist()), end="", flush=True))
+            print(stream.flush())
+            continue
         out = generate(model, idx, args.max_new_tokens, alpha, temperature, top_k, generator)
         for row in out.tolist():
-            print(f"--- {label}" if gated else "---")
+            print(heading)
             print(tokenizer.decode(row))
 
 

@@ -50,6 +50,9 @@ def resumed_base(overrides):
     folder = RunFolder(overrides.get("out_dir", "out"))
     if folder.run_files() == ["log.jsonl"]:
         return None
+    if not folder.checkpoint.exists():
+        raise SettingsError(f"--resume: {folder} holds no run to continue (no {folder.checkpoint.name}): start one "
+                            "without --resume")
     saved = Run.load(folder.checkpoint).train_config
     extends = overrides.get("max_iters", saved.max_iters) != saved.max_iters
     if extends and "lr_decay_iters" not in overrides and not saved.lr_decay_iters:

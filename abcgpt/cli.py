@@ -108,13 +108,21 @@ def check_max_windows(value):
 SYSTEM_FOLDERS = ("/dev", "/proc", "/sys")  # never written into, through a link or not
 
 
-def _system_path(path):
-    resolved = str(Path(path).resolve())
-    return any(resolved == top or resolved.startswith(top + "/") for top in SYSTEM_FOLDERS)
+def resolved(path, flag) -> Path:
+    """path with every link followed; a loop of links (or one too deep) is refused in one line."""
+    try:
+        return Path(path).resolve()
+    except (RuntimeError, OSError):  # Python 3.11 raises RuntimeError for a loop, later versions OSError
+        raise SettingsError(f"{flag}: {path} is a loop of symbolic links") from None
+
+
+def _system_path(path, flag):
+    where = str(resolved(path, flag))
+    return any(where == top or where.startswith(top + "/") for top in SYSTEM_FOLDERS)
 
 
 def _writable_folder(folder, flag):
-    if _system_path(folder):
+    if _system_path(folder, flag):
         raise SettingsError(f"{flag}: {folder} is a system folder; refusing to write there")
     if folder.exists() and not folder.is_dir():
         raise SettingsError(f"{flag}: {folder} is a file, not a folder")
@@ -139,7 +147,7 @@ def check_output(path, flag, kind, is_kind):
     output (is_kind(path) says; kind names it): never a device, FIFO or other special file, never into
     /dev, /proc or /sys, never a folder, and never over a file that is not that kind of output."""
     path = Path(path)
-    if _system_path(path):
+    if _system_path(path, flag):
         raise SettingsError(f"{flag}: {path} is in a system folder; refusing to write there")
     if not path.parent.is_dir():
         raise SettingsError(f"{flag}: the folder {path.parent} does not exist")

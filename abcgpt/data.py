@@ -6,11 +6,13 @@ val before any batch is drawn; batches come from the train split only.
 """
 import hashlib
 import json
+import lzma
 import os
 import re
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 import torch
@@ -172,6 +174,28 @@ def download(url, dest, max_bytes=None, sha256=None, desc=None):
     return record
 
 
+def embedded_text(name):
+    """The bytes of a built-in source's default download from the copy this package ships (xz-compressed, see
+    corpora/NOTICE.md), where there is one and it is that download (its recorded sha256); else None."""
+    copy = resources.files("abcgpt") / "corpora" / f"{name}.txt.xz"
+    if not copy.is_file():
+        return None
+    raw = lzma.decompress(copy.read_bytes())
+    return raw if hashlib.sha256(raw).hexdigest() == BUILTIN_SOURCES[name].sha256 else None
+
+
+def writable_cache(folder):
+    """Refuse, as what it is, a cache folder that cannot be made or written: not a network failure."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"cannot make the cache folder {folder} ({e.strerror}): give --cache_dir a folder you can "
+                        "write, or set ABCGPT_CACHE_DIR") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise DataError(f"cannot write into the cache folder {folder} (no write permission): give --cache_dir a "
+                        "folder you can write, or set ABCGPT_CACHE_DIR")
+
+
 def fetch_builtin(name, cache_dir=None):
     """Path to the cached copy of a built-in source, downloaded on first use."""
     source = BUILTIN_SOURCES[name]
@@ -185,6 +209,7 @@ def fetch_builtin(name, cache_dir=None):
         if record.get("sha256") == _sha256(path):
             return path
         print(f"cached {path} does not match its record; downloading it again")
+    writable_cache(path.parent)
     try:
         download(source.url, path, source.max_bytes, source.sha256, desc=name)
     except (urllib.error.URLError, OSError) as e:  # HTTPError and timeouts are URLError/OSError
@@ -210,16 +235,16 @@ def read_texts(sources, cache_dir=None):
 
 
 def read_text(spec, cache_dir=None):
-    """The raw text of one source, as is (no lowercasing, no cleaning)."""
-    path = Path(spec.path) if spec.path else fetch_builtin(spec.name, cache_dir)
-    if path.exists() and not path.is_file():  # a pipe would hang the read, a device never end it
-        raise DataError(f"source {spec.name!r}: {path} is not a regular file (a folder, a pipe or a device)")
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise DataError(f"source {spec.name!r}: file not found: {path}") from None
-    except OSError as e:
-        raise DataError(f"source {spec.name!r}: cannot read {path}: {e.strerror}") from None
+    """The raw text of one source, as is (no lowercasing, no cleaning). A built-in source is read from the
+    package's own copy, without a network; from the cache or a download where the package has none."""
+    if spec.path is not None:
+        path = Path(spec.path)
+        raw = read_file(spec.name, path)
+    else:
+        path, raw = "the package's copy", embedded_text(spec.name)
+        if raw is None:
+            path = fetch_builtin(spec.name, cache_dir)
+            raw = read_file(spec.name, path)
     if spec.path is None and BUILTIN_SOURCES[spec.name].max_bytes is not None:
         raw = _drop_cut_character(raw)  # a byte slice may end inside a multi-byte character
     try:
@@ -229,6 +254,18 @@ def read_text(spec, cache_dir=None):
     if not text:
         raise DataError(f"source {spec.name!r}: {path} is empty")
     return text
+
+
+def read_file(name, path):
+    """The bytes of source name's local file."""
+    if path.exists() and not path.is_file():  # a pipe would hang the read, a device never end it
+        raise DataError(f"source {name!r}: {path} is not a regular file (a folder, a pipe or a device)")
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"source {name!r}: file not found: {path}") from None
+    except OSError as e:
+        raise DataError(f"source {name!r}: cannot read {path}: {e.strerror}") from None
 
 
 def _drop_cut_character(raw):

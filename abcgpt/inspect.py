@@ -2,6 +2,7 @@
 
     python -m abcgpt.inspect out/ckpt.pt
 """
+import math
 import sys
 from pathlib import Path
 
@@ -10,7 +11,9 @@ import torch
 from .cli import HelpFormatter, Parser, run_tool
 from .data import source_alphas
 from .errors import UserError
+from .dial import mix_to_alpha
 from .run import Run
+from .settings import calibrated_at
 
 
 def units_nearest(state, n_sources):
@@ -53,9 +56,23 @@ def describe(path, run):
     if run.val_losses:
         lines.append("held-out losses at this step: " + ", ".join(f"{k.removeprefix('val/')} {v:.4f}"
                                                                  for k, v in run.val_losses.items()))
-    if run.best_val_loss is not None:
+    if run.best_val_loss is not None and math.isfinite(run.best_val_loss):
         lines.append(f"best held-out score of the run so far: {run.best_val_loss:.4f}")
+    lines.append(calibration_line(run))
+    if run.run_id:
+        lines.append(f"run id: {run.run_id}")
     return lines
+
+
+def calibration_line(run):
+    """Whether sample.py --mix can be used, and if so the map calibrate.py stored: alpha for each mix."""
+    if not run.dial_map:
+        return "calibrated dial: none (python calibrate.py makes one; then sample.py --mix)"
+    dial_map, at = run.dial_map, calibrated_at(run.dial_map)
+    mixes = ", ".join(f"{m:g} -> {mix_to_alpha(dial_map, m):.3f}" for m in (0.0, 0.25, 0.5, 0.75, 1.0))
+    measured = (f", {dial_map['samples_per_alpha']} samples per alpha" if "samples_per_alpha" in dial_map else "")
+    return (f"calibrated dial: mix -> alpha {mixes} (measured at temperature {at['temperature']}, top-k "
+            f"{at['top_k']}, {len(dial_map['alpha'])} alphas{measured})")
 
 
 def main(argv=None):

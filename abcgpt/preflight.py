@@ -1,6 +1,8 @@
 """Checks made before long work: memory for what is about to be allocated, disk for what is about to be
 saved. The estimates are rough (float32, the largest terms only); they refuse what cannot fit, with the
 sizes in the message, rather than let an allocator fail minutes in with a traceback."""
+import os
+import resource
 import shutil
 from pathlib import Path
 
@@ -11,8 +13,12 @@ from .errors import SettingsError
 FLOAT = 4  # bytes: the estimates count float32 throughout
 
 
-def gib(n: float) -> str:
-    return f"{n / 2**30:.1f} GiB"
+def size(n: float) -> str:
+    """n bytes for a person: GiB, MiB or KiB, never "0.0 GiB"."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{max(n, 0) / 2**10:.1f} KiB"
 
 
 def parameters(config) -> int:
@@ -48,10 +54,18 @@ def checkpoint_bytes(config) -> int:
 
 
 def available_memory(device) -> int:
-    """Free memory on device, in bytes; None where it cannot be read."""
+    """Memory this process may still allocate on device, in bytes; None where it cannot be read. On the CPU
+    the least of what the machine has free, what the address-space limit (ulimit -v) leaves and what the
+    cgroup's limit (a container's) leaves."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
+    limits = [_meminfo_available(), _address_space_left(), _cgroup_left()]
+    limits = [n for n in limits if n is not None]
+    return min(limits) if limits else None
+
+
+def _meminfo_available():
     try:
         with open("/proc/meminfo") as f:
             fields = dict(line.split(":", 1) for line in f)
@@ -60,18 +74,55 @@ def available_memory(device) -> int:
         return None
 
 
+def _address_space_left():
+    """RLIMIT_AS less what this process already maps, None where there is no limit."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft == resource.RLIM_INFINITY:
+        return None
+    try:
+        with open("/proc/self/status") as f:
+            mapped = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+    except (OSError, StopIteration, ValueError):
+        mapped = 0
+    return max(0, soft - mapped)
+
+
+def _cgroup_left():
+    """The cgroup's memory limit less its use (cgroup v2, else v1), None where there is no limit."""
+    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        try:
+            limit = Path(limit_file).read_text().strip()
+            usage = int(Path(usage_file).read_text().strip())
+        except (OSError, ValueError):
+            continue
+        if limit.isdigit() and int(limit) < 2**60:  # v1 writes "no limit" as a huge number
+            return max(0, int(limit) - usage)
+    return None
+
+
 def check_memory(needed: int, device, what: str) -> None:
     have = available_memory(device)
     if have is not None and needed > have:
-        raise SettingsError(f"{what} needs about {gib(needed)} of memory and {device} has {gib(have)} free: "
-                            "make it smaller")
+        raise SettingsError(f"{what} needs about {size(needed)} of memory and {device} has {size(have)} free "
+                            "(counting ulimit -v and container limits): make it smaller")
 
 
 def check_disk(folder, needed: int, what: str) -> None:
-    """Enough free space where folder is (or will be) for needed bytes."""
-    probe = Path(folder).resolve()
+    """Enough free space where folder is (or will be) for needed new bytes."""
+    probe = Path(os.path.abspath(folder))
     while not probe.exists():
         probe = probe.parent
     free = shutil.disk_usage(probe).free
     if needed > free:
-        raise SettingsError(f"{what} needs about {gib(needed)} of disk in {folder} and {gib(free)} is free")
+        raise SettingsError(f"{what} needs about {size(needed)} more of disk in {folder} and {size(free)} is free")
+
+
+def checkpoint_writes(folder, estimate: int) -> int:
+    """The new bytes a run's checkpoints need on disk at their peak: each is written beside the file it
+    replaces, then renamed over it, so a run whose ckpt.pt and best.pt exist needs room for one more copy;
+    one whose files are missing, a copy for each. The size is the last checkpoint's, where there is one."""
+    files = [folder.checkpoint, folder.best]
+    each = folder.checkpoint.stat().st_size if folder.checkpoint.is_file() else estimate
+    return each * max(1, sum(not f.exists() for f in files))

@@ -7,7 +7,7 @@ from .attention import KVCache, StaticKVCache
 
 @torch.no_grad()
 def generate(model, idx, max_new_tokens, alpha=None, temperature=1.0, top_k=None, generator=None, use_cache=True,
-             decoder=None):
+             decoder=None, on_token=None):
     """Extend idx (B, T) by max_new_tokens tokens sampled at alpha (None for a vanilla model).
 
     temperature > 0 scales the logits; top_k keeps only the k likeliest tokens. With
@@ -15,6 +15,7 @@ def generate(model, idx, max_new_tokens, alpha=None, temperature=1.0, top_k=None
     once the sequence outgrows block_size the context is cropped and recomputed every
     step, as without the cache (positions shift, so cached keys no longer apply).
     decoder: a CompiledDecoder to run the one-token steps with (alpha is then its own).
+    on_token: called with each step's new tokens (B, 1) as they come, for a caller that streams them.
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
@@ -31,6 +32,8 @@ def generate(model, idx, max_new_tokens, alpha=None, temperature=1.0, top_k=None
             logits, _ = decode(idx[:, -block_size:])
         next_id = sample_next(logits[:, -1, :], temperature, top_k, generator)
         idx = torch.cat((idx, next_id), dim=1)
+        if on_token is not None:
+            on_token(next_id)
     return idx
 
 

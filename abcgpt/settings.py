@@ -14,6 +14,7 @@ from . import limits
 from .dial import CALIBRATION, mix_to_alpha
 from .errors import SettingsError
 
+PROMPT_BYTES = 2**20  # the largest prompt file sample.py reads: far more than any block_size of tokens
 MAX_NEW_TOKENS = 100_000  # the most one sample.py generation may ask for; the server sets its own, lower
 
 

@@ -82,6 +82,28 @@ class BPETokenizer:
         return {"kind": self.kind, "name": self.name}
 
 
+class TextStream:
+    """Text of tokens that arrive one at a time, given out in whole characters: a byte-pair token can end
+    inside a character (an emoji, a curly quote), and its bytes wait for the tokens that complete it."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.pending = tokenizer, []
+
+    def feed(self, ids) -> str:
+        """The text that the tokens so far complete, not given out before."""
+        self.pending += list(ids)
+        text = self.tokenizer.decode(self.pending)
+        if text.endswith("\ufffd") and len(self.pending) < 4:  # a character is at most 4 bytes: wait for the rest
+            return ""
+        self.pending = []
+        return text
+
+    def flush(self) -> str:
+        """Whatever is left, as it decodes."""
+        text, self.pending = self.tokenizer.decode(self.pending) if self.pending else "", []
+        return text
+
+
 def tokenizer_from_dict(d):
     if d.get("kind") == "char":
         return CharTokenizer(d["chars"])

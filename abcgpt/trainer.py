@@ -100,8 +100,9 @@ class Trainer:
         self.model_config = config.model_config(self.corpus.tokenizer.vocab_size)
         preflight.check_memory(preflight.training_bytes(self.model_config, config.batch_size), self.device,
                                f"training at batch_size {config.batch_size}")
-        if self.is_master:  # the checkpoint, its temporary copy while written, and best.pt
-            preflight.check_disk(self.folder.path, 3 * preflight.checkpoint_bytes(self.model_config),
+        if self.is_master:  # room for the checkpoints' new bytes at their peak
+            preflight.check_disk(self.folder.path, preflight.checkpoint_writes(
+                                 self.folder, preflight.checkpoint_bytes(self.model_config)),
                                  "the run's checkpoints")
         torch.manual_seed(config.seed)  # weight init
         self.model = GPT(self.model_config, config.gate_backend).to(self.device)

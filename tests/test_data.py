@@ -1,6 +1,7 @@
 import hashlib
 import json
 import urllib.error
+from pathlib import Path
 
 import pytest
 import torch
@@ -127,6 +128,7 @@ def test_failed_download_names_the_offline_way_and_leaves_nothing(tmp_path, monk
         raise urllib.error.URLError("Temporary failure in name resolution")
 
     monkeypatch.setattr(data.urllib.request, "urlopen", refuse)
+    monkeypatch.setattr(data, "embedded_text", lambda name: None)  # a package without its own copies
     with pytest.raises(DataError, match=r"could not download source 'tinyshakespeare'"):
         fetch_builtin("tinyshakespeare", tmp_path)
     assert list(tmp_path.iterdir()) == []
@@ -157,3 +159,20 @@ def test_unreadable_source_is_a_clear_error(tmp_path):
     folder.mkdir()  # exists but cannot be read as a file (root ignores file permissions)
     with pytest.raises(DataError, match=r"source 'b': .*folder.txt is not a regular file"):
         Corpus.from_sources([f"a={good}", f"b={folder}"])
+
+
+def test_the_default_sources_come_with_the_package_and_need_no_network(tmp_path, monkeypatch):
+    """python train.py runs offline: the package's copies are the default downloads, byte for byte (their
+    recorded sha256), and reading them opens no connection and writes no cache."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("a built-in source went to the network")
+
+    monkeypatch.setattr(data.urllib.request, "urlopen", refuse)
+    cache = tmp_path / "cache"
+    texts = data.read_texts(data.parse_sources(list(data.DEFAULT_SOURCES)), cache)
+    assert not cache.exists()
+    for name, text in zip(data.DEFAULT_SOURCES, texts):
+        assert hashlib.sha256(data.embedded_text(name)).hexdigest() == data.BUILTIN_SOURCES[name].sha256
+        assert data.embedded_text(name).startswith(text.encode()) and len(text) > 1_000_000
+    notice = (Path(data.__file__).parent / "corpora" / "NOTICE.md").read_text()
+    assert "CDLA-Sharing-1.0" in notice and all(name in notice for name in data.DEFAULT_SOURCES)
