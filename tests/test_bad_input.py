@@ -263,7 +263,7 @@ CASES = [
          "out_dir {ws}/run already holds a run (ckpt.pt, best.pt, log.jsonl): continue it with --resume, "
          "or replace it with --overwrite"),
     Case("--resume where there is no run", "train", "--resume --out_dir {ws}/folder",
-         "checkpoint not found: {ws}/folder/ckpt.pt"),
+         "--resume: {ws}/folder holds no run to continue (no ckpt.pt): start one without --resume"),
     Case("--resume with another architecture", "train", "--resume --out_dir {ws}/run --n_embd 64",
          "cannot resume with a different n_embd than the checkpoint's (n_embd=32)"),
     Case("--resume with other sources", "train",
@@ -345,6 +345,67 @@ CASES = [
          "--batch_size must be an integer from 1 to 1,048,576, got 1000000000"),
     Case("a billion requests per serving batch", "serve", CKPT + "--max_batch 1000000000",
          "--max_batch must be an integer from 1 to 65,536, got 1000000000"),
+    # issue 28: the same kinds of defect, closed as classes
+    Case("a weight that is NaN, to sample", "sample", "--ckpt {ws}/nan/ckpt.pt",
+         "{ws}/nan/ckpt.pt holds a non-finite value (NaN or inf) in weight transformer.h.0.attn.c_attn.weight"),
+    Case("a weight that is NaN, to evaluate", "evaluate", "--ckpt {ws}/nan/ckpt.pt",
+         "{ws}/nan/ckpt.pt holds a non-finite value (NaN or inf) in weight"),
+    Case("a weight that is NaN, to calibrate", "calibrate", "--ckpt {ws}/nan/ckpt.pt",
+         "{ws}/nan/ckpt.pt holds a non-finite value (NaN or inf) in weight"),
+    Case("a weight that is NaN, to report on", "report", "--ckpt {ws}/nan/ckpt.pt --out_dir {ws}/rep",
+         "{ws}/nan/ckpt.pt holds a non-finite value (NaN or inf) in weight"),
+    Case("a weight that is NaN, to serve", "serve", "--ckpt {ws}/nan/ckpt.pt",
+         "{ws}/nan/ckpt.pt holds a non-finite value (NaN or inf) in weight"),
+    Case("a weight that is NaN, to resume", "train", "--resume --out_dir {ws}/nan",
+         "{ws}/nan/ckpt.pt holds a non-finite value (NaN or inf) in weight"),
+    Case("a weight that is NaN, to permute", "permute", "{ws}/nan/ckpt.pt {ws}/sorted.pt",
+         "{ws}/nan/ckpt.pt holds a non-finite value (NaN or inf) in weight"),
+    Case("a source named like a path", "train", TINY + "--sources ../../../victim={ws}/stories.txt,plays={ws}/plays.txt "
+         "--baselines --overwrite", "source name '../../../victim' is not allowed: use letters, digits"),
+    Case("a source named '..'", "train", TINY + "--sources ..={ws}/stories.txt,plays={ws}/plays.txt",
+         "source name '..' is not allowed"),
+    Case("a baseline named like a path", "train", TINY + "--gated false --only_source ../run",
+         "source name '../run' is not allowed"),
+    Case("a lock that is a link to another file", "calibrate", "--ckpt {ws}/lock-link/ckpt.pt",
+         "{ws}/lock-link/.lock is not a lock file (a link): remove it if no abcgpt tool is using this folder"),
+    Case("a lock that is a folder", "calibrate", "--ckpt {ws}/lock-folder/ckpt.pt",
+         "{ws}/lock-folder/.lock is not a lock file (a folder)"),
+    Case("a lock that is a pipe", "permute", "{ws}/lock-pipe/ckpt.pt --in_place",
+         "{ws}/lock-pipe/.lock is not a lock file (a pipe or a device)"),
+    Case("a temperature of 1e300", "sample", CKPT + "--temperature 1e300",
+         "--temperature must be a number above 0 and at most 100, got 1e+300"),
+    Case("a top-k of 10**30", "sample", CKPT + "--top_k " + str(10**30),
+         "--top_k must be an integer from 1 to 1,048,576, got " + str(10**30)),
+    Case("10**20 threads", "sample", CKPT + "--threads " + str(10**20),
+         "--threads must be an integer from 1 to 4,096, got " + str(10**20)),
+    Case("a mask_seed of 2**64", "train", TINY + "--mask_seed " + str(2**64),
+         "mask_seed must be an integer from 0 to 2**63 - 1, got " + str(2**64)),
+    Case("an infinite learning rate", "train", TINY + "--learning_rate inf",
+         "learning_rate must be a number above 0 and at most 10, got inf"),
+    Case("a prompt file that is a pipe", "sample", CKPT + "--start FILE:{ws}/fifo",
+         "--start: prompt file {ws}/fifo is not a regular file (a folder, a pipe or a device)"),
+    Case("a prompt file that is /dev/zero", "sample", CKPT + "--start FILE:/dev/zero",
+         "--start: prompt file /dev/zero is not a regular file"),
+    Case("a prompt file of 2 MiB", "sample", CKPT + "--start FILE:{ws}/big-prompt.txt",
+         "--start: prompt file {ws}/big-prompt.txt has 2,097,152 bytes; a prompt may have at most 1,048,576"),
+    Case("an out_dir that is a loop of links", "train", TINY + "--out_dir {ws}/loop-a",
+         "out_dir: {ws}/loop-a is a loop of symbolic links"),
+    Case("an evaluation output that is a loop of links", "evaluate", CKPT + "--out {ws}/loop-a",
+         "--out: {ws}/loop-a is a loop of symbolic links"),
+    Case("a report folder that is a loop of links", "report", CKPT + "--out_dir {ws}/loop-a",
+         "--out_dir: {ws}/loop-a is a loop of symbolic links"),
+    Case("a permuted checkpoint into a loop of links", "permute", "{ws}/run/ckpt.pt {ws}/loop-a",
+         "dest: {ws}/loop-a is a loop of symbolic links"),
+    Case("a checkpoint that is a loop of links", "evaluate", "--ckpt {ws}/loop-a",
+         "--ckpt: {ws}/loop-a is a loop of symbolic links"),
+    Case("a folder holding only a log, for a fresh run", "train", TINY + "--out_dir {ws}/logonly",
+         "out_dir {ws}/logonly holds only the log of a run that saved no checkpoint: start that run from nothing "
+         "with --resume (its log is kept), or clear it with --overwrite"),
+    Case("another run's best.pt beside the checkpoint", "report", "--ckpt {ws}/mixed/ckpt.pt --out_dir {ws}/rep",
+         "{ws}/mixed/best.pt is not {ws}/mixed/ckpt.pt's best checkpoint: it is of another run"),
+    Case("a baseline cut short", "report", "--ckpt {ws}/shortbase/ckpt.pt --out_dir {ws}/rep",
+         "{ws}/shortbase/baseline-stories/ckpt.pt stopped at step 2 of 5: finish it with python train.py --resume "
+         "--baselines --out_dir {ws}/shortbase"),
     # a checkpoint from another version
     Case("a checkpoint with a field this version does not know", "inspect", "{ws}/future.pt",
          "{ws}/future.pt has field 'experts', which abcgpt 0.1.0 does not know: it was written by abcgpt 9.9.0"),
@@ -435,6 +496,7 @@ def template(trained_checkpoint, corpus_files, tmp_path_factory):
                                 sources=[f"stories={ws / 'stories-edited.txt'}", f"plays={plays}"]), log=lambda line: None)
     other.train()
     shutil.copy(ckpt, ws / "otherbase" / "ckpt.pt")
+    make_issue_28_files(ws, ckpt, corpus_files)
     for name, where, field in (("future.pt", None, "experts"), ("futurerun/ckpt.pt", "model_config", "n_experts")):
         future = {k: v for k, v in state.items() if k not in ("format", "checksums")} | {"version": "9.9.0"}
         if where is None:
@@ -443,6 +505,45 @@ def template(trained_checkpoint, corpus_files, tmp_path_factory):
             future[where] = {**future[where], field: 1}
         save_checkpoint(future, ws / name)
     return ws
+
+
+def make_issue_28_files(ws, ckpt, corpus_files):
+    """A run with one NaN weight (valid checksums), runs whose .lock is a link or a folder (or, made in each
+    workspace, a pipe), a loop of links, a long prompt, a folder holding only a log, another run's best.pt and
+    a cut-short baseline."""
+    import os
+
+    from abcgpt.run import Run
+    from abcgpt.trainer import Trainer
+    from conftest import tiny_config
+
+    (ws / "nan").mkdir()
+    run = Run.load(ckpt)
+    run.model["transformer.h.0.attn.c_attn.weight"][0, 0] = float("nan")
+    run.save(ws / "nan" / "ckpt.pt")
+    (ws / "victim.txt").write_text("another run's notes\n" * 100)
+    for kind in ("link", "folder", "pipe"):  # the pipes are made in each workspace: copying one would block
+        shutil.copytree(ckpt.parent, ws / f"lock-{kind}")
+    os.symlink("../victim.txt", ws / "lock-link" / ".lock")
+    (ws / "lock-folder" / ".lock").mkdir()
+    os.symlink("loop-b", ws / "loop-a")
+    os.symlink("loop-a", ws / "loop-b")
+    (ws / "big-prompt.txt").write_text("a" * 2**21)
+    (ws / "logonly").mkdir()
+    (ws / "logonly" / "log.jsonl").write_text('{"step": 1, "loss": 3.0}\n')
+    (ws / "mixed").mkdir()
+    shutil.copy(ckpt, ws / "mixed" / "ckpt.pt")
+    shutil.copy(ws / "vanilla.pt", ws / "mixed" / "best.pt")
+    (ws / "shortbase").mkdir()
+    shutil.copy(ckpt, ws / "shortbase" / "ckpt.pt")
+    stories, plays = corpus_files
+    short = ws / "shortbase" / "baseline-stories"
+    Trainer(tiny_config(corpus_files, short, gated=False, only_source="stories", max_iters=2, eval_interval=2),
+            log=lambda line: None).train()
+    cut = Run.load(short / "ckpt.pt")
+    cut.train_config.max_iters = 5  # as if stopped at step 2 of the 5 its tokens needed
+    cut.save(short / "ckpt.pt")
+    (short / "best.pt").unlink()
 
 
 def tensor_data(path):
@@ -476,8 +577,12 @@ def snapshot(folder):
 
 @pytest.fixture
 def workspace(template, tmp_path, monkeypatch):
+    import os
+
     ws = tmp_path / "ws"
-    shutil.copytree(template, ws)
+    shutil.copytree(template, ws, symlinks=True)  # links as links: a loop stays a loop
+    os.mkfifo(ws / "fifo")
+    os.mkfifo(ws / "lock-pipe" / ".lock")
     monkeypatch.chdir(ws)
     return ws
 
