@@ -20,7 +20,7 @@ from abcgpt.evaluate import (
     SWEEP, format_table, format_voice_table, summarize, summarize_voices, sweep, voice_sweep,
 )
 from abcgpt.preflight import check_memory, forward_bytes
-from abcgpt.run import RunFolder, identity, load_gated_run
+from abcgpt.run import RunFolder, load_gated_run
 
 
 def main(argv=None):
@@ -40,7 +40,6 @@ def main(argv=None):
                              lambda path: is_json_object(path, "checkpoint", "losses", "sources"))
         if resolved(out, "--out") == resolved(args.ckpt, "--ckpt"):
             raise SettingsError(f"--out: {out} is the checkpoint itself; refusing to write over it")
-        checkpoint_sha256 = identity(args.ckpt)  # report.py reuses the sweep only for this very file
         model, tokenizer, run, corpus = load_gated_run(args.ckpt, args.device, args.sources, args.cache_dir)
         check_memory(forward_bytes(model.config, args.batch_size), args.device, f"--batch_size {args.batch_size:,}")
     except UserError as e:
@@ -57,7 +56,7 @@ def main(argv=None):
         print(format_voice_table(corpus.names, labels, losses, summary))
         grid = {"geometry": model.config.geometry, "settings": labels}
     result = {
-        "checkpoint": str(args.ckpt), "checkpoint_sha256": checkpoint_sha256, "max_windows": args.max_windows,
+        "checkpoint": str(args.ckpt), "weights_sha256": run.weights_sha256, "max_windows": args.max_windows,
         "step": run.step, "sources": corpus.names,
         "val_tokens": {n: len(v) for n, v in zip(corpus.names, corpus.val)},
         **grid, "losses": losses, **summary,

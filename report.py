@@ -24,7 +24,7 @@ from abcgpt.errors import UserError
 from abcgpt.report import (
     build_report, check_report_folder, plots_unavailable, reusable_calibration, reusable_sweep, write_report,
 )
-from abcgpt.run import RunFolder, identity, load_gated_run, load_model, require_two_source_line
+from abcgpt.run import RunFolder, load_gated_run, load_model, require_two_source_line
 
 
 SHAPE = [f for f in ARCHITECTURE if f not in ("gated", "narrowness", "mask_seed", "score_beta", "sort_units")]
@@ -106,13 +106,12 @@ def main(argv=None):
         check_report_folder(args.out_dir)
         check_max_windows(args.max_windows)
         settings.check_seed(args.seed, "--seed")
-        checkpoint_sha256 = identity(args.ckpt)
         model, tokenizer, run, corpus = load_gated_run(args.ckpt, args.device, args.sources, args.cache_dir)
         require_two_source_line(run, args.ckpt, "the dial's report")
         check_generation_flags(args, args.device, model.config)
         baselines = load_baselines(args.ckpt, run, args.device)
         best = load_best(args.ckpt, run, args.device)
-        reused_sweep = reusable_sweep(RunFolder.of(args.ckpt).evaluation, checkpoint_sha256, args.max_windows, corpus)
+        reused_sweep = reusable_sweep(RunFolder.of(args.ckpt).evaluation, run.weights_sha256, args.max_windows, corpus)
         reused_calibration = reusable_calibration(run.dial_map, args.samples, args.max_new_tokens)
         for what, where, reused in (("the held-out sweep", RunFolder.of(args.ckpt).evaluation, reused_sweep),
                                     ("the calibration samples", f"{args.ckpt}'s calibrated map", reused_calibration)):

@@ -69,12 +69,13 @@ def calibrated_dial(model, tokenizer, classifier, dial_map, n_samples, tokens, s
     }
 
 
-def reusable_sweep(evaluation, checkpoint_sha256, max_windows, corpus):
-    """(alphas, losses) of evaluate.py's sweep in the file evaluation, where it swept this very checkpoint file
-    (its sha256) over the report's alphas, the same windows and the same val text; None otherwise."""
+def reusable_sweep(evaluation, weights_sha256, max_windows, corpus):
+    """(alphas, losses) of evaluate.py's sweep in the file evaluation, where it swept these very weights (their
+    sha256, run.weights_digest) over the report's alphas, the same windows and the same val text; else None."""
     try:
         record = json.loads(Path(evaluation).read_text())
-        same = (record["checkpoint_sha256"] == checkpoint_sha256 and record["max_windows"] == max_windows
+        same = (weights_sha256 is not None and record["weights_sha256"] == weights_sha256
+                and record["max_windows"] == max_windows
                 and record["sources"] == corpus.names and record["alphas"] == list(SWEEP)
                 and record["val_tokens"] == {n: len(v) for n, v in zip(corpus.names, corpus.val)})
         losses = {name: [float(v) for v in record["losses"][name]] for name in corpus.names}

@@ -70,6 +70,7 @@ class Run:
             raise CheckpointError(f"{path} lacks {e.args[0]!r}: it is not a whole run ({written_by})") from None
         except (SettingsError, _UnknownSetting) as e:
             raise CheckpointError(f"{path}: {e} ({written_by}; this is abcgpt {VERSION})") from None
+        run.weights_sha256 = weights_digest(state)
         bad = run.non_finite_tensor()
         if bad is not None:
             raise CheckpointError(f"{path} holds a non-finite value (NaN or inf) in {bad}: it is not a usable run; "
@@ -106,6 +107,16 @@ class Run:
             reason = " ".join(line.strip() for line in str(e).strip().splitlines())
             raise CheckpointError(f"{path} does not hold a usable model: {reason}") from None
         return model.to(device).eval(), tokenizer
+
+
+def weights_digest(state):
+    """One sha256 of a checkpoint's model tensors, from the checksums it carries (None for the old format, which
+    has none): the same for two files that hold the same weights, whatever else (a map, a step) differs."""
+    tensors = (state.get("checksums") or {}).get("tensors")
+    if not tensors:
+        return None
+    model = sorted((path, d) for path, d in tensors.items() if path.startswith("/model/"))
+    return hashlib.sha256(repr(model).encode()).hexdigest()
 
 
 class _UnknownSetting(Exception):
