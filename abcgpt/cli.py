@@ -22,12 +22,21 @@ def run_tool(main):
     sys.stdout.reconfigure(line_buffering=True)
     try:
         main()
+    except SystemExit as e:
+        if isinstance(e.code, str):  # an error message: one line, whatever a name or path in it holds
+            sys.exit(one_line(e.code))
+        raise
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)  # 128 + SIGINT
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error as Python exits
         sys.exit(141)  # 128 + SIGPIPE, as a shell reports a pipe's writer that was cut off
+
+
+def one_line(message: str) -> str:
+    """message with its line breaks written out (\\n), as a path or a name given by a user may hold them."""
+    return message.replace("\r", "\\r").replace("\n", "\\n")
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -44,7 +53,7 @@ class Parser(argparse.ArgumentParser):
     """argparse, with a bad flag answered in one line like every other error (no usage dump)."""
 
     def error(self, message):
-        self.exit(2, f"error: {message} (see --help)\n")
+        self.exit(2, f"error: {one_line(message)} (see --help)\n")
 
 
 def add_runtime_flags(parser, device=True):
