@@ -1,7 +1,7 @@
 """Train a gated GPT: the reference recipe on CUDA, a small CPU preset elsewhere.
 
-    python train.py                                   # downloads TinyStories + tinyshakespeare
-    python train.py --sources tinystories=a.txt,tinyshakespeare=b.txt   # local files, offline
+    python train.py                                   # TinyStories + tinyshakespeare, shipped with the package
+    python train.py --sources tinystories=a.txt,tinyshakespeare=b.txt   # local files
     python train.py --preset cpu --max_iters 500 --out_dir out-small
     python train.py --resume --out_dir out            # continue a run
     python train.py --resume --max_iters 20000 --lr_decay_iters 20000   # extend a run and its schedule
