@@ -56,9 +56,9 @@ def main(argv=None):
                 limits.check(flag.replace("header_", ""), getattr(args, flag), f"--{flag}")
         if args.token is not None and not args.token.strip():
             raise SettingsError("--token must not be empty")
-        listening = bind(args.host, args.port)
         model, tokenizer, run = load_model(args.ckpt, args.device)
         check_memory(generation_bytes(model.config, args.max_batch), args.device, f"--max_batch {args.max_batch:,}")
+        listening = bind(args.host, args.port)
     except UserError as e:
         sys.exit(f"error: {e}")
     wildcard = args.host in ("0.0.0.0", "::", "")
@@ -79,8 +79,8 @@ def main(argv=None):
 
 
 def bind(host, port):
-    """The listening socket, bound before the model loads: a port in use is one line, and --port 0 gets a free
-    port whose number the server then prints."""
+    """The listening socket, bound by us rather than by uvicorn: a port in use is one line, and --port 0 gets a
+    free port whose number the server then prints."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     listening = socket.socket(family, socket.SOCK_STREAM)
     listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -100,6 +100,8 @@ def _replace(path, write):
 
 def load_checkpoint(path, map_location="cpu"):
     path = Path(path)
+    if path.exists() and not path.is_file():
+        raise CheckpointError(f"{path} is not a checkpoint file (a folder, a pipe or a device)")
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:

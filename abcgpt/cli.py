@@ -117,6 +117,13 @@ def check_max_windows(value):
 SYSTEM_FOLDERS = ("/dev", "/proc", "/sys")  # never written into, through a link or not
 
 
+def named_path(path, flag) -> Path:
+    """An output path as given; an empty one is refused (Path("") would be the current folder)."""
+    if not str(path).strip():
+        raise SettingsError(f"{flag} is empty: name a path")
+    return Path(path)
+
+
 def resolved(path, flag) -> Path:
     """path with every link followed; a loop of links (or one too deep) is refused in one line."""
     try:
@@ -155,7 +162,7 @@ def check_output(path, flag, kind, is_kind):
     """A file a tool is about to write, refused before any work unless it is new or the tool's own kind of
     output (is_kind(path) says; kind names it): never a device, FIFO or other special file, never into
     /dev, /proc or /sys, never a folder, and never over a file that is not that kind of output."""
-    path = Path(path)
+    path = named_path(path, flag)
     if _system_path(path, flag):
         raise SettingsError(f"{flag}: {path} is in a system folder; refusing to write there")
     if not path.parent.is_dir():
@@ -181,6 +188,6 @@ def check_out_file(path, flag, kind, is_kind):
 
 def check_out_dir(path, flag="--out_dir"):
     """Refuse an output folder that is a file or a system folder, or cannot be created or written."""
-    path = Path(path)
+    path = named_path(path, flag)
     _writable_folder(path, flag)
     return path

@@ -64,6 +64,7 @@ class TrainConfig(GPTConfig):
             (self.tokenizer in ("char", "bpe"), "tokenizer must be 'char' or 'bpe'"),
             (self.dtype in ("auto", "float32", "bfloat16", "float16"), "dtype must be auto, float32, bfloat16 or float16"),
             (0.0 < self.val_fraction < 1.0, f"val_fraction must be between 0 and 1, got {self.val_fraction}"),
+            (bool(str(self.out_dir).strip()), "out_dir is empty: name a folder"),
             (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "beta1 and beta2 must be in [0, 1)"),
             (not (self.only_source and self.gated), "only_source trains a vanilla baseline: set gated=false"),
             (0.0 <= self.uniform_share < 1.0, f"uniform_share must be in [0, 1), got {self.uniform_share}"),

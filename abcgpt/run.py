@@ -252,11 +252,19 @@ def editing(path):
 
 
 def identity(path):
-    """The sha256 of a checkpoint file, None where there is none: whether it is still the file once read."""
+    """The sha256 of a checkpoint file, None where there is none (or no regular file: a pipe is never waited
+    on): whether it is still the file once read."""
     try:
-        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except OSError:
         return None
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            return None
+        digest = hashlib.sha256()
+        for chunk in iter(lambda: f.read(2**20), b""):
+            digest.update(chunk)
+        return digest.hexdigest()
 
 
 def changed_meanwhile(path, step_read):

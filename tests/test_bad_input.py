@@ -129,7 +129,8 @@ CASES = [
          "{ws}/flipped.pt failed its checksum"),
     # checkpoints, as every tool reads them
     Case("a missing checkpoint", "sample", "--ckpt {ws}/no/ckpt.pt", "checkpoint not found: {ws}/no/ckpt.pt"),
-    Case("a checkpoint path that is a folder", "sample", "--ckpt {ws}/folder", "checkpoint not found: {ws}/folder"),
+    Case("a checkpoint path that is a folder", "sample", "--ckpt {ws}/folder",
+         "{ws}/folder is not a checkpoint file (a folder, a pipe or a device)"),
     Case("a truncated checkpoint", "sample", "--ckpt {ws}/truncated.pt",
          "{ws}/truncated.pt is not a readable checkpoint (truncated or corrupt?)"),
     Case("a text file as checkpoint", "sample", "--ckpt {ws}/notes.txt",

@@ -125,6 +125,8 @@ def fingerprint(root, allowed):
     for path in sorted(root.rglob("*")):
         if any(path == a or a in path.parents for a in allowed) or path.name == ".lock":
             continue
+        if path.is_dir() and not path.is_symlink() and any(path in a.parents for a in allowed):
+            continue  # a folder made to hold the output
         if path.is_symlink():
             prints[str(path)] = "link to " + os.readlink(path)
         elif path.is_file():
