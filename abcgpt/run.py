@@ -258,9 +258,10 @@ def identity(path):
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except OSError:
         return None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        return None
     with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-            return None
         digest = hashlib.sha256()
         for chunk in iter(lambda: f.read(2**20), b""):
             digest.update(chunk)

@@ -399,6 +399,12 @@ CASES = [
          "dest: {ws}/loop-a is a loop of symbolic links"),
     Case("a checkpoint that is a loop of links", "evaluate", "--ckpt {ws}/loop-a",
          "--ckpt: {ws}/loop-a is a loop of symbolic links"),
+    Case("a folder to sort in place", "permute", "{ws}/folder --in_place",
+         "{ws}/folder is not a checkpoint file (a folder, a pipe or a device)"),
+    Case("a pipe as the checkpoint to calibrate", "calibrate", "--ckpt {ws}/fifo",
+         "{ws}/fifo is not a checkpoint file (a folder, a pipe or a device)"),
+    Case("an empty report folder", "report", CKPT + "--out_dir=", "--out_dir is empty: name a path"),
+    Case("an empty out_dir", "train", TINY + "--out_dir=", "out_dir is empty: name a folder"),
     Case("a folder holding only a log, for a fresh run", "train", TINY + "--out_dir {ws}/logonly",
          "out_dir {ws}/logonly holds only the log of a run that saved no checkpoint: start that run from nothing "
          "with --resume (its log is kept), or clear it with --overwrite"),
