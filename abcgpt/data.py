@@ -60,10 +60,15 @@ class DownloadError(DataError):
 SOURCE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}", re.ASCII)
 
 
-def check_source_name(name):
+def is_source_name(name) -> bool:
     """A source's name is data, never a path: letters, digits, '-', '_' and '.', at most 64, not '.' or '..'
     (run folders name files after it, RunFolder.baseline)."""
-    if not SOURCE_NAME.fullmatch(name) or name in (".", ".."):
+    return isinstance(name, str) and SOURCE_NAME.fullmatch(name) is not None and name not in (".", "..")
+
+
+def check_source_name(name):
+    """name, refused in one line unless it is a source name (is_source_name)."""
+    if not is_source_name(name):
         raise DataError(f"source name {name[:80]!r} is not allowed: use letters, digits, '-', '_' and '.', at "
                         "most 64 characters (not '.' or '..')")
     return name

@@ -21,7 +21,7 @@ import torch
 from .atomic import write_json
 from .checkpoint import CheckpointError, copy_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
-from .data import SOURCE_NAME, Corpus, DataError, check_source_name, parse_sources
+from .data import Corpus, DataError, check_source_name, is_source_name, parse_sources
 from .errors import SettingsError
 from .model import GPT, GPTConfig
 from .tokenizer import UnknownCharactersError, tokenizer_from_dict
@@ -50,12 +50,15 @@ class Run:
     run_id: Optional[str] = None  # the same in every checkpoint of one run, its best.pt too (None: older versions)
     version: str = VERSION  # of abcgpt, where it wrote the checkpoint
     format: str = ""  # of the file, as load found it
+    weights_sha256: Optional[str] = None  # of the model's tensors, as load found them (weights_digest)
+
+    NOT_SAVED = ("format", "weights_sha256")  # facts of the file read, not fields of the run
 
     @classmethod
     def load(cls, path) -> "Run":
         state = load_checkpoint(path)
         written_by = f"written by abcgpt {state.get('version', 'before 0.1.0')} ({state['format']})"
-        known = {f.name for f in fields(cls)} - {"format"}
+        known = {f.name for f in fields(cls)} - set(cls.NOT_SAVED)
         unknown = sorted(set(state) - known - {"format", "checksums"})
         if unknown:
             raise CheckpointError(f"{path} has field {unknown[0]!r}, which abcgpt {VERSION} does not know: it was "
@@ -65,12 +68,11 @@ class Run:
             values["model_config"] = _config(GPTConfig, state["model_config"], "model_config", LEGACY_MODEL_FIELDS)
             if state.get("train_config") is not None:
                 values["train_config"] = _config(TrainConfig, state["train_config"], "train_config", set())
-            run = cls(**values, format=state["format"])
+            run = cls(**values, format=state["format"], weights_sha256=weights_digest(state))
         except KeyError as e:
             raise CheckpointError(f"{path} lacks {e.args[0]!r}: it is not a whole run ({written_by})") from None
         except (SettingsError, _UnknownSetting) as e:
             raise CheckpointError(f"{path}: {e} ({written_by}; this is abcgpt {VERSION})") from None
-        run.weights_sha256 = weights_digest(state)
         bad = run.non_finite_tensor()
         if bad is not None:
             raise CheckpointError(f"{path} holds a non-finite value (NaN or inf) in {bad}: it is not a usable run; "
@@ -91,7 +93,7 @@ class Run:
         save_checkpoint(self.to_state(), path)
 
     def to_state(self) -> dict:
-        state = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "format"}
+        state = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in self.NOT_SAVED}
         state["model_config"] = self.model_config.to_dict()
         state["train_config"] = self.train_config.to_dict() if self.train_config is not None else None
         state["version"] = VERSION
@@ -186,8 +188,7 @@ class RunFolder:
     @staticmethod
     def _is_baseline_name(name):
         """Whether name is one RunFolder.baseline gives: a manifest holds names, never paths."""
-        source = name.removeprefix("baseline-")
-        return source != name and SOURCE_NAME.fullmatch(source) is not None and source not in (".", "..")
+        return name.startswith("baseline-") and is_source_name(name.removeprefix("baseline-"))
 
     def record(self, *names) -> None:
         """Add names (files or folders in this folder) to what the manifest says a run wrote here."""
