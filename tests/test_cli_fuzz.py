@@ -162,7 +162,7 @@ def run_draw(tool, argv, cwd, log):
         code = 3
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(code or 0)
+    sys.exit(code or 0)  # through multiprocessing's own exit, which lets go of what the tool's imports registered
 
 
 @pytest.fixture(scope="module")
