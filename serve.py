@@ -37,6 +37,8 @@ def main(argv=None):
                    help="seconds a client has to send a request's headers, and again its body")
     p.add_argument("--token", default=os.environ.get("ABCGPT_TOKEN"),
                    help="require 'Authorization: Bearer TOKEN' on the API (default: $ABCGPT_TOKEN)")
+    p.add_argument("--allow_same_site", action="store_true",
+                   help="take API requests from pages on other subdomains of this site (Sec-Fetch-Site: same-site)")
     p.add_argument("--allow_host", action="append", default=[], metavar="NAME",
                    help="a host name clients may reach the server by, beyond loopback and --host (repeatable)")
     add_runtime_flags(p)
@@ -69,7 +71,7 @@ def main(argv=None):
               + ("; any Host name is taken: give --allow_host NAME to name yours" if hosts is None else ""),
               file=sys.stderr, flush=True)
     service = Service(model, tokenizer, run, args.max_batch, args.max_new_tokens, max_queue=args.max_queue,
-                      timeout=args.timeout, body_timeout=args.header_timeout, access=Access(hosts, args.token))
+                      timeout=args.timeout, body_timeout=args.header_timeout, access=Access(hosts, args.token, args.allow_same_site))
     logging.basicConfig(format="%(asctime)s %(message)s", level=logging.INFO)
     host, port = listening.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host

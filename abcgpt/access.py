@@ -2,7 +2,9 @@
 
 The threat model is in docs/design.md. In short: a page on another site must not be able to make a visitor's
 browser run generations here. A cross-origin page can send a GET, or a POST of a "simple" type (text/plain,
-a form), without asking first; so the API checks that Origin, when sent, is this server, requires
+a form), without asking first, and for an iframe, an image or a no-cors fetch a browser sends no Origin; but
+it does send Sec-Fetch-Site, so the API refuses "cross-site" (and "same-site", unless allowed). It checks
+that Origin, when sent, is this server, requires
 application/json for a POST (a browser asks the server first, and the server never says yes), and takes only
 the Host names it serves (a DNS-rebinding page names its own). Beyond loopback, --token requires
 "Authorization: Bearer <token>" on every API request.
@@ -30,15 +32,22 @@ def _name(host_header: str) -> str:
 class Access:
     """hosts: the names the server answers to (None: any); token: the bearer token required, if any."""
 
-    def __init__(self, hosts=LOOPBACK_HOSTS, token=None):
+    def __init__(self, hosts=LOOPBACK_HOSTS, token=None, allow_same_site=False):
         self.hosts = None if hosts is None else {h.lower().strip("[]") for h in hosts}
         self.token = token
+        self.allow_same_site = allow_same_site
+
+    def same_site_ok(self, fetched_from):
+        return fetched_from == "same-site" and self.allow_same_site
 
     def check(self, http, json_body=False):
         """BadInput (400, 403, 401 or 415) unless this request may call the API."""
         host = http.headers.get("host", "")
         if self.hosts is not None and _name(host) not in self.hosts:
             raise BadInput(f"the Host header {host[:80]!r} is not one this server answers to (see --allow_host)")
+        fetched_from = http.headers.get("sec-fetch-site", "").lower()  # what a browser says of the page asking
+        if fetched_from in ("cross-site", "same-site") and not self.same_site_ok(fetched_from):
+            raise BadInput(f"requests from other sites ({fetched_from}) are refused", 403)
         origin = http.headers.get("origin")
         if origin is not None and urlsplit(origin).netloc.lower() != host.lower():
             raise BadInput(f"requests from other sites ({origin[:80]}) are refused", 403)

@@ -19,6 +19,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request as HttpRequest
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -29,7 +30,7 @@ from .api_input import BadInput, ClientGone, check_fields, number, parse_json, q
 from .batching import BatchedDecoder, QueueFull, Request, TimedOut
 from .data import source_alphas
 from .errors import SettingsError
-from .tokenizer import UnknownCharactersError
+from .tokenizer import TextStream, UnknownCharactersError
 from .voice import UNIFORM, Dial, parse_voice
 
 PAGE = Path(__file__).with_name("page.html")
@@ -212,12 +213,15 @@ def create_app(service):
             return error(e)
 
         async def events():
-            text = ""
+            text = TextStream(service.tokenizer)  # whole characters only, decoding just the new token
             try:
-                async for _ in service.tokens(request):
-                    full = service.tokenizer.decode(request.tokens)
-                    yield f"data: {json.dumps({'text': full[len(text):]})}\n\n"
-                    text = full
+                async for token in service.tokens(request):
+                    delta = text.feed([token])
+                    if delta:
+                        yield f"data: {json.dumps({'text': delta})}\n\n"
+                rest = text.flush()
+                if rest:
+                    yield f"data: {json.dumps({'text': rest})}\n\n"
                 if request.error is not None:
                     yield f"event: error\ndata: {json.dumps({'error': failure(request)[1]})}\n\n"
                 else:
@@ -237,4 +241,9 @@ def create_app(service):
 
     routes = [Route("/", page), Route("/api/info", info), Route("/api/generate", generate, methods=["POST"]),
               Route("/api/stream", stream)]
-    return Starlette(routes=routes, lifespan=lifespan)
+    async def http_error(http, e):  # 404, 405 and the rest in the API's one error shape
+        return JSONResponse({"error": e.detail}, status_code=e.status_code, headers=getattr(e, "headers", None))
+
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error})
+    app.router.redirect_slashes = False  # its redirect would build Location from the client's Host header
+    return app

@@ -84,18 +84,26 @@ class BPETokenizer:
 
 class TextStream:
     """Text of tokens that arrive one at a time, given out in whole characters: a byte-pair token can end
-    inside a character (an emoji, a curly quote), and its bytes wait for the tokens that complete it."""
+    inside a character (an emoji, a curly quote), and its bytes wait for the tokens that complete it. The
+    pieces given out join into the text the tokens decode to all at once."""
+
+    HOLD = 4  # a character is at most 4 bytes, so at most 4 tokens can hold one unfinished
 
     def __init__(self, tokenizer):
         self.tokenizer, self.pending = tokenizer, []
 
     def feed(self, ids) -> str:
-        """The text that the tokens so far complete, not given out before."""
+        """The text that the tokens so far complete, not given out before: the pending tokens but the last few
+        that end inside a character."""
         self.pending += list(ids)
-        text = self.tokenizer.decode(self.pending)
-        if text.endswith("\ufffd") and len(self.pending) < 4:  # a character is at most 4 bytes: wait for the rest
-            return ""
-        self.pending = []
+        n = len(self.pending)
+        for keep in range(min(n, self.HOLD) + 1):
+            text = self.tokenizer.decode(self.pending[:n - keep]) if keep < n else ""
+            if keep == n or not text.endswith("\ufffd"):
+                break
+        else:  # no cut in the last HOLD tokens ends a character: the one before them is broken for good
+            keep, text = self.HOLD, self.tokenizer.decode(self.pending[:n - self.HOLD])
+        self.pending = self.pending[n - keep:]
         return text
 
     def flush(self) -> str:

@@ -307,6 +307,9 @@ def test_a_stream_gives_out_whole_characters_only():
     stream, text = TextStream(Bytes()), "a “quote” and 🙂"
     pieces = [stream.feed([b]) for b in text.encode()]
     assert "".join(pieces) + stream.flush() == text and "\ufffd" not in "".join(pieces)
+    broken = list(b"\xc3\xc3\xc3\xc3\xc3\xa9 ok \xf0\x9f\x99 \xe2\x80\x9c") * 3  # invalid bytes among valid ones
+    stream = TextStream(Bytes())
+    assert "".join(stream.feed([b]) for b in broken) + stream.flush() == Bytes().decode(broken)
 
 
 def test_report_reuses_the_evaluation_and_the_calibration_of_the_same_checkpoint(run_copy, tmp_path, monkeypatch):

@@ -90,6 +90,33 @@ def test_the_stream_sends_the_same_text_token_by_token(client):
     assert "".join(pieces) == done["text"] == expected["text"]
 
 
+class HalfCharacters:
+    """A tokenizer whose tokens are bytes, not characters, as GPT-2's BPE can be: an even token is the lead byte
+    of a two-byte character and an odd one a continuation byte, so a character can span two tokens."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
+
+    def decode(self, ids):
+        return bytes(0xC3 if i % 2 == 0 else 0x80 + i % 64 for i in ids).decode("utf-8", errors="replace")
+
+
+def test_a_stream_sends_whole_characters_when_tokens_split_them(own_client):
+    client, service = own_client()
+    service.tokenizer = HalfCharacters(service.tokenizer)
+    params = {"prompt": "one day", "alpha": "0.5", "max_new_tokens": "60", "seed": "4", "temperature": "2"}
+    events = stream_events(client, params)
+    deltas = [data["text"] for event, data in events if event == "message"]
+    done = next(data for event, data in events if event == "done")
+    assert "".join(deltas) == done["text"]
+    assert any(0xC0 <= ord(c) < 0x100 for c in done["text"])  # some character did span two tokens
+    assert not any(delta.endswith("\ufffd") and later.startswith(tuple(chr(0xC0 + k) for k in range(64)))
+                   for delta, later in zip(deltas, deltas[1:]))  # never a half sent as a replacement, then mended
+
+
 @pytest.mark.parametrize("body, message", [
     ({"alpha": 1.5}, "alpha must be in [0, 1], got 1.5"),
     ({"alpha": -0.1}, "alpha must be in [0, 1], got -0.1"),
@@ -261,6 +288,31 @@ def test_only_json_from_this_origin_at_a_served_host_is_taken(client):
     assert rebound.status_code == 400 and "'evil.example:8000'" in rebound.json()["error"]
     same = client.post("/api/generate", json=body, headers={"origin": "http://localhost"})
     assert same.status_code == 200
+
+
+def test_a_page_on_another_site_cannot_run_a_stream_even_without_an_origin(own_client):
+    """An iframe, an image or a no-cors fetch sends no Origin, but a browser says Sec-Fetch-Site."""
+    client, _ = own_client()
+    params = {"prompt": "one day", "max_new_tokens": 2}
+    for route, call in (("/api/stream", client.get), ("/api/info", client.get)):
+        refused = call(route, params=params, headers={"sec-fetch-site": "cross-site", "sec-fetch-mode": "no-cors"})
+        assert refused.status_code == 403 and "requests from other sites (cross-site)" in refused.json()["error"]
+    posted = client.post("/api/generate", json=params, headers={"sec-fetch-site": "cross-site"})
+    assert posted.status_code == 403
+    assert client.get("/api/stream", params=params, headers={"sec-fetch-site": "same-site"}).status_code == 403
+    assert client.get("/api/stream", params=params, headers={"sec-fetch-site": "same-origin"}).status_code == 200
+    subdomains, _ = own_client(access=Access(allow_same_site=True))
+    assert subdomains.get("/api/info", headers={"sec-fetch-site": "same-site"}).status_code == 200
+    assert subdomains.get("/api/info", headers={"sec-fetch-site": "cross-site"}).status_code == 403
+
+
+def test_every_error_is_json_and_no_location_is_built_from_the_host(client):
+    missing = client.get("/api/nothing")
+    assert missing.status_code == 404 and missing.json() == {"error": "Not Found"}
+    wrong = client.get("/api/generate")
+    assert wrong.status_code == 405 and wrong.json() == {"error": "Method Not Allowed"}
+    slashed = client.get("/api/info/", headers={"host": "localhost"}, follow_redirects=False)
+    assert slashed.status_code == 404 and "location" not in slashed.headers
 
 
 def test_a_token_is_required_when_one_is_set(own_client):
