@@ -561,3 +561,46 @@ def test_on_the_line_a_voice_is_its_source_s_alpha_and_all_opens_every_gate(clie
     assert by_voice["text"] == by_alpha["text"] and by_voice["voice"] == "plays"
     uniform = client.post("/api/generate", json={**body, "voice": "all"})
     assert uniform.status_code == 200 and uniform.json()["voice"] == "all" and uniform.json()["tokens"] == 30
+
+
+ATTACK = """<!doctype html><title>another site</title>
+<iframe src="{api}/api/stream?prompt=one%20day&max_new_tokens=3&seed=1"></iframe>
+<img src="{api}/api/stream?prompt=one%20day&max_new_tokens=3&seed=2">
+<iframe name="sink"></iframe>
+<form method="POST" action="{api}/api/generate" enctype="text/plain" target="sink">
+<input name='{{"prompt": "one day", "max_new_tokens": 3, "x": "' value='"}}'></form>
+<script>
+fetch("{api}/api/stream?prompt=one%20day&max_new_tokens=3&seed=3", {{mode: "no-cors"}}).catch(() => {{}});
+new EventSource("{api}/api/stream?prompt=one%20day&max_new_tokens=3&seed=4");
+document.forms[0].submit();
+</script>"""
+
+
+@pytest.mark.browser
+def test_a_page_on_another_site_gets_no_generation_from_a_visitors_browser(server, browser):
+    """A page at http://localhost:OTHER (another site than 127.0.0.1) makes the browser ask the API through an
+    iframe, an image, a form, a no-cors fetch and an EventSource: each arrives, and none runs a generation."""
+    import http.server
+
+    page = ATTACK.format(api=server.url).encode()
+
+    class Site(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.end_headers()
+            self.wfile.write(page)
+
+        def log_message(self, *args):
+            pass
+
+    site = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Site)
+    threading.Thread(target=site.serve_forever, daemon=True).start()
+    before, streams, posts = len(server.submitted), server.hits["/api/stream"], server.hits["/api/generate"]
+    try:
+        browser.get(f"http://localhost:{site.server_address[1]}/")
+        until(lambda: server.hits["/api/stream"] - streams >= 4 and server.hits["/api/generate"] - posts >= 1)
+        time.sleep(1)  # an EventSource retries; a generation, had one started, would be submitted by now
+    finally:
+        site.shutdown()
+    assert len(server.submitted) == before
