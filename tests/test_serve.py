@@ -604,3 +604,35 @@ def test_a_page_on_another_site_gets_no_generation_from_a_visitors_browser(serve
     finally:
         site.shutdown()
     assert len(server.submitted) == before
+
+
+@pytest.mark.browser
+def test_the_page_shows_running_and_done_sets_the_prompt_apart_and_fits_400_px(server, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.set_window_size(400, 900)
+    try:
+        browser.get(server.url + "/")
+        wait = WebDriverWait(browser, 60)
+        wait.until(lambda d: d.find_element(By.ID, "length").get_attribute("value"))
+        assert browser.find_element(By.CSS_SELECTOR, 'meta[name="viewport"]').get_attribute("content").startswith(
+            "width=device-width")
+        fill(browser, "length", "300")
+        browser.find_element(By.ID, "generate").click()
+        status = browser.find_element(By.ID, "output-status")
+        wait.until(lambda d: "running" in status.get_attribute("class") and "characters so far" in status.text)
+        wait.until(lambda d: "done" in status.get_attribute("class"))
+        assert status.text.startswith("done: 300 tokens in ") and status.text.endswith("tokens/s)")
+        prompt = browser.find_element(By.CSS_SELECTOR, "#output .prompt")
+        generated = browser.find_element(By.CSS_SELECTOR, "#output .prompt + span")
+        assert prompt.text == browser.find_element(By.ID, "prompt").get_attribute("value") and generated.text
+        assert prompt.value_of_css_property("background-color") != generated.value_of_css_property("background-color")
+        readout = browser.find_element(By.ID, "dial-line").rect
+        label = browser.find_element(By.ID, "temperature").find_element(By.XPATH, "..").rect
+        assert readout["y"] + readout["height"] <= label["y"]  # the alpha readout clears the controls below it
+        columns = [c.rect for c in browser.find_elements(By.CSS_SELECTOR, ".compare > div")]
+        assert all(c["width"] > 300 for c in columns)  # at 400 px the compare views stack, each full width
+        assert browser.execute_script("return document.documentElement.scrollWidth") <= 400
+    finally:
+        browser.set_window_size(1200, 900)
