@@ -1,4 +1,4 @@
-"""The HTTP server's limits: uvicorn's own settings, and the two it lacks.
+"""The HTTP server's limits: uvicorn's own settings, and those it lacks.
 
 uvicorn bounds header size (h11_max_incomplete_event_size), idle keep-alive (timeout_keep_alive) and
 requests in flight (limit_concurrency, answered 503). It has no deadline for a request's headers: its
@@ -6,8 +6,12 @@ keep-alive timer restarts on every byte, so a client that trickles a header byte
 connection (and a file descriptor) for ever. GuardedH11Protocol adds that deadline, counted from the
 connection's start or the end of its previous response, and closes connections beyond twice the request
 limit at once, so that half-open ones cannot use up the process's files. The body has its own deadline
-where it is read (api_input.read_body).
+where it is read (api_input.read_body). strict_http refuses what h11 lets through: a request framed two ways,
+and a head over the cap that arrived in one piece.
 """
+import json
+
+import h11
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
@@ -30,6 +34,17 @@ class GuardedH11Protocol(H11Protocol):
         super().on_response_complete()
         self._expect_request(after=finished)
 
+    def send_400_response(self, msg):
+        """A request h11 cannot read (one framed both by Content-Length and Transfer-Encoding among them): 400 in
+        the API's JSON error shape, and the connection closed, so nothing after it on the connection is read."""
+        body = json.dumps({"error": f"malformed HTTP request: {msg}"}).encode()
+        for event in (h11.Response(status_code=400, headers=[(b"content-type", b"application/json"),
+                                                             (b"content-length", str(len(body)).encode()),
+                                                             (b"connection", b"close")]),
+                      h11.Data(data=body), h11.EndOfMessage()):
+            self.transport.write(self.conn.send(event))
+        self.transport.close()
+
     def _expect_request(self, after):
         """Close the connection unless a request newer than `after` has its headers within the deadline."""
         def expire():
@@ -37,6 +52,24 @@ class GuardedH11Protocol(H11Protocol):
                 self.transport.close()
 
         self.loop.call_later(self.config.header_timeout, expire)
+
+
+def strict_http(app):
+    """app behind the head cap however its bytes arrived: uvicorn caps only a head that arrives in pieces, so a
+    larger one in one write is answered here, 431 in the API's JSON error shape, and the connection closed."""
+    async def checked(scope, receive, send):
+        if scope["type"] == "http" and sum(len(k) + len(v) + 4 for k, v in scope["headers"]) > HEADER_BYTES:
+            return await refuse(send, 431, f"the request's headers are over {HEADER_BYTES} bytes")
+        await app(scope, receive, send)
+
+    return checked
+
+
+async def refuse(send, status, message):
+    body = json.dumps({"error": message}).encode()
+    await send({"type": "http.response.start", "status": status, "headers": [
+        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": body})
 
 
 def server_config(app, host, port, max_connections, header_timeout) -> uvicorn.Config:

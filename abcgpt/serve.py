@@ -26,6 +26,7 @@ from starlette.routing import Route
 
 from . import settings
 from .access import Access
+from .connections import strict_http
 from .api_input import BadInput, ClientGone, check_fields, number, parse_json, query_fields, read_body
 from .batching import BatchedDecoder, QueueFull, Request, TimedOut
 from .data import source_alphas
@@ -246,4 +247,4 @@ def create_app(service):
 
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error})
     app.router.redirect_slashes = False  # its redirect would build Location from the client's Host header
-    return app
+    return strict_http(app)

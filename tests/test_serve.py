@@ -636,3 +636,21 @@ def test_the_page_shows_running_and_done_sets_the_prompt_apart_and_fits_400_px(s
         assert browser.execute_script("return document.documentElement.scrollWidth") <= 400
     finally:
         browser.set_window_size(1200, 900)
+
+
+def test_a_request_framed_two_ways_or_with_an_oversized_head_is_refused_and_closed(server):
+    body = json.dumps({"prompt": "one day", "max_new_tokens": 2}).encode()
+    smuggled = b"GET /api/info HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    head = b"POST /api/generate HTTP/1.1\nHost: 127.0.0.1\nContent-Type: application/json\n"
+    before = len(server.submitted)
+    framed = head + b"Content-Length: %d\nTransfer-Encoding: chunked\n" % len(body)
+    with raw_request(server.port, framed, body + smuggled) as connection:
+        refused = answer(connection)
+        assert refused.startswith(b"HTTP/1.1 400") and b'{"error": "malformed HTTP request' in refused
+        assert connection.recv(4096) == b""  # closed: the request hidden in the body is never answered
+    assert len(server.submitted) == before
+    big = b"GET /api/info HTTP/1.1\nHost: 127.0.0.1\n" + b"".join(b"X-Pad-%d: %s\n" % (i, b"a" * 1000) for i in range(30))
+    with raw_request(server.port, big) as connection:  # 30 KB of headers in one write
+        refused = answer(connection)
+        assert refused.startswith(b"HTTP/1.1 431") and b"headers are over 8192 bytes" in refused
+        assert connection.recv(4096) == b""
