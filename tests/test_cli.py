@@ -81,7 +81,9 @@ def test_ctrl_c_while_sampling_is_one_line(trained_checkpoint):
 
     process = subprocess.Popen([sys.executable, "sample.py", "--ckpt", str(trained_checkpoint), "--samples", "1",
                                 "--max_new_tokens", "100000", "--alpha", "0,0.5,1,0.2,0.8,0.3,0.7"], cwd=ROOT,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # a terminal's Ctrl-C,
+    # even where this test itself runs as a background job, which the shell starts with SIGINT ignored
     assert process.stdout.readline() == "--- alpha 0.0 (stories)\n"  # generating, however busy the machine is
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=120)
