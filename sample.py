@@ -8,7 +8,6 @@
                                                                          # uniform mode (every gate open)
 """
 import os
-import stat
 import sys
 
 import torch
@@ -18,7 +17,7 @@ from abcgpt.cli import (
     HelpFormatter, Parser, add_generation_flags, add_runtime_flags, apply_runtime_flags, check_generation_flags,
     run_tool,
 )
-from abcgpt.data import source_alphas
+from abcgpt.data import NotARegularFile, open_regular, source_alphas
 from abcgpt.errors import SettingsError, UserError
 from abcgpt.run import load_model
 from abcgpt.sampling import generate
@@ -78,16 +77,15 @@ def read_prompt(start):
     if not start.startswith("FILE:"):
         return start
     path = start[len("FILE:"):]
-    try:  # opened without waiting (a pipe would block here), then read only if it is a file of bounded size
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-        with os.fdopen(fd, "rb") as f:
-            info = os.fstat(f.fileno())
-            if not stat.S_ISREG(info.st_mode):
-                raise InputError(f"--start: prompt file {path} is not a regular file (a folder, a pipe or a device)")
-            if info.st_size > settings.PROMPT_BYTES:
-                raise InputError(f"--start: prompt file {path} has {info.st_size:,} bytes; a prompt may have at most "
+    try:  # a regular file only, read only if its size is within the bound
+        with open_regular(path) as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > settings.PROMPT_BYTES:
+                raise InputError(f"--start: prompt file {path} has {size:,} bytes; a prompt may have at most "
                                  f"{settings.PROMPT_BYTES:,} (the model reads only its last block_size tokens)")
             return f.read(settings.PROMPT_BYTES + 1).decode("utf-8")
+    except NotARegularFile:  # a folder is an OSError below, as it always was
+        raise InputError(f"--start: prompt file {path} is not a regular file (a folder, a pipe or a device)") from None
     except (OSError, UnicodeDecodeError) as e:
         raise InputError(f"--start: cannot read prompt file {path}: {getattr(e, 'strerror', None) or e}") from None
 

@@ -4,11 +4,13 @@ Source k of K sits at alpha = k / (K - 1) on the dial, so with two sources
 source 0 is alpha 0 and source 1 is alpha 1. Each source is split into train and
 val before any batch is drawn; batches come from the train split only.
 """
+import errno
 import hashlib
 import json
 import lzma
 import os
 import re
+import stat
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -123,9 +125,28 @@ def parse_sources(specs):
     return sources
 
 
-def _sha256(path):
+class NotARegularFile(OSError):
+    """A pipe or a device where a file was to be read."""
+
+
+def open_regular(path):
+    """path opened to read its bytes, without waiting (opening a pipe would block, and a device never ends a
+    read): IsADirectoryError for a folder, as open() raises it, NotARegularFile for a pipe or a device, other
+    OSErrors as open raises them."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+        raise NotARegularFile(f"{path} is not a regular file")
+    return os.fdopen(fd, "rb")
+
+
+def file_sha256(path):
+    """The sha256 of a regular file's bytes (open_regular's errors otherwise)."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         for chunk in iter(lambda: f.read(MiB), b""):
             digest.update(chunk)
     return digest.hexdigest()
@@ -211,7 +232,7 @@ def fetch_builtin(name, cache_dir=None):
             record = json.loads(record_path.read_text())
         except (OSError, ValueError):
             record = {}
-        if record.get("sha256") == _sha256(path):
+        if record.get("sha256") == file_sha256(path):
             return path
         print(f"cached {path} does not match its record; downloading it again")
     writable_cache(path.parent)
@@ -263,10 +284,11 @@ def read_text(spec, cache_dir=None):
 
 def read_file(name, path):
     """The bytes of source name's local file."""
-    if path.exists() and not path.is_file():  # a pipe would hang the read, a device never end it
-        raise DataError(f"source {name!r}: {path} is not a regular file (a folder, a pipe or a device)")
     try:
-        return path.read_bytes()
+        with open_regular(path) as f:
+            return f.read()
+    except (NotARegularFile, IsADirectoryError):
+        raise DataError(f"source {name!r}: {path} is not a regular file (a folder, a pipe or a device)") from None
     except FileNotFoundError:
         raise DataError(f"source {name!r}: file not found: {path}") from None
     except OSError as e:

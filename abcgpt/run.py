@@ -21,7 +21,7 @@ import torch
 from .atomic import write_json
 from .checkpoint import CheckpointError, copy_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
-from .data import Corpus, DataError, check_source_name, is_source_name, parse_sources
+from .data import Corpus, DataError, check_source_name, file_sha256, is_source_name, parse_sources
 from .errors import SettingsError
 from .model import GPT, GPTConfig
 from .tokenizer import UnknownCharactersError, tokenizer_from_dict
@@ -256,17 +256,9 @@ def identity(path):
     """The sha256 of a checkpoint file, None where there is none (or no regular file: a pipe is never waited
     on): whether it is still the file once read."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        return file_sha256(path)
     except OSError:
         return None
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        return None
-    with os.fdopen(fd, "rb") as f:
-        digest = hashlib.sha256()
-        for chunk in iter(lambda: f.read(2**20), b""):
-            digest.update(chunk)
-        return digest.hexdigest()
 
 
 def changed_meanwhile(path, step_read):
