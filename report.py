@@ -111,9 +111,10 @@ def main(argv=None):
         check_generation_flags(args, args.device, model.config)
         baselines = load_baselines(args.ckpt, run, args.device)
         best = load_best(args.ckpt, run, args.device)
-        reused_sweep = reusable_sweep(RunFolder.of(args.ckpt).evaluation, run.weights_sha256, args.max_windows, corpus)
+        evaluation = RunFolder.of(args.ckpt).evaluation
+        reused_sweep = reusable_sweep(evaluation, run.weights_sha256, args.max_windows, corpus)
         reused_calibration = reusable_calibration(run.dial_map, args.samples, args.max_new_tokens)
-        for what, where, reused in (("the held-out sweep", RunFolder.of(args.ckpt).evaluation, reused_sweep),
+        for what, where, reused in (("the held-out sweep", evaluation, reused_sweep),
                                     ("the calibration samples", f"{args.ckpt}'s calibrated map", reused_calibration)):
             if reused:
                 print(f"reusing {what} of this checkpoint from {where}")

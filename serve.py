@@ -71,7 +71,8 @@ def main(argv=None):
               + ("; any Host name is taken: give --allow_host NAME to name yours" if hosts is None else ""),
               file=sys.stderr, flush=True)
     service = Service(model, tokenizer, run, args.max_batch, args.max_new_tokens, max_queue=args.max_queue,
-                      timeout=args.timeout, body_timeout=args.header_timeout, access=Access(hosts, args.token, args.allow_same_site))
+                      timeout=args.timeout, body_timeout=args.header_timeout,
+                      access=Access(hosts, args.token, args.allow_same_site))
     logging.basicConfig(format="%(asctime)s %(message)s", level=logging.INFO)
     host, port = listening.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host

@@ -48,7 +48,7 @@ def resumed_base(overrides):
     """The saved run's settings; a longer --max_iters keeps the saved decay unless --lr_decay_iters says otherwise.
     None for a run that saved no checkpoint, only its log: it starts from nothing."""
     folder = RunFolder(overrides.get("out_dir", "out"))
-    if folder.run_files() == ["log.jsonl"]:
+    if folder.holds_only_a_log():
         return None
     if not folder.checkpoint.exists():
         raise SettingsError(f"--resume: {folder} holds no run to continue (no {folder.checkpoint.name}): start one "

@@ -35,10 +35,7 @@ class Access:
     def __init__(self, hosts=LOOPBACK_HOSTS, token=None, allow_same_site=False):
         self.hosts = None if hosts is None else {h.lower().strip("[]") for h in hosts}
         self.token = token
-        self.allow_same_site = allow_same_site
-
-    def same_site_ok(self, fetched_from):
-        return fetched_from == "same-site" and self.allow_same_site
+        self.refused_sites = ("cross-site",) if allow_same_site else ("cross-site", "same-site")
 
     def check(self, http, json_body=False):
         """BadInput (400, 403, 401 or 415) unless this request may call the API."""
@@ -46,7 +43,7 @@ class Access:
         if self.hosts is not None and _name(host) not in self.hosts:
             raise BadInput(f"the Host header {host[:80]!r} is not one this server answers to (see --allow_host)")
         fetched_from = http.headers.get("sec-fetch-site", "").lower()  # what a browser says of the page asking
-        if fetched_from in ("cross-site", "same-site") and not self.same_site_ok(fetched_from):
+        if fetched_from in self.refused_sites:
             raise BadInput(f"requests from other sites ({fetched_from}) are refused", 403)
         origin = http.headers.get("origin")
         if origin is not None and urlsplit(origin).netloc.lower() != host.lower():

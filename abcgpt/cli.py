@@ -30,8 +30,13 @@ def run_tool(main):
         print("interrupted", file=sys.stderr)
         sys.exit(130)  # 128 + SIGINT
     except BrokenPipeError:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error as Python exits
+        discard_stdout()  # no second error as Python exits
         sys.exit(141)  # 128 + SIGPIPE, as a shell reports a pipe's writer that was cut off
+
+
+def discard_stdout():
+    """Send what is still to be printed nowhere: the reader of stdout has gone (| head)."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def one_line(message: str) -> str:

@@ -37,11 +37,8 @@ class GuardedH11Protocol(H11Protocol):
     def send_400_response(self, msg):
         """A request h11 cannot read (one framed both by Content-Length and Transfer-Encoding among them): 400 in
         the API's JSON error shape, and the connection closed, so nothing after it on the connection is read."""
-        body = json.dumps({"error": f"malformed HTTP request: {msg}"}).encode()
-        for event in (h11.Response(status_code=400, headers=[(b"content-type", b"application/json"),
-                                                             (b"content-length", str(len(body)).encode()),
-                                                             (b"connection", b"close")]),
-                      h11.Data(data=body), h11.EndOfMessage()):
+        headers, body = json_error(f"malformed HTTP request: {msg}")
+        for event in (h11.Response(status_code=400, headers=headers), h11.Data(data=body), h11.EndOfMessage()):
             self.transport.write(self.conn.send(event))
         self.transport.close()
 
@@ -65,10 +62,16 @@ def strict_http(app):
     return checked
 
 
-async def refuse(send, status, message):
+def json_error(message):
+    """(headers, body) of an error in the API's JSON shape, on a connection that closes after it."""
     body = json.dumps({"error": message}).encode()
-    await send({"type": "http.response.start", "status": status, "headers": [
-        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), (b"connection", b"close")]})
+    return [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+            (b"connection", b"close")], body
+
+
+async def refuse(send, status, message):
+    headers, body = json_error(message)
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
 

@@ -87,8 +87,9 @@ def reusable_sweep(evaluation, weights_sha256, max_windows, corpus):
 def reusable_calibration(dial_map, n_samples, sample_tokens):
     """{alpha: [P, ...]} at the report's alphas from the scores calibrate.py kept in the map, where it sampled
     as many samples of as many tokens at each; None otherwise. The map lives in the checkpoint it measured."""
-    scores = (dial_map or {}).get("scores") or {}
-    if (dial_map or {}).get("samples_per_alpha") != n_samples or dial_map.get("sample_tokens") != sample_tokens:
+    dial_map = dial_map or {}
+    scores = dial_map.get("scores") or {}
+    if dial_map.get("samples_per_alpha") != n_samples or dial_map.get("sample_tokens") != sample_tokens:
         return None
     kept = {a: scores.get(str(a)) or scores.get(str(float(a))) for a in SWEEP}
     return kept if all(isinstance(s, list) and len(s) == n_samples for s in kept.values()) else None

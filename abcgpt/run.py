@@ -168,6 +168,10 @@ class RunFolder:
         """The names of the run files that exist here."""
         return [name for name in self.FILES if (self.path / name).exists()]
 
+    def holds_only_a_log(self) -> bool:
+        """Whether this folder holds the log of a run that saved no checkpoint, and nothing else of a run."""
+        return self.run_files() == [self.FILES[2]]
+
     @property
     def evaluation(self) -> Path:
         return self.path / "eval.json"  # evaluate.py's sweep of the latest checkpoint, which report.py reuses

@@ -1,9 +1,8 @@
 """A run's log: one line per event on the console, and the same as strict JSON lines in the run's log file."""
 import json
-import os
-import sys
 
 from .atomic import strict
+from .cli import discard_stdout
 
 
 def format_seconds(seconds: float) -> str:
@@ -38,7 +37,7 @@ class RunLog:
         try:
             self.print_line(text)
         except BrokenPipeError:
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # later lines go nowhere, quietly
+            discard_stdout()  # later lines go nowhere, quietly
             self.print_line = lambda text: None
             if self.on_closed is not None:
                 self.on_closed()

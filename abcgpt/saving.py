@@ -24,7 +24,7 @@ def check_run_folder(folder, resume, overwrite):
         if path.exists() and not (path.is_file() and zipfile.is_zipfile(path)):
             raise SettingsError(f"out_dir: {path} is not a checkpoint; refusing to write over it")
     existing = folder.run_files()
-    if existing == ["log.jsonl"] and not resume and not overwrite:
+    if folder.holds_only_a_log() and not resume and not overwrite:
         raise SettingsError(f"out_dir {folder} holds only the log of a run that saved no checkpoint: start that "
                             "run from nothing with --resume (its log is kept), or clear it with --overwrite")
     if existing and not resume and not overwrite:

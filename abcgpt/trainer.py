@@ -80,7 +80,7 @@ class Trainer:
         self.log = RunLog(self.folder.log, log, active=self.is_master, on_closed=self._console_closed)
         # an old run's files go only once this one is set up and starts, so a setup error loses nothing
         self.replaced = check_run_folder(self.folder, resume, overwrite) if self.is_master else []
-        from_nothing = resume and self.folder.run_files() == ["log.jsonl"]  # a run that saved no checkpoint
+        from_nothing = resume and self.folder.holds_only_a_log()  # a run that saved no checkpoint
         saved = Run.load(self.folder.checkpoint) if resume and not from_nothing else None
         self.read_at_start = identity(self.folder.checkpoint) if saved is not None else None
         if saved is not None:
