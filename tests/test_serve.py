@@ -522,10 +522,17 @@ def test_the_page_in_a_browser(server, browser, tmp_path):
 
 @pytest.mark.browser
 @needs_chromium
-def test_a_new_generate_stops_the_last_stream_and_a_refusal_is_sent_once(server, browser):
+def test_a_new_generate_stops_the_last_stream_and_a_refusal_is_sent_once(server, browser, monkeypatch):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
+    step = server.service.decoder._step
+
+    def slow_step(*args):  # at least 4 s for 400 tokens: on a fast idle machine the first stream ended before
+        time.sleep(0.01)   # the second click reached the server
+        return step(*args)
+
+    monkeypatch.setattr(server.service.decoder, "_step", slow_step)
     browser.get(server.url)
     wait = WebDriverWait(browser, 60)
     wait.until(lambda d: d.find_element(By.ID, "left").text == "stories")
