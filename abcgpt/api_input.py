@@ -2,8 +2,7 @@
 parsed, and each field of one type.
 
 A field is a string (prompt, voice), a number (alpha, mix, temperature) or an integer (max_new_tokens, top_k, seed).
-In JSON a number must be a JSON number, never a string; in a query string it must be plain ASCII decimal
-("0.5", "1e-3", "40"), never "1_0", "٤" or "inf". Numbers JSON can write but a float or a 64-bit integer
+A number must be a JSON number, never a string. Numbers JSON can write but a float or a 64-bit integer
 cannot hold (1e400, NaN, Infinity, a 5000-digit integer) are refused by the field that holds them.
 """
 import asyncio
@@ -19,8 +18,6 @@ FIELDS = {"prompt": str, "alpha": float, "mix": float, "voice": str, "max_new_to
           "top_k": int, "seed": int}
 MAX_DEPTH = 4  # a request is one flat object; deeper JSON is refused before the parser recurses into it
 INTEGER_LIMIT = 2**63  # integers are 64-bit, as torch stores them
-QUERY_NUMBER = re.compile(r"-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][-+]?[0-9]{1,3})?", re.ASCII)
-QUERY_INTEGER = re.compile(r"-?[0-9]+", re.ASCII)
 JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
 
 
@@ -93,20 +90,6 @@ def _json_float(text):
 
 def _json_int(text):
     return int(text) if len(text) <= 20 and abs(int(text)) < INTEGER_LIMIT else Unrepresentable(text)
-
-
-def query_fields(pairs) -> dict:
-    """The fields of a query string's (name, value) pairs, numbers read as strict ASCII decimals."""
-    fields = {}
-    for name, text in pairs:
-        if name in fields:
-            raise BadInput(f"{name} is given twice")
-        kind = FIELDS.get(name, str)
-        pattern = {int: QUERY_INTEGER, float: QUERY_NUMBER}.get(kind)
-        if pattern is not None and not pattern.fullmatch(text):
-            raise BadInput(f"{name} must be {'an integer' if kind is int else 'a number'}, got {text[:40]!r}")
-        fields[name] = text if kind is str else _json_int(text) if kind is int else _json_float(text)
-    return fields
 
 
 def check_fields(fields: dict) -> None:

@@ -3,7 +3,7 @@
     python serve.py --ckpt out/ckpt.pt              # then open the address it prints
 
 Routes: GET / (the page), GET /api/info, POST /api/generate (JSON in, JSON out),
-GET /api/stream (the same as server-sent events, one per token). Every request in
+POST /api/stream (the same JSON in, server-sent events out, whole characters as they come). Every request in
 flight joins one BatchedDecoder, so many users at different dials share each
 forward. Bad input gets a 4xx JSON error {"error": message} naming the field; a full
 queue 503 with Retry-After; a request past its deadline 504, or an error event on a
@@ -27,7 +27,7 @@ from starlette.routing import Route
 from . import settings
 from .access import Access
 from .connections import strict_http
-from .api_input import BadInput, ClientGone, check_fields, number, parse_json, query_fields, read_body
+from .api_input import BadInput, ClientGone, check_fields, number, parse_json, read_body
 from .batching import BatchedDecoder, QueueFull, Request, TimedOut
 from .data import source_alphas
 from .errors import SettingsError
@@ -151,7 +151,8 @@ class Service:
 
 
 def error(e):
-    headers = {503: {"Retry-After": str(RETRY_AFTER)}, 401: {"WWW-Authenticate": "Bearer"}}.get(e.status)
+    headers = {503: {"Retry-After": str(RETRY_AFTER)}, 401: {"WWW-Authenticate": "Bearer"}, 405: {"Allow": "POST"}}.get(
+        e.status)
     return JSONResponse({"error": str(e)}, status_code=e.status, headers=headers)
 
 
@@ -181,7 +182,8 @@ def create_app(service):
             return error(e)
         return JSONResponse(service.info())
 
-    async def generate(http: HttpRequest):
+    async def submitted(http):
+        """The Request a JSON POST asks for, submitted; or the Response that refuses it."""
         try:
             service.access.check(http, json_body=True)
             request = service.request(parse_json(await read_body(http, service.max_body, service.body_timeout)))
@@ -191,6 +193,12 @@ def create_app(service):
         except ClientGone:
             log.warning("a client left while sending its request")
             return Response(status_code=400)
+        return request
+
+    async def generate(http: HttpRequest):
+        request = await submitted(http)
+        if isinstance(request, Response):
+            return request
         watcher = asyncio.create_task(cancel_when_gone(http, request))
         try:
             async for _ in service.tokens(request):
@@ -206,12 +214,12 @@ def create_app(service):
         return JSONResponse(service.result(request))
 
     async def stream(http: HttpRequest):
-        try:
-            service.access.check(http)
-            request = service.request(query_fields(http.query_params.multi_items()))
-            service.submit(request)
-        except BadInput as e:
-            return error(e)
+        if http.method != "POST":  # a GET any page can make, in an iframe or an image, with no preflight
+            return error(BadInput("POST the request to /api/stream as JSON (Content-Type: application/json), as "
+                                  "to /api/generate", 405))
+        request = await submitted(http)
+        if isinstance(request, Response):
+            return request
 
         async def events():
             text = TextStream(service.tokenizer)  # whole characters only, decoding just the new token
@@ -241,7 +249,7 @@ def create_app(service):
         task.cancel()
 
     routes = [Route("/", page), Route("/api/info", info), Route("/api/generate", generate, methods=["POST"]),
-              Route("/api/stream", stream)]
+              Route("/api/stream", stream, methods=["GET", "POST"])]
     async def http_error(http, e):  # 404, 405 and the rest in the API's one error shape
         return JSONResponse({"error": e.detail}, status_code=e.status_code, headers=getattr(e, "headers", None))
 

@@ -71,9 +71,9 @@ def test_the_same_seed_gives_the_same_text_and_what_sample_py_prints(client, tra
 
 
 def test_the_stream_sends_the_same_text_token_by_token(client):
-    params = {"prompt": "one day", "alpha": "0.8", "max_new_tokens": "25", "seed": "3"}
+    body = {"prompt": "one day", "alpha": 0.8, "max_new_tokens": 25, "seed": 3}
     pieces, done = [], None
-    with client.stream("GET", "/api/stream", params=params) as response:
+    with client.stream("POST", "/api/stream", json=body) as response:
         assert response.headers["content-type"].startswith("text/event-stream")
         event = "message"
         for line in response.iter_lines():
@@ -86,7 +86,7 @@ def test_the_stream_sends_the_same_text_token_by_token(client):
                 else:
                     pieces.append(data["text"])
     assert len(pieces) == 25 and done["tokens"] == 25
-    expected = client.post("/api/generate", json={**params, "alpha": 0.8, "max_new_tokens": 25, "seed": 3}).json()
+    expected = client.post("/api/generate", json=body).json()
     assert "".join(pieces) == done["text"] == expected["text"]
 
 
@@ -107,7 +107,7 @@ class HalfCharacters:
 def test_a_stream_sends_whole_characters_when_tokens_split_them(own_client):
     client, service = own_client()
     service.tokenizer = HalfCharacters(service.tokenizer)
-    params = {"prompt": "one day", "alpha": "0.5", "max_new_tokens": "60", "seed": "4", "temperature": "2"}
+    params = {"prompt": "one day", "alpha": 0.5, "max_new_tokens": 60, "seed": 4, "temperature": 2}
     events = stream_events(client, params)
     deltas = [data["text"] for event, data in events if event == "message"]
     done = next(data for event, data in events if event == "done")
@@ -150,8 +150,8 @@ def test_a_stream_sends_whole_characters_when_tokens_split_them(own_client):
 def test_bad_requests_get_a_4xx_json_error_and_the_server_goes_on(client, body, message):
     response = client.post("/api/generate", json={"prompt": "one day", **body})
     assert response.status_code == 400 and response.json()["error"].startswith(message)
-    stream = client.get("/api/stream", params={"prompt": "one day", **{k: str(v) for k, v in body.items()}})
-    assert 400 <= stream.status_code < 500 and "error" in stream.json()
+    stream = client.post("/api/stream", json={"prompt": "one day", **body})
+    assert stream.status_code == 400 and stream.json()["error"].startswith(message)
     assert client.post("/api/generate", json={"prompt": "one day", "max_new_tokens": 3}).status_code == 200
 
 
@@ -184,20 +184,14 @@ def test_json_that_no_field_can_hold_is_refused_by_name(own_client, raw, message
     assert response.status_code == 400 and response.json()["error"].startswith(message)
 
 
-@pytest.mark.parametrize("query, message", [
-    ("alpha=1_0", "alpha must be a number, got '1_0'"),
-    ("alpha=%D9%A0.%D9%A5", "alpha must be a number, got '٠.٥'"),  # Arabic-Indic digits
-    ("seed=inf", "seed must be an integer, got 'inf'"),
-    ("temperature=nan", "temperature must be a number, got 'nan'"),
-    ("max_new_tokens=1e2", "max_new_tokens must be an integer, got '1e2'"),
-    ("alpha=1e400", "alpha must be a number that fits in 64 bits, got 1e400"),
-    ("seed=" + "9" * 30, "seed must be an integer that fits in 64 bits"),
-    ("alpha=0.5&alpha=0.6", "alpha is given twice"),
-    ("alpha=%200.5", "alpha must be a number, got ' 0.5'"),
-])
-def test_query_numbers_are_plain_ascii_decimals(client, query, message):
-    response = client.get(f"/api/stream?prompt=one+day&{query}")
-    assert response.status_code == 400 and response.json()["error"].startswith(message)
+def test_a_stream_is_a_json_post_never_a_get_that_any_page_could_make(client):
+    """A GET needs no preflight from another site's page (an iframe, an image, an EventSource), and a browser too
+    old to send Sec-Fetch-Site would send it unmarked: so no GET runs a generation."""
+    submitted = len(client.service.decoder.pending) + len(client.service.decoder.active)
+    refused = client.get("/api/stream?prompt=one+day&max_new_tokens=3")
+    assert refused.status_code == 405 and refused.headers["allow"] == "POST"
+    assert refused.json()["error"].startswith("POST the request to /api/stream as JSON")
+    assert len(client.service.decoder.pending) + len(client.service.decoder.active) == submitted
 
 
 def test_a_hostile_temperature_gets_its_full_text(client):
@@ -235,10 +229,10 @@ def own_client(loaded):
         client.__exit__(None, None, None)
 
 
-def stream_events(client, params, headers=None):
+def stream_events(client, body, headers=None):
     """The (event, data) pairs of one stream."""
     events, event = [], "message"
-    with client.stream("GET", "/api/stream", params=params, headers=headers) as response:
+    with client.stream("POST", "/api/stream", json=body, headers=headers) as response:
         for line in response.iter_lines():
             if line.startswith("event: "):
                 event = line[len("event: "):]
@@ -253,7 +247,7 @@ def test_a_failed_step_is_a_5xx_or_an_error_event_never_a_short_200(own_client, 
     monkeypatch.setattr("abcgpt.batching.executor_for", fails_at_alpha(0.25))
     failed = client.post("/api/generate", json={"prompt": "one day", "alpha": 0.25, "max_new_tokens": 20})
     assert failed.status_code == 500 and failed.json()["error"] == "decoding failed: RuntimeError: the device failed"
-    events = stream_events(client, {"prompt": "one day", "alpha": "0.25", "max_new_tokens": "20"})
+    events = stream_events(client, {"prompt": "one day", "alpha": 0.25, "max_new_tokens": 20})
     assert events == [("error", {"error": "decoding failed: RuntimeError: the device failed"})]
     fine = client.post("/api/generate", json={"prompt": "one day", "alpha": 0.5, "max_new_tokens": 20})
     assert fine.status_code == 200 and fine.json()["tokens"] == 20
@@ -264,7 +258,7 @@ def test_a_request_past_its_deadline_gets_504_or_an_error_event(own_client):
     late = client.post("/api/generate", json={"prompt": "one day", "max_new_tokens": 10**6})
     assert late.status_code == 504 and late.json()["error"].startswith("the deadline of 0.2 s passed after")
     assert 0 < late.json()["tokens"] < 10**6
-    events = stream_events(client, {"prompt": "one day", "max_new_tokens": str(10**6)})
+    events = stream_events(client, {"prompt": "one day", "max_new_tokens": 10**6})
     assert events[-1][0] == "error" and "deadline of 0.2 s" in events[-1][1]["error"]
 
 
@@ -274,7 +268,7 @@ def test_a_full_queue_answers_503_with_retry_after(own_client):
     response = client.post("/api/generate", json={"prompt": "one day"})
     assert response.status_code == 503 and response.headers["retry-after"] == "2"
     assert "the server is busy (1 requests are waiting)" in response.json()["error"]
-    assert client.get("/api/stream", params={"prompt": "one day"}).status_code == 503
+    assert client.post("/api/stream", json={"prompt": "one day"}).status_code == 503
 
 
 def test_only_json_from_this_origin_at_a_served_host_is_taken(client):
@@ -283,7 +277,9 @@ def test_only_json_from_this_origin_at_a_served_host_is_taken(client):
     assert as_text.status_code == 415 and "Content-Type: application/json" in as_text.json()["error"]
     elsewhere = client.post("/api/generate", json=body, headers={"origin": "https://evil.example"})
     assert elsewhere.status_code == 403 and "https://evil.example" in elsewhere.json()["error"]
-    assert client.get("/api/stream", params=body, headers={"origin": "null"}).status_code == 403
+    assert client.post("/api/stream", json=body, headers={"origin": "null"}).status_code == 403
+    streamed_as_text = client.post("/api/stream", content=json.dumps(body), headers={"content-type": "text/plain"})
+    assert streamed_as_text.status_code == 415
     rebound = client.get("/api/info", headers={"host": "evil.example:8000"})
     assert rebound.status_code == 400 and "'evil.example:8000'" in rebound.json()["error"]
     same = client.post("/api/generate", json=body, headers={"origin": "http://localhost"})
@@ -294,13 +290,13 @@ def test_a_page_on_another_site_cannot_run_a_stream_even_without_an_origin(own_c
     """An iframe, an image or a no-cors fetch sends no Origin, but a browser says Sec-Fetch-Site."""
     client, _ = own_client()
     params = {"prompt": "one day", "max_new_tokens": 2}
-    for route, call in (("/api/stream", client.get), ("/api/info", client.get)):
-        refused = call(route, params=params, headers={"sec-fetch-site": "cross-site", "sec-fetch-mode": "no-cors"})
+    cross = {"sec-fetch-site": "cross-site", "sec-fetch-mode": "no-cors"}
+    for route in ("/api/stream", "/api/generate"):
+        refused = client.post(route, json=params, headers=cross)
         assert refused.status_code == 403 and "requests from other sites (cross-site)" in refused.json()["error"]
-    posted = client.post("/api/generate", json=params, headers={"sec-fetch-site": "cross-site"})
-    assert posted.status_code == 403
-    assert client.get("/api/stream", params=params, headers={"sec-fetch-site": "same-site"}).status_code == 403
-    assert client.get("/api/stream", params=params, headers={"sec-fetch-site": "same-origin"}).status_code == 200
+    assert client.get("/api/info", headers=cross).status_code == 403
+    assert client.post("/api/stream", json=params, headers={"sec-fetch-site": "same-site"}).status_code == 403
+    assert client.post("/api/stream", json=params, headers={"sec-fetch-site": "same-origin"}).status_code == 200
     subdomains, _ = own_client(access=Access(allow_same_site=True))
     assert subdomains.get("/api/info", headers={"sec-fetch-site": "same-site"}).status_code == 200
     assert subdomains.get("/api/info", headers={"sec-fetch-site": "cross-site"}).status_code == 403
@@ -384,7 +380,7 @@ def test_several_clients_at_once_are_decoded_together(server):
 
 def test_a_client_that_disconnects_frees_its_slot(server):
     decoder = server.service.decoder
-    with httpx2.stream("GET", f"{server.url}/api/stream", params={"prompt": "one day", "max_new_tokens": "400"},
+    with httpx2.stream("POST", f"{server.url}/api/stream", json={"prompt": "one day", "max_new_tokens": 400},
                        timeout=60) as response:
         next(response.iter_lines())
         assert decoder.cache.used == 1
@@ -578,6 +574,9 @@ ATTACK = """<!doctype html><title>another site</title>
 <input name='{{"prompt": "one day", "max_new_tokens": 3, "x": "' value='"}}'></form>
 <script>
 fetch("{api}/api/stream?prompt=one%20day&max_new_tokens=3&seed=3", {{mode: "no-cors"}}).catch(() => {{}});
+const body = JSON.stringify({{prompt: "one day", max_new_tokens: 3, seed: 5}});
+fetch("{api}/api/stream", {{method: "POST", mode: "no-cors", body}}).catch(() => {{}});  // as text/plain
+fetch("{api}/api/stream", {{method: "POST", body, headers: {{"Content-Type": "application/json"}}}}).catch(() => {{}});
 new EventSource("{api}/api/stream?prompt=one%20day&max_new_tokens=3&seed=4");
 document.forms[0].submit();
 </script>"""
@@ -586,7 +585,8 @@ document.forms[0].submit();
 @pytest.mark.browser
 def test_a_page_on_another_site_gets_no_generation_from_a_visitors_browser(server, browser):
     """A page at http://localhost:OTHER (another site than 127.0.0.1) makes the browser ask the API through an
-    iframe, an image, a form, a no-cors fetch and an EventSource: each arrives, and none runs a generation."""
+    iframe, an image, a form, no-cors fetches (a GET, a text/plain POST), an EventSource and a JSON POST (whose
+    preflight is refused): each arrives, and none runs a generation."""
     import http.server
 
     page = ATTACK.format(api=server.url).encode()
@@ -606,7 +606,7 @@ def test_a_page_on_another_site_gets_no_generation_from_a_visitors_browser(serve
     before, streams, posts = len(server.submitted), server.hits["/api/stream"], server.hits["/api/generate"]
     try:
         browser.get(f"http://localhost:{site.server_address[1]}/")
-        until(lambda: server.hits["/api/stream"] - streams >= 4 and server.hits["/api/generate"] - posts >= 1)
+        until(lambda: server.hits["/api/stream"] - streams >= 6 and server.hits["/api/generate"] - posts >= 1)
         time.sleep(1)  # an EventSource retries; a generation, had one started, would be submitted by now
     finally:
         site.shutdown()

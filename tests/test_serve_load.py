@@ -57,9 +57,9 @@ def raw(port, data):
     return connection
 
 
-def post_bytes(body):
-    return (b"POST /api/generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-            b"Content-Length: %d\r\n\r\n" % len(body) + body)
+def post_bytes(body, path="/api/generate"):
+    return (b"POST %s HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n" % path.encode()
+            + b"Content-Length: %d\r\n\r\n" % len(body) + body)
 
 
 def test_honest_requests_complete_in_full_under_load_and_faults(served):
@@ -83,8 +83,7 @@ def test_honest_requests_complete_in_full_under_load_and_faults(served):
                 got = httpx2.post(f"{url}/api/generate", json=fields, timeout=120).json().get("tokens")
             else:
                 done = None
-                params = {k: str(v) for k, v in fields.items()}
-                with httpx2.stream("GET", f"{url}/api/stream", params=params, timeout=120) as response:
+                with httpx2.stream("POST", f"{url}/api/stream", json=fields, timeout=120) as response:
                     event = None
                     for line in response.iter_lines():
                         if line.startswith("event: "):
@@ -103,20 +102,20 @@ def test_honest_requests_complete_in_full_under_load_and_faults(served):
 
     def abandoned_streams():
         for _ in range(5):
-            with httpx2.stream("GET", f"{url}/api/stream", params={"prompt": "one day", "max_new_tokens": "200"},
+            with httpx2.stream("POST", f"{url}/api/stream", json={"prompt": "one day", "max_new_tokens": 200},
                                timeout=60) as response:
                 next(response.iter_lines())
 
     def hostile():
         for _ in range(5):
-            httpx2.get(f"{url}/api/stream", params={"prompt": "a", "temperature": "1e-40"}, timeout=60)
+            httpx2.post(f"{url}/api/stream", json={"prompt": "a", "temperature": 1e-40}, timeout=60)
             for raw_body in (b'{"seed": 1e400}', b'{"top_k": NaN}', b"[" * 3000 + b"]" * 3000):
                 httpx2.post(f"{url}/api/generate", content=raw_body, headers={"content-type": "application/json"},
                             timeout=60)
             time.sleep(0.1)
 
-    never_reading = [raw(port, b"GET /api/stream?prompt=one+day&max_new_tokens=200 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-                     for _ in range(2)]
+    streamed = json.dumps({"prompt": "one day", "max_new_tokens": 200}).encode()
+    never_reading = [raw(port, post_bytes(streamed, "/api/stream")) for _ in range(2)]
     oversized = raw(port, b"POST /api/generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                           b"Content-Length: 536870912\r\n\r\n")
     slowloris = [raw(port, b"GET /api/info HTTP/1.1\r\nHost: 127.0.0.1\r\n") for _ in range(3)]
