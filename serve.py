@@ -30,6 +30,10 @@ def main(argv=None):
     p.add_argument("--max_new_tokens", type=int, default=500, help="the most tokens one request may ask for")
     p.add_argument("--max_queue", type=int, help="requests that may wait for a slot; more get 503 "
                    "(default: 4 x --max_batch)")
+    p.add_argument("--max_per_client", type=int, help="requests one client (an address) may have decoding at once; "
+                   "its others wait their turn (default: half of --max_batch)")
+    p.add_argument("--max_queued_per_client", type=int, help="requests one client may have waiting; more get 429 "
+                   "(default: --max_batch)")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds a request may take, waiting included; "
                    "then it ends with what it has (504, or an error event)")
     p.add_argument("--max_connections", type=int, default=256, help="requests in flight at most; more get 503")
@@ -53,7 +57,8 @@ def main(argv=None):
     try:
         apply_runtime_flags(args)
         check_new_tokens(args.max_new_tokens, "--max_new_tokens", least=1)
-        for flag in ("max_batch", "max_queue", "max_connections", "port", "timeout", "header_timeout"):
+        for flag in ("max_batch", "max_queue", "max_per_client", "max_queued_per_client", "max_connections", "port",
+                     "timeout", "header_timeout"):
             if getattr(args, flag) is not None:
                 limits.check(flag.replace("header_", ""), getattr(args, flag), f"--{flag}")
         if args.token is not None and not args.token.strip():
@@ -71,7 +76,8 @@ def main(argv=None):
               + ("; any Host name is taken: give --allow_host NAME to name yours" if hosts is None else ""),
               file=sys.stderr, flush=True)
     service = Service(model, tokenizer, run, args.max_batch, args.max_new_tokens, max_queue=args.max_queue,
-                      timeout=args.timeout, body_timeout=args.header_timeout,
+                      timeout=args.timeout, body_timeout=args.header_timeout, max_per_client=args.max_per_client,
+                      max_queued_per_client=args.max_queued_per_client,
                       access=Access(hosts, args.token, args.allow_same_site))
     logging.basicConfig(format="%(asctime)s %(message)s", level=logging.INFO)
     host, port = listening.getsockname()[:2]

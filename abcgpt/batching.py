@@ -3,34 +3,53 @@
 Requests in flight are decoded together: one forward per decoding step for every
 request that has a cache position left, with one alpha per row (the per-row gate:
 the fused kernel on CUDA, the reference backend elsewhere). Each request owns a slot
-of a SlotCache at its own position. The busy slots are kept at the front, in one
-block, so a step reads and writes the cache in place, with no copy of it; a request
-that leaves hands its slot to the last one. Requests join (their prompt is run once,
-alone) and leave between steps. A request draws from its own generator through
-sampling.draw, the very operations of sampling.generate, so its seed alone decides
-its text: it does not depend on who else is being served, and it is what sample.py
-prints.
+of a SlotCache at its own position, with its row of gates beside its keys and values.
+The busy slots are kept at the front, in one block, so a step reads and writes the
+cache in place, with no copy of it; a request that leaves hands its slot (and its
+gates) to the last one. Requests join (their prompt is run once, alone) and leave
+between steps; a join computes one row of gates and a leave copies one, and nothing
+else is rebuilt. A request draws from its own generator through sampling.draw, the
+very operations of sampling.generate, so its seed alone decides its text: it does
+not depend on who else is being served, and it is what sample.py prints.
+
+The steps run in a worker thread of their own, so the server's event loop stays free
+to answer while a step computes; tokens are handed to each request's queue on that loop.
 
 Limits and fairness: a bounded queue (submit raises QueueFull), a deadline per
-request, and the shortest requests admitted first. Up to max_batch requests of any
-length run at once, and max_batch // 4 more (at least one) are kept for short ones (at most
-short_tokens new tokens), so that long requests cannot starve a short one.
-A step that fails is run again a request at a time: only the request that fails
-ends, with its error, and the others go on.
+request, and turns shared between clients. A request names its client (the server
+uses the peer address); admission goes to the client that was served least recently,
+and within a client to its oldest request, so every waiting request moves up with
+each admission and none waits for ever. One client may hold at most max_per_client
+seats and have max_queued_per_client requests waiting (ClientQueueFull past that).
+Up to max_batch requests of any length run at once, and max_batch // 4 more (at
+least one) are kept for short ones (at most short_tokens new tokens), so that long
+requests cannot starve a short one. A step that fails is run again a request at a
+time: only the request that fails ends, with its error, and the others go on.
 """
 import asyncio
+import logging
+import threading
 import time
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 
 import torch
 
-from .backends import executor_for
+from .backends import choose, ungated
+from .gate import Gates
 from .sampling import draw
-from .voice import Dial
+from .voice import Dial, prepare
+
+log = logging.getLogger(__name__)
+REMEMBERED_CLIENTS = 4096  # clients whose last turn is kept; one forgotten longer ago counts as new
 
 
 class QueueFull(Exception):
     """Every slot is busy and the queue holds as many requests as it may."""
+
+
+class ClientQueueFull(QueueFull):
+    """This request's client already has as many requests waiting as one client may."""
 
 
 class TimedOut(Exception):
@@ -52,6 +71,7 @@ class SlotCache:
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.lengths = [0] * slots
         self.used = 0  # slots [0, used) are busy
+        self.gates = None  # each group's gates, (slots, n): a slot's row is its request's, made when it joined
 
     def take(self):
         """The next free slot, empty."""
@@ -67,8 +87,23 @@ class SlotCache:
             return None
         self.k[:, slot].copy_(self.k[:, last])
         self.v[:, slot].copy_(self.v[:, last])
+        if self.gates is not None:
+            for table in self.gates.groups():
+                table[slot].copy_(table[last])
         self.lengths[slot] = self.lengths[last]
         return slot
+
+    def set_gates(self, slot, row):
+        """Put one request's gates (a Gates of (1, n) rows) in slot's row."""
+        if self.gates is None:
+            self.gates = row.map(lambda g: g.new_zeros((len(self.lengths), g.size(-1))))
+        for table, gate in zip(self.gates.groups(), row.groups()):
+            table[slot].copy_(gate[0])
+
+    def gates_of(self, start, stop):
+        """The gates of the slots [start, stop): views of the table, so a row written later is read there too."""
+        block = self.gates.map(lambda table: table[start:stop])
+        return Gates(block.embd, block.heads, block.hidden)
 
     def rows(self, start, stop):
         """What one forward over the slots [start, stop) uses as its cache."""
@@ -138,13 +173,15 @@ class Request:
     mix: float | None = None  # the mix the alpha came from, when the calibrated dial was used
     voice: str | None = None  # the voice the dial came from (a source, a mixture or "all"), when one was named
     timeout: float = float("inf")  # seconds from submission to the last token
+    client: object = None  # who asked (the server: the peer's address), for fair turns; None: no one's, no caps
     tokens: list = field(default_factory=list)
     slot: int | None = None
     cancelled: bool = False
     error: Exception | None = None  # why it ended before its last token (TimedOut, DecodingFailed), if it did
     started: float = field(default_factory=time.perf_counter)
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)  # new token ids, then None at the end
-    generator: torch.Generator | None = None  # made on the model's device at submit, from seed
+    generator: torch.Generator | None = None  # made on the model's device when it joins, from seed
+    gates: Gates | None = None  # its own row of gates, (1, n) each, made when it joins
 
     @property
     def done(self):
@@ -154,7 +191,8 @@ class Request:
 class BatchedDecoder:
     """Decodes every submitted Request, in batches of up to max_batch; run() is its loop."""
 
-    def __init__(self, model, max_batch=32, max_queue=None, short_tokens=64):
+    def __init__(self, model, max_batch=32, max_queue=None, short_tokens=64, max_per_client=None,
+                 max_queued_per_client=None):
         self.model = model.eval()
         self.device = model.lm_head.weight.device
         self.block_size = model.config.block_size
@@ -162,71 +200,145 @@ class BatchedDecoder:
         seats = max_batch + max(1, max_batch // 4)  # the extra ones only for short requests
         self.cache = SlotCache(model.config, seats, self.device, model.lm_head.weight.dtype)
         self.max_queue = 4 * max_batch if max_queue is None else max_queue
+        self.max_per_client = max(1, max_batch // 2) if max_per_client is None else max_per_client
+        self.max_queued_per_client = max_batch if max_queued_per_client is None else max_queued_per_client
         self.pending, self.active = [], []  # active: in slot order, then the windowed ones (no slot)
-        self.wake = asyncio.Event()
+        self.lock = threading.Lock()  # pending is appended to by submit() and taken from by the worker
+        self.wake, self.stopping = threading.Event(), threading.Event()
+        self.turns = OrderedDict()  # client: the number of its last admission (the least recent first)
+        self.admissions = 0
         self.largest_batch = 0  # the most requests one decoding step has served (for tests and benchmarks)
-        self.executors = {}  # alphas of a block of rows: the executor that runs them
+        self.block_executors = {}  # (start, stop) of a block of slots: what runs a forward over it
+        self.windowed = (), None  # the requests past the context last stepped, and what ran them
 
     def submit(self, request):
-        """Queue a request; its prompt must fit the context (block_size tokens). QueueFull when the queue is."""
+        """Queue a request; its prompt must fit the context (block_size tokens). QueueFull when the queue is,
+        ClientQueueFull when its client's share of it is. Safe from any thread."""
         if not 0 < len(request.prompt) <= self.block_size:
             raise ValueError(f"a prompt of {len(request.prompt)} tokens does not fit the context of {self.block_size}")
-        if len(self.pending) >= self.max_queue:
-            raise QueueFull(f"{len(self.pending)} requests are waiting")
-        request.generator = torch.Generator(device=self.device).manual_seed(request.seed)
-        self.pending.append(request)
+        with self.lock:
+            if len(self.pending) >= self.max_queue:
+                raise QueueFull(f"{len(self.pending)} requests are waiting")
+            if request.client is not None:
+                mine = sum(r.client == request.client for r in self.pending)
+                if mine >= self.max_queued_per_client:
+                    raise ClientQueueFull(f"{mine} of your requests are waiting, the most one client may have")
+            self.pending.append(request)
         self.wake.set()
 
     async def run(self):
-        """Forever: let waiting requests join while slots are free, take one step for all, hand out tokens."""
-        while True:
-            if not self.pending and not self.active:
-                self.wake.clear()
-                await self.wake.wait()
-            self._drop_finished()
-            joining = self._admit()
-            stepping = list(self.active)
-            self.active += joining
-            # in the loop's own thread: a step takes milliseconds, and torch run from a second thread was slower
-            # here (its own pool of worker threads beside the first); requests are read between steps
-            for request, token in self._step_each_alone_if_need_be(joining, stepping):
-                request.tokens.append(token)
-                request.queue.put_nowait(token)
-            for _ in range(4):  # let the server read and answer between steps; a client's leaving takes a few
-                await asyncio.sleep(0)  # turns of the loop (socket, protocol, watcher) to cancel its request
+        """Decode in a worker thread until cancelled; each token reaches its request's queue on this loop."""
+        loop = asyncio.get_running_loop()
+        self.stopping.clear()
+        worker = threading.Thread(target=self._work, args=(loop,), name="decoder", daemon=True)
+        worker.start()
+        try:
+            await loop.create_future()  # never set: the task runs until it is cancelled
+        finally:
+            self.stopping.set()
+            self.wake.set()
+            worker.join()  # within a step: nothing is handed to the loop once run() has returned
+
+    def _work(self, loop):
+        """The worker's loop: let waiting requests join while seats are free, take one step for all, hand out
+        tokens (and each finished request's end, None) to the event loop in one call per step."""
+        with torch.no_grad():
+            while not self.stopping.is_set():
+                if not self.pending and not self.active:
+                    self.wake.wait()
+                    self.wake.clear()
+                    continue
+                try:
+                    handed = [(r, None) for r in self._drop_finished()]
+                    joining, refused = self._admit()
+                    handed += [(r, None) for r in refused]
+                    stepping = list(self.active)
+                    self.active += joining
+                    for request, token in self._step_each_alone_if_need_be(joining, stepping):
+                        request.tokens.append(token)
+                        handed.append((request, token))
+                except Exception:  # a fault outside any one request's step: log it, and go on with the next step
+                    log.exception("the decoder's loop failed")
+                    continue
+                if handed:
+                    loop.call_soon_threadsafe(_hand_out, handed)
 
     def _admit(self):
-        """Pending requests that start now: the least work first, while a slot is free (one per request
-        in flight, or a seat for one past the context), and a long one only while fewer than max_batch long
-        ones are (the rest are kept for short ones)."""
-        now = time.perf_counter()
-        for request in self.pending:
-            if not request.cancelled and now - request.started > request.timeout:
-                request.error = TimedOut(f"no slot came free within the deadline of {request.timeout:g} s")
-            if request.done:  # cancelled or timed out before it started
-                request.queue.put_nowait(None)
-        self.pending = [r for r in self.pending if not r.done]
+        """(joining, ended): the pending requests that start now, and those that end before starting (cancelled,
+        past the deadline, or a dial that cannot be served). A free seat goes to the client served least
+        recently, and within a client to its oldest request; one client holds at most max_per_client seats, and
+        long requests at most max_batch (the other seats are kept for short ones)."""
+        now, ended = time.perf_counter(), []
+        with self.lock:
+            for request in self.pending:
+                if not request.cancelled and now - request.started > request.timeout:
+                    request.error = TimedOut(f"no slot came free within the deadline of {request.timeout:g} s")
+                if request.done:  # cancelled or timed out before it started
+                    ended.append(request)
+            waiting = [r for r in self.pending if not r.done]
         joining = []
+        seats = len(self.cache.lengths) - len(self.active)
         long = sum(r.max_new_tokens > self.short_tokens for r in self.active)
-        for request in sorted(self.pending, key=lambda r: (r.max_new_tokens, len(r.prompt))):
-            is_long = request.max_new_tokens > self.short_tokens
-            if len(self.active) + len(joining) < len(self.cache.lengths) and not (is_long and long >= self.max_batch):
-                request.slot = self.cache.take()
-                long += is_long
-                joining.append(request)
-        self.pending = [r for r in self.pending if r not in joining]
-        return joining
+        held = Counter(r.client for r in self.active if r.client is not None)
+        while len(joining) < seats:
+            may_start = [r for r in waiting
+                         if not (r.max_new_tokens > self.short_tokens and long >= self.max_batch)
+                         and (r.client is None or held[r.client] < self.max_per_client)]
+            if not may_start:
+                break
+            request = min(may_start, key=lambda r: (self.turns.get(r.client, -1), r.started))
+            waiting.remove(request)
+            if not self._prepare(request):
+                ended.append(request)
+                continue
+            request.slot = self.cache.take()
+            if request.gates is not None:
+                self.cache.set_gates(request.slot, request.gates)
+            long += request.max_new_tokens > self.short_tokens
+            held[request.client] += request.client is not None
+            self._took_a_turn(request.client)
+            joining.append(request)
+        gone = {id(r) for r in joining + ended}
+        with self.lock:
+            self.pending = [r for r in self.pending if id(r) not in gone]
+        return joining, ended
+
+    def _took_a_turn(self, client):
+        self.turns[client] = self.admissions
+        self.turns.move_to_end(client)
+        self.admissions += 1
+        if len(self.turns) > REMEMBERED_CLIENTS:
+            self.turns.popitem(last=False)
+
+    def _prepare(self, request):
+        """Give a joining request its generator and its row of gates; False (with its error) where its dial
+        cannot be served."""
+        request.generator = torch.Generator(device=self.device).manual_seed(request.seed)
+        if not self.model.config.gated:
+            return True
+        dial = request.alpha if isinstance(request.alpha, Dial) else None
+        try:
+            dial = Dial.stack([dial or Dial.alpha(request.alpha)])  # one row: the table's shape
+            dial = prepare(dial, self.model.config.geometry, 1, self.model.config.n_sources).to(self.device)
+            request.gates = self.model.gates(dial)
+        except Exception as e:
+            request.error = DecodingFailed(f"decoding failed: {type(e).__name__}: {_first_line(e)}")
+            return False
+        return True
 
     def _drop_finished(self):
+        """The active requests that are done (their deadline passed, cancelled, or at their last token), each
+        out of its slot."""
         now = time.perf_counter()
         for request in self.active:
             if not request.done and now - request.started > request.timeout:
                 request.error = TimedOut(f"the deadline of {request.timeout:g} s passed after {len(request.tokens)} "
                                          "tokens")
-        for request in [r for r in self.active if r.done]:
+        finished = [r for r in self.active if r.done]
+        for request in finished:
             self.active.remove(request)
             self._free_slot(request)
-            request.queue.put_nowait(None)
+        return finished
 
     def _free_slot(self, request):
         if request.slot is None:
@@ -253,8 +365,7 @@ class BatchedDecoder:
                     emitted += self._step(alone if request in joining else [], alone if request in stepping else [],
                                           uniforms)
                 except Exception as e:
-                    reason = str(e).splitlines()[0] if str(e) else ""
-                    request.error = DecodingFailed(f"decoding failed: {type(e).__name__}: {reason}")
+                    request.error = DecodingFailed(f"decoding failed: {type(e).__name__}: {_first_line(e)}")
                 if request.slot is not None:
                     after[request.slot] = self.cache.lengths[request.slot]
             self.cache.lengths[:] = after
@@ -263,7 +374,6 @@ class BatchedDecoder:
                 self._free_slot(request)
         return emitted
 
-    @torch.no_grad()
     def _step(self, joining, stepping, uniforms):
         """Prompts of the joining requests (one forward for each block of prompts of one length), then one
         token for every stepping request:
@@ -273,20 +383,24 @@ class BatchedDecoder:
         for length in sorted({len(r.prompt) for r in joining}):  # prompts of one length in a block of slots
             for start, stop, rows in self._blocks([r for r in joining if len(r.prompt) == length]):
                 idx = torch.tensor([r.prompt for r in rows], device=self.device)
-                logits, _ = self.model(idx, cache=self.cache.rows(start, stop), run=self._executor(rows))
-                emitted += self._draw(rows, logits[:, -1, :], uniforms)
+                emitted += self._draw(rows, self._forward(rows, idx, (start, stop)), uniforms)
         cached = [r for r in stepping if r.slot is not None]
         windowed = [r for r in stepping if r.slot is None]
         self.largest_batch = max(self.largest_batch, len(cached), len(windowed))
         for start, stop, rows in self._blocks(cached):
             idx = torch.tensor([[r.tokens[-1]] for r in rows], device=self.device)
-            logits, _ = self.model(idx, cache=self.cache.rows(start, stop), run=self._executor(rows))
-            emitted += self._draw(rows, logits[:, -1, :], uniforms)
+            emitted += self._draw(rows, self._forward(rows, idx, (start, stop)), uniforms)
         if windowed:
             idx = torch.tensor([(r.prompt + r.tokens)[-self.block_size:] for r in windowed], device=self.device)
-            logits, _ = self.model(idx, run=self._executor(windowed))
-            emitted += self._draw(windowed, logits[:, -1, :], uniforms)
+            emitted += self._draw(windowed, self._forward(windowed, idx, None), uniforms)
         return emitted
+
+    def _forward(self, requests, idx, slots):
+        """The last position's logits of one forward over these requests' rows: in the cache's slots
+        (start, stop), or (slots None) over their whole windows, with no cache."""
+        cache = None if slots is None else self.cache.rows(*slots)
+        logits, _ = self.model(idx, cache=cache, run=self._executor(requests, slots))
+        return logits[:, -1, :]
 
     @staticmethod
     def _blocks(rows):
@@ -300,18 +414,21 @@ class BatchedDecoder:
                 blocks.append((r.slot, r.slot + 1, [r]))
         return blocks
 
-    def _executor(self, requests):
-        """What runs a forward over these requests' rows: made once (gates and all) while the same requests
-        sit in the same rows, which is most steps."""
-        key = tuple(dial_key(r.alpha) for r in requests)
-        if key not in self.executors:
-            if len(self.executors) >= 8:  # the blocks of the last few compositions
-                self.executors.clear()
-            dials = None
-            if self.model.config.gated:  # one row per request; an alpha is a line Dial
-                dials = Dial.stack([r.alpha if isinstance(r.alpha, Dial) else Dial.alpha(r.alpha) for r in requests])
-            self.executors[key] = executor_for(self.model, dials, len(requests), self.device)
-        return self.executors[key]
+    def _executor(self, requests, slots):
+        """What runs a forward over these requests' rows. A block of slots reads its gates from the cache's
+        table, so its executor is made once and stays right as requests come and go; the windowed rows (a
+        few, past the context) get theirs from the requests' own rows, made again only when they change."""
+        if not self.model.config.gated:
+            return ungated()
+        backend = choose(self.model.backend, self.device, per_row=True)
+        if slots is not None:
+            if slots not in self.block_executors:
+                self.block_executors[slots] = backend.build(self.model, self.cache.gates_of(*slots), None)
+            return self.block_executors[slots]
+        key = tuple(requests)  # the requests themselves: by identity
+        if self.windowed[0] != key:
+            self.windowed = key, backend.build(self.model, _stacked([r.gates for r in requests]), None)
+        return self.windowed[1]
 
     def _draw(self, requests, logits, uniforms):
         """A token for each request's row of logits, from its uniform draw of this step."""
@@ -322,3 +439,20 @@ class BatchedDecoder:
             top_k = torch.tensor([[r.top_k or logits.size(-1)] for r in requests], device=self.device)
         tokens = draw(logits, temperature, top_k, u).flatten().tolist()
         return list(zip(requests, tokens))
+
+
+def _hand_out(handed):
+    """On the event loop: each (request, token) to its request's queue; None ends a request."""
+    for request, token in handed:
+        request.queue.put_nowait(token)
+
+
+def _stacked(rows):
+    """One Gates of the requests' rows, in their order."""
+    embd, heads, hidden = (list(parts) for parts in zip(*((g.embd, g.heads, g.hidden) for g in rows)))
+    return Gates(torch.cat(embd), [torch.cat(layer) for layer in zip(*heads)],
+                 [torch.cat(layer) for layer in zip(*hidden)])
+
+
+def _first_line(e):
+    return str(e).splitlines()[0] if str(e) else ""

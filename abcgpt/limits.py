@@ -56,6 +56,8 @@ LIMITS = {
     "port": whole(0, 65535),
     "max_batch": whole(1, 2**16),
     "max_queue": whole(1, 10**6),
+    "max_per_client": whole(1, 2**16),
+    "max_queued_per_client": whole(1, 10**6),
     "max_connections": whole(1, 10**6),
     "timeout": Limit(0, 86_400, low_open=True),  # seconds: up to a day
     # the model

@@ -2,13 +2,14 @@
 
     python serve.py --ckpt out/ckpt.pt              # then open the address it prints
 
-Routes: GET / (the page), GET /api/info, POST /api/generate (JSON in, JSON out),
-POST /api/stream (the same JSON in, server-sent events out, whole characters as they come). Every request in
-flight joins one BatchedDecoder, so many users at different dials share each
-forward. Bad input gets a 4xx JSON error {"error": message} naming the field; a full
-queue 503 with Retry-After; a request past its deadline 504, or an error event on a
-stream. A client that leaves frees its slot at the next step. Needs the [serve]
-extra (Starlette, uvicorn).
+Routes: GET / (the page), GET /api/info, POST /api/generate (JSON in, JSON out), POST /api/stream
+(the same JSON in, server-sent events out, in whole characters). Every request in flight joins one
+BatchedDecoder, so many users at different dials share each forward; its steps run in a worker thread,
+so this loop stays free to answer. Turns are shared between clients, told apart by their address. Bad
+input gets a 4xx JSON error {"error": message} naming the field; a full queue 503 with Retry-After, and a
+client with too many requests waiting 429 with Retry-After; a request past its deadline 504, or an error
+event on a stream. A client that leaves frees its slot at the next step. Needs the [serve] extra
+(Starlette, uvicorn).
 """
 import asyncio
 import json
@@ -28,7 +29,7 @@ from . import settings
 from .access import Access
 from .connections import strict_http
 from .api_input import BadInput, ClientGone, check_fields, number, parse_json, read_body
-from .batching import BatchedDecoder, QueueFull, Request, TimedOut
+from .batching import BatchedDecoder, ClientQueueFull, QueueFull, Request, TimedOut
 from .data import source_alphas
 from .errors import SettingsError
 from .tokenizer import TextStream, UnknownCharactersError
@@ -43,14 +44,15 @@ class Service:
     """The model, its tokenizer and decoder, and how a request's fields become a Request."""
 
     def __init__(self, model, tokenizer, run, max_batch=32, max_new_tokens=500, max_body=16_384, max_queue=None,
-                 timeout=120.0, body_timeout=10.0, access=None):
+                 timeout=120.0, body_timeout=10.0, access=None, max_per_client=None, max_queued_per_client=None):
         self.model, self.tokenizer, self.run = model, tokenizer, run
         self.names = run.source_names
         self.dial_map = run.dial_map
         self.max_new_tokens, self.max_body = max_new_tokens, max_body
         self.timeout, self.body_timeout = timeout, body_timeout
         self.access = Access() if access is None else access
-        self.decoder = BatchedDecoder(model, max_batch, max_queue)
+        self.decoder = BatchedDecoder(model, max_batch, max_queue, max_per_client=max_per_client,
+                                      max_queued_per_client=max_queued_per_client)
 
     def info(self):
         c = self.model.config
@@ -64,7 +66,9 @@ class Service:
             "step": self.run.step, "calibrated": bool(self.dial_map), "max_new_tokens": self.max_new_tokens,
             "device": str(self.decoder.device), "defaults": self.defaults(),
             "load": {"active": len(self.decoder.active), "queued": len(self.decoder.pending),
-                     "max_batch": self.decoder.max_batch, "max_queue": self.decoder.max_queue},
+                     "max_batch": self.decoder.max_batch, "max_queue": self.decoder.max_queue,
+                     "max_per_client": self.decoder.max_per_client,
+                     "max_queued_per_client": self.decoder.max_queued_per_client},
         }
 
     def defaults(self):
@@ -72,8 +76,9 @@ class Service:
         values = {**settings.defaults(), "max_new_tokens": min(settings.DEFAULTS.max_new_tokens, self.max_new_tokens)}
         return {**values, **(settings.calibrated_at(self.dial_map) if self.dial_map else {})}
 
-    def request(self, fields):
-        """A Request from the fields of a JSON body or a query string; BadInput for anything wrong."""
+    def request(self, fields, client=None):
+        """A Request from the fields of a JSON body, for client (who asks: their turns are shared with the
+        others'); BadInput for anything wrong."""
         check_fields(fields)
         prompt = fields.get("prompt", "\n")
         if not isinstance(prompt, str) or not prompt:
@@ -97,7 +102,8 @@ class Service:
         except SettingsError as e:
             raise BadInput(str(e)) from None
         top_k = None if top_k is None else min(top_k, self.model.config.vocab_size)  # the same cut, in range
-        return Request(ids, alpha, new_tokens, temperature, top_k, seed, mix, voice, timeout=self.timeout)
+        return Request(ids, alpha, new_tokens, temperature, top_k, seed, mix, voice, timeout=self.timeout,
+                       client=client)
 
     def _dial(self, fields, temperature, top_k):
         """(dial, mix, voice, temperature, top_k): a voice or an alpha as given, at the sampling settings given
@@ -141,6 +147,8 @@ class Service:
     def submit(self, request):
         try:
             self.decoder.submit(request)
+        except ClientQueueFull as e:
+            raise BadInput(f"too many requests from you ({e}); try again in {RETRY_AFTER} s", 429) from None
         except QueueFull as e:
             raise BadInput(f"the server is busy ({e}); try again in {RETRY_AFTER} s", 503) from None
 
@@ -151,7 +159,8 @@ class Service:
 
 
 def error(e):
-    headers = {503: {"Retry-After": str(RETRY_AFTER)}, 401: {"WWW-Authenticate": "Bearer"}, 405: {"Allow": "POST"}}.get(
+    wait = {"Retry-After": str(RETRY_AFTER)}
+    headers = {503: wait, 429: wait, 401: {"WWW-Authenticate": "Bearer"}, 405: {"Allow": "POST"}}.get(
         e.status)
     return JSONResponse({"error": str(e)}, status_code=e.status, headers=headers)
 
@@ -186,7 +195,8 @@ def create_app(service):
         """The Request a JSON POST asks for, submitted; or the Response that refuses it."""
         try:
             service.access.check(http, json_body=True)
-            request = service.request(parse_json(await read_body(http, service.max_body, service.body_timeout)))
+            fields = parse_json(await read_body(http, service.max_body, service.body_timeout))
+            request = service.request(fields, client=http.client.host if http.client else None)
             service.submit(request)
         except BadInput as e:
             return error(e)

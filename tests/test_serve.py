@@ -202,14 +202,14 @@ def test_a_hostile_temperature_gets_its_full_text(client):
     assert hostile["tokens"] == 30 and hostile["text"] == greedy["text"]
 
 
-def fails_at_alpha(alpha):
-    """executor_for, but a forward with a row at `alpha` fails (as a step that meets a fault would)."""
-    from abcgpt.backends import executor_for
+def fails_at_alpha(decoder, alpha):
+    """decoder's forward, but one with a row at `alpha` fails (as a step that meets a fault would)."""
+    forward = decoder._forward
 
-    def failing(model, alphas, batch_size, device):
-        if alphas is not None and bool((alphas.point == alpha).any()):
+    def failing(requests, idx, slots):
+        if any(r.alpha == alpha for r in requests):
             raise RuntimeError("the device failed")
-        return executor_for(model, alphas, batch_size, device)
+        return forward(requests, idx, slots)
 
     return failing
 
@@ -244,7 +244,7 @@ def stream_events(client, body, headers=None):
 
 def test_a_failed_step_is_a_5xx_or_an_error_event_never_a_short_200(own_client, monkeypatch):
     client, service = own_client()
-    monkeypatch.setattr("abcgpt.batching.executor_for", fails_at_alpha(0.25))
+    monkeypatch.setattr(service.decoder, "_forward", fails_at_alpha(service.decoder, 0.25))
     failed = client.post("/api/generate", json={"prompt": "one day", "alpha": 0.25, "max_new_tokens": 20})
     assert failed.status_code == 500 and failed.json()["error"] == "decoding failed: RuntimeError: the device failed"
     events = stream_events(client, {"prompt": "one day", "alpha": 0.25, "max_new_tokens": 20})

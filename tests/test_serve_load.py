@@ -51,6 +51,11 @@ def served(trained_checkpoint, tmp_path_factory):
     process.wait(timeout=30)
 
 
+def from_address(address):
+    """An HTTP client whose connections come from address (another loopback address: another client)."""
+    return httpx2.Client(transport=httpx2.HTTPTransport(local_address=address))
+
+
 def raw(port, data):
     connection = socket.create_connection(("127.0.0.1", port), timeout=30)
     connection.sendall(data)
@@ -76,14 +81,15 @@ def test_honest_requests_complete_in_full_under_load_and_faults(served):
     honest = []  # (asked, got)
 
     def honest_client(i):
+        client = from_address(f"127.0.0.{10 + i}")  # a user of their own: turns are shared by address
         for j in range(3):
             asked = 40 + 40 * ((i + j) % 4)
             fields = {"prompt": "one day", "alpha": (i % 5) / 4, "max_new_tokens": asked, "seed": 100 * i + j}
             if (i + j) % 2:
-                got = httpx2.post(f"{url}/api/generate", json=fields, timeout=120).json().get("tokens")
+                got = client.post(f"{url}/api/generate", json=fields, timeout=120).json().get("tokens")
             else:
                 done = None
-                with httpx2.stream("POST", f"{url}/api/stream", json=fields, timeout=120) as response:
+                with client.stream("POST", f"{url}/api/stream", json=fields, timeout=120) as response:
                     event = None
                     for line in response.iter_lines():
                         if line.startswith("event: "):
