@@ -27,7 +27,7 @@ from starlette.routing import Route
 
 from . import settings
 from .access import Access
-from .connections import strict_http
+from .connections import RETRY_AFTER, strict_http
 from .api_input import BadInput, ClientGone, check_fields, number, parse_json, read_body
 from .batching import BatchedDecoder, ClientQueueFull, QueueFull, Request, TimedOut
 from .data import source_alphas
@@ -36,7 +36,6 @@ from .tokenizer import TextStream, UnknownCharactersError
 from .voice import UNIFORM, Dial, parse_voice
 
 PAGE = Path(__file__).with_name("page.html")
-RETRY_AFTER = 2  # seconds a client told the queue is full should wait
 log = logging.getLogger(__name__)
 
 

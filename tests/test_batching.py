@@ -4,7 +4,7 @@ import asyncio
 
 import pytest
 
-from abcgpt.batching import BatchedDecoder, DecodingFailed, QueueFull, Request, TimedOut
+from abcgpt.batching import BatchedDecoder, ClientQueueFull, DecodingFailed, QueueFull, Request, TimedOut
 from abcgpt.run import load_model
 
 
@@ -172,3 +172,71 @@ def test_short_requests_are_not_starved_by_long_ones(model64):
 
     asyncio.run(main())
     assert short.tokens and short.error is None
+
+
+def short(client, seed=0):
+    return Request([4, 5], 0.5, 4, top_k=1, seed=seed, client=client)
+
+
+def test_a_free_seat_goes_to_the_client_served_least_recently(model64):
+    """Six requests from one client, then one from another: the other's comes second, not seventh."""
+    decoder = BatchedDecoder(model64, max_batch=2, max_per_client=10, max_queued_per_client=10)  # 3 seats
+    flood = [short("a", seed=i) for i in range(6)]
+    other = short("b")
+    for r in [*flood, other]:
+        decoder.submit(r)
+    joining, ended = decoder._admit()
+    assert joining == [flood[0], other, flood[1]] and not ended
+    assert decoder.pending == flood[2:]
+
+
+def test_a_long_request_waits_for_no_stream_of_shorter_ones(model64):
+    """Short requests that arrive later, from clients of their own, never go before a long one waiting."""
+    decoder = BatchedDecoder(model64, max_batch=2, short_tokens=8)  # 3 seats: 2 for any, 1 for short ones
+    waiting_long = Request([4], 0.5, 100, top_k=1, client="honest")
+    busy = [short(f"busy-{i}") for i in range(3)]
+    for r in busy:
+        decoder.submit(r)
+    decoder.active, _ = decoder._admit()
+    decoder.submit(waiting_long)
+    for round in range(5):  # each round a seat comes free and three new short requests compete for it
+        newcomers = [short(f"new-{round}-{i}") for i in range(3)]
+        for r in newcomers:
+            decoder.submit(r)
+        decoder.active[0].cancelled = True
+        decoder._drop_finished()
+        joining, _ = decoder._admit()
+        decoder.active += joining
+        if waiting_long in joining:
+            break
+    assert round == 0 and waiting_long in decoder.active
+
+
+def test_one_client_holds_at_most_its_share_of_seats_and_of_the_queue(model64):
+    decoder = BatchedDecoder(model64, max_batch=4, max_per_client=2, max_queued_per_client=3)
+    mine = [short("a", seed=i) for i in range(3)]
+    for r in mine:
+        decoder.submit(r)
+    with pytest.raises(ClientQueueFull, match="3 of your requests are waiting"):
+        decoder.submit(short("a"))
+    decoder.submit(short(None))  # a request no client names (in-process) has no per-client caps
+    decoder.submit(short("b"))
+    joining, _ = decoder._admit()
+    assert sum(r.client == "a" for r in joining) == 2 and len(joining) == 4 and decoder.pending == [mine[2]]
+
+
+def test_a_join_computes_one_row_of_gates_and_a_leave_rebuilds_nothing(model64, monkeypatch):
+    """Requests come and go through the slots (more requests than seats, leaving in another order than they
+    came); the gates are computed once per request, and each block of slots gets its executor once."""
+    made = []
+    gates = model64.gates
+    monkeypatch.setattr(model64, "gates", lambda dial, *rest: (made.append(dial.point.shape), gates(dial, *rest))[1])
+    requests = [request(a, seed=i, top_k=None, n=n) for i, (a, n) in enumerate([(0.1, 9), (0.8, 3), (0.4, 14),
+                                                                                 (0.6, 5), (0.3, 11), (0.9, 7)])]
+    decoder = decode(model64, requests[:3], max_batch=2, join_later=requests[3:])
+    assert made == [(1,)] * len(requests)  # one row each, when it joined
+    assert set(decoder.block_executors) <= {(a, b) for a in range(3) for b in range(a + 1, 4)}
+    for mine in requests:  # slots handed over (keys, values and gates) mid-generation change no token
+        alone = request(mine.alpha, seed=mine.seed, top_k=None, n=mine.max_new_tokens)
+        decode(model64, [alone])
+        assert mine.tokens == alone.tokens

@@ -322,7 +322,7 @@ def test_a_token_is_required_when_one_is_set(own_client):
 
 # a real server on a free local port
 @contextmanager
-def serve_on_a_free_port(service):
+def serve_on_a_free_port(service, max_connections=32):
     """uvicorn with the server's own limits (a 1-second header deadline), on a thread; it records the
     requests its decoder was given and counts the hits on each path."""
     with socket.socket() as s:
@@ -336,7 +336,7 @@ def serve_on_a_free_port(service):
         hits[scope.get("path")] += 1
         await app(scope, receive, send)
 
-    running = uvicorn.Server(server_config(counted, "127.0.0.1", port, max_connections=32, header_timeout=1.0))
+    running = uvicorn.Server(server_config(counted, "127.0.0.1", port, max_connections, header_timeout=1.0))
     thread = threading.Thread(target=running.run, daemon=True)
     thread.start()
     deadline = time.time() + 30
@@ -661,3 +661,155 @@ def test_a_request_framed_two_ways_or_with_an_oversized_head_is_refused_and_clos
         refused = answer(connection)
         assert refused.startswith(b"HTTP/1.1 431") and b"headers are over 8192 bytes" in refused
         assert connection.recv(4096) == b""
+
+
+def from_address(address):
+    """An HTTP client whose connections come from address: another loopback address is another client."""
+    return httpx2.Client(transport=httpx2.HTTPTransport(local_address=address), timeout=120)
+
+
+def test_the_api_answers_while_a_step_is_computing(loaded):
+    """The decoder steps in a worker thread: a step that takes as long as it likes holds up no answer."""
+    with serve_on_a_free_port(Service(*loaded, max_batch=4, max_new_tokens=50)) as server:
+        decoder, in_step, release = server.service.decoder, threading.Event(), threading.Event()
+        forward = decoder._forward
+
+        def held(*args):
+            in_step.set()
+            release.wait(60)
+            return forward(*args)
+
+        decoder._forward = held
+        streaming = threading.Thread(target=httpx2.post, args=(f"{server.url}/api/generate",),
+                                     kwargs={"json": {"prompt": "one day", "max_new_tokens": 5}, "timeout": 120})
+        streaming.start()
+        try:
+            assert in_step.wait(30)
+            info = httpx2.get(f"{server.url}/api/info", timeout=10)  # the step is still held
+            assert info.status_code == 200 and info.json()["load"]["active"] == 1 and not release.is_set()
+        finally:
+            release.set()
+            streaming.join()
+
+
+def test_a_long_request_completes_beside_clients_looping_short_ones(loaded):
+    """Admission once took the shortest first: clients that looped 8-token requests kept every seat, and a
+    100-token request waited until its deadline (504, no tokens)."""
+    with serve_on_a_free_port(Service(*loaded, max_batch=2, max_new_tokens=100, timeout=30)) as server:
+        stop = threading.Event()
+
+        def loop_short(address):
+            with from_address(address) as client:
+                while not stop.is_set():
+                    client.post(f"{server.url}/api/generate", json={"prompt": "one day", "max_new_tokens": 8})
+
+        loopers = [threading.Thread(target=loop_short, args=(f"127.0.0.{20 + i}",)) for i in range(8)]
+        for t in loopers:
+            t.start()
+        try:
+            assert until(lambda: len(server.submitted) >= 16)
+            with from_address("127.0.0.3") as honest:
+                answer = honest.post(f"{server.url}/api/generate", json={"prompt": "one day", "max_new_tokens": 100})
+        finally:
+            stop.set()
+            for t in loopers:
+                t.join()
+    assert answer.status_code == 200 and answer.json()["tokens"] == 100
+
+
+def test_one_clients_flood_waits_its_turn_and_is_capped(loaded):
+    """A client with many requests holds its share of the seats, has a capped queue (429 past it), and another
+    client's request starts at once, ahead of the flood's waiting ones."""
+    service = Service(*loaded, max_batch=4, max_new_tokens=400, max_per_client=2, max_queued_per_client=3)
+    with serve_on_a_free_port(service) as server:
+        decoder, step = service.decoder, service.decoder._step
+        decoder._step = lambda *args: (time.sleep(0.03), step(*args))[1]  # 300 tokens take 9 s at least
+        flood, answers = from_address("127.0.0.2"), []
+
+        def flood_one():
+            answers.append(flood.post(f"{server.url}/api/generate", json={"prompt": "one day", "max_new_tokens": 300}))
+
+        floods = [threading.Thread(target=flood_one) for _ in range(5)]
+        for i, t in enumerate(floods):  # one after another: each in the decoder's hands before the next
+            t.start()
+            assert until(lambda: len(server.submitted) == i + 1)
+        assert until(lambda: len(decoder.active) == 2 and len(decoder.pending) == 3)  # its share, and its queue
+        floods += [threading.Thread(target=flood_one) for _ in range(3)]
+        for t in floods[5:]:
+            t.start()
+        assert until(lambda: len(answers) == 3)
+        refused, still_waiting = list(answers), None
+        with from_address("127.0.0.3") as honest, honest.stream(
+                "POST", f"{server.url}/api/stream", json={"prompt": "one day", "max_new_tokens": 20}) as response:
+            for line in response.iter_lines():
+                if line.startswith("data: ") and still_waiting is None:  # its first text: who is still waiting?
+                    still_waiting = [r for r in decoder.pending if r.client == "127.0.0.2"]
+        for r in server.submitted:
+            r.cancelled = True
+        for t in floods:
+            t.join()
+        flood.close()
+    assert len(still_waiting) == 3  # the flood's waiting requests, all sent before it, still wait
+    assert all(r.status_code == 429 and r.headers["retry-after"] == "2" for r in refused)
+    assert refused[0].json()["error"].startswith("too many requests from you (3 of your requests are waiting")
+
+
+def silent_connection(port):
+    """A connection that sends nothing."""
+    return socket.create_connection(("127.0.0.1", port), timeout=10)
+
+
+def test_silent_connections_cannot_lock_an_honest_client_out(server):
+    """255 connections that send nothing, then each re-opened as soon as the server closes it: the server closes
+    idle connections of the address that holds the most to make room, and another user's requests still
+    complete. The cap was once on connections: 255 silent ones got honest requests uvicorn's plain-text 503,
+    or a reset."""
+    silent = [silent_connection(server.port) for _ in range(255)]  # the server holds 64 open: twice its 32
+    stop, reopened = threading.Event(), [0]
+
+    def keep_them_open():
+        while not stop.is_set():
+            for i, connection in enumerate(silent):
+                connection.setblocking(False)
+                try:
+                    closed = connection.recv(1) == b""
+                except BlockingIOError:
+                    closed = False
+                except OSError:
+                    closed = True
+                if closed and not stop.is_set():
+                    connection.close()
+                    silent[i] = silent_connection(server.port)
+                    reopened[0] += 1
+            time.sleep(0.01)
+
+    attacker = threading.Thread(target=keep_them_open)
+    attacker.start()
+    try:
+        answers = []
+        for seed in range(10):
+            with from_address("127.0.0.3") as honest:  # another user, on a connection of its own each time
+                answers.append(honest.post(f"{server.url}/api/generate",
+                                           json={"prompt": "one day", "max_new_tokens": 5, "seed": seed}))
+            time.sleep(0.1)
+    finally:
+        stop.set()
+        attacker.join()
+        for connection in silent:
+            connection.close()
+    assert [a.status_code for a in answers] == [200] * 10 and reopened[0] > 0
+
+
+def test_requests_in_flight_past_the_cap_get_a_json_503_with_retry_after(loaded):
+    with serve_on_a_free_port(Service(*loaded, max_batch=4, max_new_tokens=400), max_connections=1) as server:
+        decoder, step = server.service.decoder, server.service.decoder._step
+        decoder._step = lambda *args: (time.sleep(0.01), step(*args))[1]
+        with httpx2.stream("POST", f"{server.url}/api/stream", json={"prompt": "one day", "max_new_tokens": 400},
+                           timeout=60) as response:
+            lines = response.iter_lines()  # kept: a dropped iterator closes the stream
+            next(lines)  # in flight
+            refused = httpx2.get(f"{server.url}/api/info", timeout=10)
+        for r in server.submitted:
+            r.cancelled = True
+    assert refused.status_code == 503 and refused.headers["retry-after"] == "2"
+    assert refused.json()["error"].startswith("the server is busy: 1 requests are in flight")
