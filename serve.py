@@ -9,8 +9,10 @@ page takes it from its address, http://host:port/#token=<token>.
 """
 import logging
 import os
+import signal
 import socket
 import sys
+import threading
 
 from abcgpt.access import LOOPBACK_HOSTS, Access, is_loopback
 from abcgpt import limits
@@ -76,6 +78,7 @@ def main(argv=None):
               + ("; any Host name is taken: give --allow_host NAME to name yours" if hosts is None else ""),
               file=sys.stderr, flush=True)
     service = Service(model, tokenizer, run, args.max_batch, args.max_new_tokens, max_queue=args.max_queue,
+                      decoder_thread=False,
                       timeout=args.timeout, body_timeout=args.header_timeout, max_per_client=args.max_per_client,
                       max_queued_per_client=args.max_queued_per_client,
                       access=Access(hosts, args.token, args.allow_same_site))
@@ -84,7 +87,23 @@ def main(argv=None):
     shown = f"[{host}]" if ":" in host else host
     print(f"serving {args.ckpt} on http://{shown}:{port} (Ctrl-C stops)", flush=True)  # the bound port, for --port 0
     config = server_config(create_app(service), args.host, port, args.max_connections, args.header_timeout)
-    uvicorn.Server(config).run(sockets=[listening])
+    serve_beside(uvicorn.Server(config), listening, service)
+
+
+def serve_beside(server, listening, service):
+    """The HTTP server in a thread of its own, and the decoder on this one (the thread that loaded the model,
+    where torch's thread pool runs fastest), until Ctrl-C or SIGTERM."""
+    http = threading.Thread(target=server.run, kwargs={"sockets": [listening]}, name="http", daemon=True)
+    http.start()
+    while not service.started.wait(0.1):
+        if not http.is_alive():
+            raise SystemExit("error: the HTTP server did not start")
+    signal.signal(signal.SIGTERM, lambda *_: service.decoder.stop())
+    try:
+        service.decoder.serve(service.loop)
+    finally:
+        server.should_exit = True
+        http.join(timeout=10)
 
 
 def bind(host, port):

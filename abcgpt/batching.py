@@ -12,8 +12,9 @@ else is rebuilt. A request draws from its own generator through sampling.draw, t
 very operations of sampling.generate, so its seed alone decides its text: it does
 not depend on who else is being served, and it is what sample.py prints.
 
-The steps run in a worker thread of their own, so the server's event loop stays free
-to answer while a step computes; tokens are handed to each request's queue on that loop.
+The steps run on a thread apart from the server's event loop (serve(), on the thread
+that loaded the model; or run(), in a worker thread), so the loop stays free to answer
+while a step computes; tokens are handed to each request's queue on that loop.
 
 Limits and fairness: a bounded queue (submit raises QueueFull), a deadline per
 request, and turns shared between clients. A request names its client (the server
@@ -226,17 +227,31 @@ class BatchedDecoder:
             self.pending.append(request)
         self.wake.set()
 
+    def serve(self, loop):
+        """Decode on this thread until stop(), handing each token to its request's queue on loop (the server's
+        event loop, running in another thread). Torch's CPU thread pool runs at full speed on the thread that
+        made it (the one that loaded the model) and at about half that on a second one, so serve.py decodes
+        on its main thread and runs the server beside it."""
+        try:
+            self._work(loop)
+        finally:
+            self.stopping.clear()  # ready to serve again
+
+    def stop(self):
+        """End serve() after the step it is in. Safe from any thread, or a signal handler."""
+        self.stopping.set()
+        self.wake.set()
+
     async def run(self):
-        """Decode in a worker thread until cancelled; each token reaches its request's queue on this loop."""
+        """serve() in a worker thread of its own until this task is cancelled: for a server whose caller has no
+        thread to give the decoder (a test's, a notebook's)."""
         loop = asyncio.get_running_loop()
-        self.stopping.clear()
-        worker = threading.Thread(target=self._work, args=(loop,), name="decoder", daemon=True)
+        worker = threading.Thread(target=self.serve, args=(loop,), name="decoder", daemon=True)
         worker.start()
         try:
             await loop.create_future()  # never set: the task runs until it is cancelled
         finally:
-            self.stopping.set()
-            self.wake.set()
+            self.stop()
             worker.join()  # within a step: nothing is handed to the loop once run() has returned
 
     def _work(self, loop):

@@ -4,8 +4,8 @@
 
 Routes: GET / (the page), GET /api/info, POST /api/generate (JSON in, JSON out), POST /api/stream
 (the same JSON in, server-sent events out, in whole characters). Every request in flight joins one
-BatchedDecoder, so many users at different dials share each forward; its steps run in a worker thread,
-so this loop stays free to answer. Turns are shared between clients, told apart by their address. Bad
+BatchedDecoder, so many users at different dials share each forward; its steps run on a thread apart
+from this event loop (serve.py's main thread), so the loop stays free to answer. Turns are shared between clients, told apart by their address. Bad
 input gets a 4xx JSON error {"error": message} naming the field; a full queue 503 with Retry-After, and a
 client with too many requests waiting 429 with Retry-After; a request past its deadline 504, or an error
 event on a stream. A client that leaves frees its slot at the next step. Needs the [serve] extra
@@ -15,6 +15,7 @@ import asyncio
 import json
 import logging
 import random
+import threading
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -43,7 +44,8 @@ class Service:
     """The model, its tokenizer and decoder, and how a request's fields become a Request."""
 
     def __init__(self, model, tokenizer, run, max_batch=32, max_new_tokens=500, max_body=16_384, max_queue=None,
-                 timeout=120.0, body_timeout=10.0, access=None, max_per_client=None, max_queued_per_client=None):
+                 timeout=120.0, body_timeout=10.0, access=None, max_per_client=None, max_queued_per_client=None,
+                 decoder_thread=True):
         self.model, self.tokenizer, self.run = model, tokenizer, run
         self.names = run.source_names
         self.dial_map = run.dial_map
@@ -52,6 +54,10 @@ class Service:
         self.access = Access() if access is None else access
         self.decoder = BatchedDecoder(model, max_batch, max_queue, max_per_client=max_per_client,
                                       max_queued_per_client=max_queued_per_client)
+        # True: the app's lifespan runs the decoder in a thread of its own; False: the caller runs
+        # decoder.serve(service.loop) once `started` is set (serve.py, on its main thread)
+        self.decoder_thread = decoder_thread
+        self.loop, self.started = None, threading.Event()
 
     def info(self):
         c = self.model.config
@@ -253,9 +259,12 @@ def create_app(service):
 
     @asynccontextmanager
     async def lifespan(_):
-        task = asyncio.create_task(service.decoder.run())
+        service.loop = asyncio.get_running_loop()
+        task = asyncio.create_task(service.decoder.run()) if service.decoder_thread else None
+        service.started.set()
         yield
-        task.cancel()
+        if task is not None:
+            task.cancel()
 
     routes = [Route("/", page), Route("/api/info", info), Route("/api/generate", generate, methods=["POST"]),
               Route("/api/stream", stream, methods=["GET", "POST"])]

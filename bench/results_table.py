@@ -32,22 +32,28 @@ def gate_table():
 
 def serve_row(path):
     record = json.loads(path.read_text())
-    m = record["model"]
-    speedups = " / ".join(f"{r['speedup']['median']:.2f} ({r['speedup']['min']:.2f}-{r['speedup']['max']:.2f})"
-                          for r in record["serving"])
-    fair = record["fairness"]
+    m, most, info = record["model"], record["throughput"][-1], record["info"]
+    flood, starved = record["flood"], record["starvation"]
+    tokens_per_s = most["tokens_per_s"]
+    ranges = lambda name: f"{tokens_per_s[name]['min']:,.0f}-{tokens_per_s[name]['max']:,.0f}"
     return [record["device"], record["date"], f"{m['n_layer']}x{m['n_embd']}, block {m['block_size']}",
-            " / ".join(f"{r['decoder_vs_vanilla']:.2f}" for r in record["decoder"]),
-            "/".join(str(r["clients"]) for r in record["serving"]), speedups,
-            f"{fair['short_busy_p95_s']:.2f} s ({fair['short_idle_p50_s']:.2f} s)", path.relative_to(RESULTS)]
+            f"{most['requests']} x {most['new_tokens']}",
+            f"{most['ratios']['http_vs_decoder']:.2f}", f"{most['ratios']['http_vs_generate']:.2f}",
+            f"{most['ratios']['http_vs_http_one_at_a_time']:.2f}",
+            f"{tokens_per_s['http']['median']:,.0f} ({ranges('http')})",
+            f"{tokens_per_s['generate']['median']:,.0f} ({ranges('generate')})",
+            f"{info['p95_ms']:.0f} ms ({info['streams']} streams)", f"{flood['ratio']:.2f}",
+            f"{starved['status']}, {starved['tokens']} tokens in {starved['seconds']:.1f} s",
+            path.relative_to(RESULTS)]
 
 
 def serve_table():
-    files = [p for p in sorted(RESULTS.glob("serve-*.json")) if "serving" in json.loads(p.read_text())]
-    return markdown_table(["device", "date", "model", "decoder x vanilla generate, per batch", "clients",
-                           "batched x one at a time: median (range of 5)",
-                           "p95 of 50-token requests beside 32 of 500 (idle p50)", "file"],
-                          [serve_row(path) for path in files])
+    files = [p for p in sorted(RESULTS.glob("serve-*.json")) if "throughput" in json.loads(p.read_text())]
+    return markdown_table(["device", "date", "model", "requests x tokens", "HTTP x in-process decoder",
+                           "HTTP x generate() one at a time", "HTTP x HTTP one at a time",
+                           "HTTP tokens/s: median (range of 5)", "generate() tokens/s", "/api/info p95",
+                           "honest request beside a flood x alone", "long request beside 150 looping clients",
+                           "file"], [serve_row(path) for path in files])
 
 
 def readme_with_tables(readme):

@@ -59,17 +59,23 @@ def test_gate_throughput_quick(tmp_path, as_file):
 def test_serve_throughput_quick(trained_checkpoint, tmp_path):
     record, stdout = run_json("bench.serve_throughput", "--ckpt", str(trained_checkpoint), "--quick",
                               tmp_path=tmp_path)
-    assert [r["batch"] for r in record["decoder"]] == [r["clients"] for r in record["serving"]] == [1, 4]
+    assert [r["batch"] for r in record["decoder"]] == [r["requests"] for r in record["throughput"]] == [1, 4]
     for r in record["decoder"]:
         assert r["decoder_vs_vanilla"] > 0 and math.isfinite(r["decoder_vs_vanilla"])
-    for r in record["serving"]:
-        assert r["speedup"]["min"] <= r["speedup"]["median"] <= r["speedup"]["max"]
-        for run in r["runs"]:
-            assert run["batched_p50_s"] <= run["batched_p95_s"] and run["one_at_a_time_tokens_per_s"] > 0
-    assert record["serving"][1]["runs"][0]["largest_batch"] >= 2  # four clients at once shared decoding steps
-    fair = record["fairness"]
+    for r in record["throughput"]:
+        for way in ("generate", "decoder", "http", "http_one_at_a_time"):
+            runs = r["tokens_per_s"][way]
+            assert 0 < runs["min"] <= runs["median"] <= runs["max"]
+        assert r["ratios"]["http_vs_generate"] == r["tokens_per_s"]["http"]["median"] / r["tokens_per_s"][
+            "generate"]["median"]
+    assert record["throughput"][1]["largest_batch"] >= 2  # four clients at once shared decoding steps
+    assert record["info"]["probes"] >= 1 and 0 < record["info"]["p50_ms"] <= record["info"]["p95_ms"]
+    assert record["flood"]["ratio"] > 0 and record["flood"]["flood_refused_429"] > 0  # 10 at once, 4 queued at most
+    assert record["starvation"]["status"] == 200 and record["starvation"]["tokens"] == 16
+    fair = record["short_beside_long"]
     assert 0 < fair["short_busy_p50_s"] <= fair["short_busy_p95_s"] and fair["short_idle_p50_s"] > 0
-    assert "clients: batched" in stdout and "fairness:" in stdout and "vanilla generate" in stdout
+    for line in ("requests of 32 tokens", "/api/info with 4 streams", "flood:", "starvation:", "short beside long:"):
+        assert line in stdout
 
 
 def test_readme_results_table_is_current():
