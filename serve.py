@@ -33,7 +33,7 @@ def main(argv=None):
     p.add_argument("--max_queue", type=int, help="requests that may wait for a slot; more get 503 "
                    "(default: 4 x --max_batch)")
     p.add_argument("--max_per_client", type=int, help="requests one client (an address) may have decoding at once; "
-                   "its others wait their turn (default: half of --max_batch)")
+                   "its others wait their turn (default: an eighth of --max_batch, at least 1)")
     p.add_argument("--max_queued_per_client", type=int, help="requests one client may have waiting; more get 429 "
                    "(default: --max_batch)")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds a request may take, waiting included; "

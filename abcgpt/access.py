@@ -3,10 +3,11 @@
 The threat model is in docs/design.md. In short: a page on another site must not be able to make a visitor's
 browser run generations here. A cross-origin page can send a GET, or a POST of a "simple" type (text/plain,
 a form), without asking first, and for an iframe, an image or a no-cors fetch a browser sends no Origin; but
-it does send Sec-Fetch-Site, so the API refuses "cross-site" (and "same-site", unless allowed). It checks
-that Origin, when sent, is this server, requires
-application/json for a POST (a browser asks the server first, and the server never says yes), and takes only
-the Host names it serves (a DNS-rebinding page names its own). Beyond loopback, --token requires
+it does send Sec-Fetch-Site, so the API refuses "cross-site" (and "same-site", unless allowed). Every
+generation, a stream too, is a POST, and a POST must be application/json: for that a browser asks the server
+first, and the server never says yes, so even a browser that sends no Sec-Fetch-Site cannot be made to run
+one. It checks that Origin, when sent, is this server, and takes only the Host names it serves (a
+DNS-rebinding page names its own). Beyond loopback, --token requires
 "Authorization: Bearer <token>" on every API request.
 """
 import hmac

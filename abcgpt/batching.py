@@ -175,6 +175,7 @@ class Request:
     voice: str | None = None  # the voice the dial came from (a source, a mixture or "all"), when one was named
     timeout: float = float("inf")  # seconds from submission to the last token
     client: object = None  # who asked (the server: the peer's address), for fair turns; None: no one's, no caps
+    streamed: bool = True  # each token is put in the queue as it comes; False: only the end (a caller that waits)
     tokens: list = field(default_factory=list)
     slot: int | None = None
     cancelled: bool = False
@@ -201,7 +202,9 @@ class BatchedDecoder:
         seats = max_batch + max(1, max_batch // 4)  # the extra ones only for short requests
         self.cache = SlotCache(model.config, seats, self.device, model.lm_head.weight.dtype)
         self.max_queue = 4 * max_batch if max_queue is None else max_queue
-        self.max_per_client = max(1, max_batch // 2) if max_per_client is None else max_per_client
+        # an eighth of the batch: on a CPU a step costs about as much per row as it serves, so every row a
+        # client holds slows everyone's steps; eight clients can be served in full at once
+        self.max_per_client = max(1, max_batch // 8) if max_per_client is None else max_per_client
         self.max_queued_per_client = max_batch if max_queued_per_client is None else max_queued_per_client
         self.pending, self.active = [], []  # active: in slot order, then the windowed ones (no slot)
         self.lock = threading.Lock()  # pending is appended to by submit() and taken from by the worker
@@ -271,7 +274,8 @@ class BatchedDecoder:
                     self.active += joining
                     for request, token in self._step_each_alone_if_need_be(joining, stepping):
                         request.tokens.append(token)
-                        handed.append((request, token))
+                        if request.streamed:
+                            handed.append((request, token))
                 except Exception:  # a fault outside any one request's step: log it, and go on with the next step
                     log.exception("the decoder's loop failed")
                     continue

@@ -196,12 +196,13 @@ def create_app(service):
             return error(e)
         return JSONResponse(service.info())
 
-    async def submitted(http):
+    async def submitted(http, streamed):
         """The Request a JSON POST asks for, submitted; or the Response that refuses it."""
         try:
             service.access.check(http, json_body=True)
             fields = parse_json(await read_body(http, service.max_body, service.body_timeout))
             request = service.request(fields, client=http.client.host if http.client else None)
+            request.streamed = streamed  # a POST waits for the end: its tokens need not wake this loop one by one
             service.submit(request)
         except BadInput as e:
             return error(e)
@@ -211,13 +212,12 @@ def create_app(service):
         return request
 
     async def generate(http: HttpRequest):
-        request = await submitted(http)
+        request = await submitted(http, streamed=False)
         if isinstance(request, Response):
             return request
         watcher = asyncio.create_task(cancel_when_gone(http, request))
         try:
-            async for _ in service.tokens(request):
-                pass
+            await request.queue.get()  # its end, or the client's leaving: None either way
         finally:
             watcher.cancel()
         if request.cancelled:
@@ -232,7 +232,7 @@ def create_app(service):
         if http.method != "POST":  # a GET any page can make, in an iframe or an image, with no preflight
             return error(BadInput("POST the request to /api/stream as JSON (Content-Type: application/json), as "
                                   "to /api/generate", 405))
-        request = await submitted(http)
+        request = await submitted(http, streamed=True)
         if isinstance(request, Response):
             return request
 

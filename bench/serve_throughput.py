@@ -145,7 +145,7 @@ def decoder_vs_vanilla(model, batch, tokens, repeats, rng, loop):
     alphas = [round(rng.random(), 3) for _ in range(batch)]
 
     def ours(n):
-        requests = [Request([0], a, n, seed=i) for i, a in enumerate(alphas)]
+        requests = [Request([0], a, n, seed=i, streamed=False) for i, a in enumerate(alphas)]
         return batch * n / decode_all(model, requests, loop)
 
     ours(4), vanilla_tokens_per_s(vanilla, batch, 4)  # warm-up
@@ -196,7 +196,7 @@ class Workload:
         return self.n * self.tokens / (time.perf_counter() - start)
 
     def decoder(self, loop):
-        requests = [Request(list(self.prompt), a, self.tokens, self.temperature, self.top_k, s)
+        requests = [Request(list(self.prompt), a, self.tokens, self.temperature, self.top_k, s, streamed=False)
                     for a, s in zip(self.alphas, self.seeds)]
         return self.n * self.tokens / decode_all(self.model, requests, loop)
 
