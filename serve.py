@@ -38,7 +38,8 @@ def main(argv=None):
                    "(default: --max_batch)")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds a request may take, waiting included; "
                    "then it ends with what it has (504, or an error event)")
-    p.add_argument("--max_connections", type=int, default=256, help="requests in flight at most; more get 503")
+    p.add_argument("--max_connections", type=int, default=256, help="requests in flight at most; more get 503 "
+                   "with Retry-After. Twice as many connections may be open; past that, idle ones are closed first")
     p.add_argument("--header_timeout", type=float, default=10.0,
                    help="seconds a client has to send a request's headers, and again its body")
     p.add_argument("--token", default=os.environ.get("ABCGPT_TOKEN"),
@@ -78,10 +79,9 @@ def main(argv=None):
               + ("; any Host name is taken: give --allow_host NAME to name yours" if hosts is None else ""),
               file=sys.stderr, flush=True)
     service = Service(model, tokenizer, run, args.max_batch, args.max_new_tokens, max_queue=args.max_queue,
-                      decoder_thread=False,
                       timeout=args.timeout, body_timeout=args.header_timeout, max_per_client=args.max_per_client,
                       max_queued_per_client=args.max_queued_per_client,
-                      access=Access(hosts, args.token, args.allow_same_site))
+                      access=Access(hosts, args.token, args.allow_same_site), decoder_thread=False)
     logging.basicConfig(format="%(asctime)s %(message)s", level=logging.INFO)
     host, port = listening.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host

@@ -118,11 +118,16 @@ class StaticKVCache(KVCache):
 def attend(q: Tensor, k: Tensor, v: Tensor, kv: Optional[LayerCache] = None, positions: Optional[Tensor] = None,
            dropout_p: float = 0.0) -> Tensor:
     """Causal attention of q over k, v, and over the cached past when kv (a layer of a cache) is given, the
-    new tokens at positions; a cache may return the mask of which keys each query sees."""
+    new tokens at positions; a cache may return the mask of which keys each query sees. Over zero heads (the
+    folded backend cuts a layer whose every head is silent) there is nothing to attend to, and no kernel is
+    called: torch 2.11's CPU attention dies of a division by zero (SIGFPE) there."""
+    mask = None
     if kv is not None:
-        k, v, mask = kv.update(k, v, positions)
-        if mask is not None:
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+        k, v, mask = kv.update(k, v, positions)  # the cache keeps its positions, zero heads or not
+    if q.size(1) == 0:
+        return q.new_empty(q.shape)
+    if mask is not None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
     t_q, t_k = q.size(2), k.size(2)
     if t_q == t_k:
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)

@@ -154,13 +154,6 @@ class SlotLayer:
         return keys[:, :, :rows.end], values[:, :, :rows.end], rows.seen
 
 
-def dial_key(dial):
-    """A request's dial as a hashable value: the alpha itself, or a Dial's point and mode."""
-    if not isinstance(dial, Dial):
-        return dial
-    return tuple(dial.point.flatten().tolist()), None if dial.uniform is None else bool(dial.uniform)
-
-
 @dataclass(eq=False)
 class Request:
     """One user's generation: its prompt, dial and sampling settings, and where its tokens go."""
@@ -191,7 +184,8 @@ class Request:
 
 
 class BatchedDecoder:
-    """Decodes every submitted Request, in batches of up to max_batch; run() is its loop."""
+    """Decodes every submitted Request, in batches of up to max_batch: serve() on the caller's thread, or run() in
+    a thread of its own."""
 
     def __init__(self, model, max_batch=32, max_queue=None, short_tokens=64, max_per_client=None,
                  max_queued_per_client=None):
@@ -335,9 +329,9 @@ class BatchedDecoder:
         request.generator = torch.Generator(device=self.device).manual_seed(request.seed)
         if not self.model.config.gated:
             return True
-        dial = request.alpha if isinstance(request.alpha, Dial) else None
         try:
-            dial = Dial.stack([dial or Dial.alpha(request.alpha)])  # one row: the table's shape
+            dial = request.alpha if isinstance(request.alpha, Dial) else Dial.alpha(request.alpha)
+            dial = Dial.stack([dial])  # one row: the table's shape
             dial = prepare(dial, self.model.config.geometry, 1, self.model.config.n_sources).to(self.device)
             request.gates = self.model.gates(dial)
         except Exception as e:

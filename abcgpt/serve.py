@@ -5,11 +5,11 @@
 Routes: GET / (the page), GET /api/info, POST /api/generate (JSON in, JSON out), POST /api/stream
 (the same JSON in, server-sent events out, in whole characters). Every request in flight joins one
 BatchedDecoder, so many users at different dials share each forward; its steps run on a thread apart
-from this event loop (serve.py's main thread), so the loop stays free to answer. Turns are shared between clients, told apart by their address. Bad
-input gets a 4xx JSON error {"error": message} naming the field; a full queue 503 with Retry-After, and a
-client with too many requests waiting 429 with Retry-After; a request past its deadline 504, or an error
-event on a stream. A client that leaves frees its slot at the next step. Needs the [serve] extra
-(Starlette, uvicorn).
+from this event loop (serve.py's main thread), so the loop stays free to answer. Turns are shared
+between clients, told apart by their address. Bad input gets a 4xx JSON error {"error": message} naming
+the field; a full queue 503 with Retry-After, and a client with too many requests waiting 429 with
+Retry-After; a request past its deadline 504, or an error event on a stream. A client that leaves frees
+its slot at the next step. Needs the [serve] extra (Starlette, uvicorn).
 """
 import asyncio
 import json

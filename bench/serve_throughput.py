@@ -287,7 +287,9 @@ def info_latency(url, streams, tokens, prompt):
 
 
 def flood(url, service, tokens, prompt, repeats, flood_n=100):
-    """An honest request alone, then while one client has sent flood_n at once (alternately)."""
+    """An honest request alone, then while one client has flood_n in (alternately): sent at once, its
+    refusals answered, its share decoding and the rest queued, so that what is timed is the server's
+    sharing, not this process's client threads on the same cores."""
     honest_body = {"prompt": prompt, "alpha": 0.5, "max_new_tokens": tokens, "seed": 7}
     alone, beside, answers = [], [], []
     with client_at(0) as honest, client_at(1) as flooder:
@@ -300,7 +302,10 @@ def flood(url, service, tokens, prompt, repeats, flood_n=100):
                 for i in range(flood_n)]
             for t in threads:
                 t.start()
-            while sum(r.client == address(1) for r in service.decoder.active) < service.decoder.max_per_client:
+            decoding = min(flood_n, service.decoder.max_per_client)
+            refused = flood_n - decoding - min(flood_n - decoding, service.decoder.max_queued_per_client)
+            while (len(answers) < refused  # the flood is in: its refusals answered, its share decoding, the rest
+                   or sum(r.client == address(1) for r in service.decoder.active) < decoding):  # queued
                 time.sleep(0.005)
             timed_post(honest, url, honest_body, beside)
             for r in [*service.decoder.active, *service.decoder.pending]:

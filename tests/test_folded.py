@@ -52,6 +52,26 @@ def test_a_layer_with_every_head_silent_equals_reference():
     torch.testing.assert_close(cached, reference(idx, alpha, idx)[0], rtol=1e-5, atol=1e-5)
 
 
+def test_no_attention_kernel_runs_over_zero_heads(monkeypatch):
+    """torch 2.11's CPU attention dies (SIGFPE) over zero heads: a layer whose heads are all cut calls none."""
+    import abcgpt.attention
+
+    def attention(q, *args, **kwargs):
+        assert q.size(1) > 0, "scaled_dot_product_attention over zero heads"
+        return sdpa(q, *args, **kwargs)
+
+    sdpa = abcgpt.attention.F.scaled_dot_product_attention
+    monkeypatch.setattr(abcgpt.attention.F, "scaled_dot_product_attention", attention)
+    folded, reference = twin_models(narrowness=0.05)
+    assert 0 in folded_at(folded, 0.5).active_units()["heads"]
+    idx = batch()
+    torch.testing.assert_close(folded(idx, 0.5, idx)[0], reference(idx, 0.5, idx)[0], rtol=1e-5, atol=1e-5)
+    cache = KVCache(CONFIG["block_size"])
+    dialed = folded.at(0.5)
+    cached = torch.cat([dialed(idx[:, t : t + 1], cache=cache)[0] for t in range(idx.size(1))], dim=1)
+    torch.testing.assert_close(cached, reference(idx, 0.5, idx)[0], rtol=1e-5, atol=1e-5)
+
+
 def test_folded_refuses_per_sequence_alpha():
     folded, _ = twin_models()
     with pytest.raises(ValueError, match="one alpha per batch"):
