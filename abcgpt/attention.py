@@ -124,8 +124,8 @@ def attend(q: Tensor, k: Tensor, v: Tensor, kv: Optional[LayerCache] = None, pos
     mask = None
     if kv is not None:
         k, v, mask = kv.update(k, v, positions)  # the cache keeps its positions, zero heads or not
-    if q.size(1) == 0:
-        return q.new_empty(q.shape)
+    if q.size(1) == 0:  # empty, but still in the graph: the layers before it get their (zero) gradients
+        return q.clone()
     if mask is not None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
     t_q, t_k = q.size(2), k.size(2)

@@ -29,10 +29,13 @@ def test_a_two_source_checkpoint_of_main_gives_the_same_logits_bit_for_bit():
     assert torch.equal(model(idx, torch.tensor([0.0, 0.6, 1.0]), idx)[0], expected["reference@rows"])
 
 
-def test_training_two_sources_today_makes_main_s_checkpoint_bit_for_bit(tmp_path, monkeypatch):
+def test_training_two_sources_today_makes_main_s_checkpoint(tmp_path, monkeypatch):
     """The same settings and texts that made the fixture on main train to the same weights: the line's draw,
     its scores and its gates are what they were. Main seeded its streams with seed * 2**40 + step * 2**20 +
-    index, whose bits above 32 the CPU generator ignored; that one function is put back for the comparison."""
+    index, whose bits above 32 the CPU generator ignored; that one function is put back for the comparison.
+    Bit for bit on the CPU that made the fixture; another CPU's matrix kernels round differently (an AMD EPYC
+    here differed by an ulp or two, 6e-8 at most), so the weights are compared to within a few ulps: a wrong
+    draw, score or gate moves them by orders of magnitude more."""
     from dataclasses import replace
 
     from abcgpt import trainer
@@ -49,7 +52,8 @@ def test_training_two_sources_today_makes_main_s_checkpoint_bit_for_bit(tmp_path
     Trainer(replace(made.train_config, sources=texts, out_dir=str(tmp_path / "again")), log=lambda line: None).train()
     again = Run.load(tmp_path / "again" / "ckpt.pt")
     assert again.source_sha256 == made.source_sha256 and again.model.keys() == made.model.keys()
-    assert all(torch.equal(again.model[k], made.model[k]) for k in made.model)
+    for k in made.model:
+        torch.testing.assert_close(again.model[k], made.model[k], rtol=1e-6, atol=1e-7, msg=k)
 
 
 def test_the_simplex_with_two_sources_is_the_line():
