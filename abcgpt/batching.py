@@ -57,6 +57,10 @@ class TimedOut(Exception):
     """A request passed its deadline: it ends with the tokens it has."""
 
 
+class Stopped(Exception):
+    """The decoder stopped (the server is shutting down) before this request ended."""
+
+
 class DecodingFailed(Exception):
     """A step failed for this request even when run alone."""
 
@@ -232,7 +236,22 @@ class BatchedDecoder:
         try:
             self._work(loop)
         finally:
+            self._end_everything(loop)
             self.stopping.clear()  # ready to serve again
+
+    def _end_everything(self, loop):
+        """End every request still here, waiting or decoding, with Stopped: their callers answer now rather than
+        wait on a decoder that is gone. The cache is left empty."""
+        with self.lock:
+            left, self.pending = self.pending + self.active, []
+        self.active = []
+        for request in left:
+            request.slot = None
+            if not request.done:
+                request.error = Stopped("the server stopped before this request ended")
+        self.cache.used = 0
+        if left and not loop.is_closed():
+            loop.call_soon_threadsafe(_hand_out, [(r, None) for r in left])
 
     def stop(self):
         """End serve() after the step it is in. Safe from any thread, or a signal handler."""

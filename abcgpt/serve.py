@@ -30,7 +30,7 @@ from . import settings
 from .access import Access
 from .connections import RETRY_AFTER, strict_http
 from .api_input import BadInput, ClientGone, check_fields, number, parse_json, read_body
-from .batching import BatchedDecoder, ClientQueueFull, QueueFull, Request, TimedOut
+from .batching import BatchedDecoder, ClientQueueFull, QueueFull, Request, Stopped, TimedOut
 from .data import source_alphas
 from .errors import SettingsError
 from .tokenizer import TextStream, UnknownCharactersError
@@ -172,7 +172,8 @@ def error(e):
 
 def failure(request):
     """The status and message of a request that ended before its last token."""
-    return (504 if isinstance(request.error, TimedOut) else 500), str(request.error)
+    status = {TimedOut: 504, Stopped: 503}.get(type(request.error), 500)
+    return status, str(request.error)
 
 
 async def cancel_when_gone(http, request):

@@ -4,6 +4,7 @@ slowloris connections. Every honest request completes in full, the server's memo
 half-open connections are cut off, and the log has no tracebacks. And listening beyond loopback warns, with
 the token and the allowed host names enforced."""
 import json
+import signal
 import socket
 import subprocess
 import sys
@@ -201,3 +202,26 @@ def test_listening_beyond_loopback_warns(trained_checkpoint, extra, said, unsaid
     warning = stderr.splitlines()[0]
     assert warning.startswith("warning: listening on 0.0.0.0")
     assert all(s in warning for s in said) and not any(s in warning for s in unsaid)
+
+
+@pytest.mark.parametrize("sig, status, said", [(signal.SIGINT, 130, "interrupted\n"), (signal.SIGTERM, 0, "")])
+def test_ctrl_c_and_sigterm_stop_the_server_and_its_decoder(trained_checkpoint, sig, status, said):
+    """serve.py decodes on its main thread with the HTTP server in a thread beside it: a signal to the process
+    stops both, mid-generation, in one line (Ctrl-C) or none (SIGTERM), with no traceback; the stream under way
+    ends with an error event rather than waiting on a decoder that is gone."""
+    command = [sys.executable, "serve.py", "--ckpt", str(trained_checkpoint), "--port", "0", "--max_new_tokens", "100000"]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # a terminal's
+    try:
+        url = process.stdout.readline().split(" on ")[1].split()[0]
+        with httpx2.stream("POST", f"{url}/api/stream", json={"prompt": "one day", "max_new_tokens": 100000},
+                           timeout=60) as response:
+            lines = response.iter_lines()
+            next(lines)  # a generation is under way
+            process.send_signal(sig)
+            rest = list(lines)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == status and stderr == said, stderr
+    assert rest[-3:-1] == ["event: error", 'data: {"error": "the server stopped before this request ended"}'], rest
