@@ -16,6 +16,7 @@ import pytest
 
 pytest.importorskip("starlette")
 import httpx2  # noqa: E402
+from test_serve import from_address  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 HEADER_TIMEOUT = 1.0
@@ -50,11 +51,6 @@ def served(trained_checkpoint, tmp_path_factory):
     yield url, port, process, log
     process.terminate()
     process.wait(timeout=30)
-
-
-def from_address(address):
-    """An HTTP client whose connections come from address (another loopback address: another client)."""
-    return httpx2.Client(transport=httpx2.HTTPTransport(local_address=address))
 
 
 def raw(port, data):
