@@ -184,14 +184,16 @@ def test_json_that_no_field_can_hold_is_refused_by_name(own_client, raw, message
     assert response.status_code == 400 and response.json()["error"].startswith(message)
 
 
-def test_a_stream_is_a_json_post_never_a_get_that_any_page_could_make(client):
+def test_a_stream_is_a_json_post_never_a_get_that_any_page_could_make(client, monkeypatch):
     """A GET needs no preflight from another site's page (an iframe, an image, an EventSource), and a browser too
     old to send Sec-Fetch-Site would send it unmarked: so no GET runs a generation."""
-    submitted = len(client.service.decoder.pending) + len(client.service.decoder.active)
+    submitted, submit = [], client.service.decoder.submit
+    monkeypatch.setattr(client.service.decoder, "submit", lambda request: (submitted.append(request), submit(request)))
     refused = client.get("/api/stream?prompt=one+day&max_new_tokens=3")
     assert refused.status_code == 405 and refused.headers["allow"] == "POST"
-    assert refused.json()["error"].startswith("POST the request to /api/stream as JSON")
-    assert len(client.service.decoder.pending) + len(client.service.decoder.active) == submitted
+    assert refused.json()["error"].startswith("POST the request to /api/stream as JSON") and not submitted
+    assert client.post("/api/stream", json={"prompt": "one day", "max_new_tokens": 3}).status_code == 200
+    assert len(submitted) == 1
 
 
 def test_a_hostile_temperature_gets_its_full_text(client):
