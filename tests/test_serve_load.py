@@ -205,7 +205,8 @@ def test_ctrl_c_and_sigterm_stop_the_server_and_its_decoder(trained_checkpoint, 
     """serve.py decodes on its main thread with the HTTP server in a thread beside it: a signal to the process
     stops both, mid-generation, in one line (Ctrl-C) or none (SIGTERM), with no traceback; the stream under way
     ends with an error event rather than waiting on a decoder that is gone."""
-    command = [sys.executable, "serve.py", "--ckpt", str(trained_checkpoint), "--port", "0", "--max_new_tokens", "100000"]
+    command = [sys.executable, "serve.py", "--ckpt", str(trained_checkpoint), "--port", "0",
+               "--max_new_tokens", "100000"]
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # a terminal's
     try:
