@@ -23,7 +23,9 @@ Every compiled rival is compiled afresh for its own case, after every other case
 has its numbers (compiling is the slow part); a recompile while timing is reported
 as that case's error, never as a time. With --budget, cases not started in time are
 left out and counted, and the JSON is rewritten after every shape. Each case also reports its
-first call (warm-up: compilation included). All cases of a shape run in one
+first call (warm-up: compilation included). On CUDA a case's time comes from replays of a CUDA graph
+of its calls, the device's time alone (per-call events where capture fails, and the case says so), and
+the host's time per call stands beside it. All cases of a shape run in one
 process, so ratios come from one run. Off CUDA it runs tiny fp32 shapes through
 Triton's interpreter: that checks the script, and its times mean nothing.
 """
@@ -45,13 +47,14 @@ from abcgpt.gate import tent_gate  # noqa: E402
 from abcgpt.recompiles import forbid_recompiles  # noqa: E402
 from bench.plain_matmul import plain_matmul  # noqa: E402
 from bench.tables import markdown_table  # noqa: E402
-from bench.timing import environment, summary, time_calls  # noqa: E402
+from bench.timing import environment, host_seconds, summary, time_calls, time_graph_replays  # noqa: E402
 from kernels.ops import _gate_arg, gated_linear_gelu, gated_mlp, target_of, up_launch  # noqa: E402
 from abcgpt.atomic import write_json
 
 GPU_SHAPES = [(m, k, 4 * k) for m in (16384, 65536) for k in (768, 384)]  # in order of value; --quick: the first
 QUICK_SHAPES = [(64, 16, 48)]
 PASSES = ("fwd", "fwd-train", "fwd+bwd")
+HOST_CALLS = 30  # calls timed on the host alone: few enough never to fill a GPU's launch queue
 
 
 def gated(h, gate):
@@ -157,8 +160,14 @@ def run_case(name, fn, sets, backward, repeats, warmup, device):
         for inputs in sets[1:]:  # every input set once before timing, so guards see them all
             call(*inputs)
         with forbid_recompiles() if name == "compiled" else nullcontext():
-            times = time_calls(call, sets, repeats, warmup, device)
-        return {**summary(times), "warmup_s": warmup_s, "error": None}
+            times, timing = time_calls(call, sets, repeats, warmup, device), "per call"
+            if device == "cuda":  # the headline: graph replays, the kernels' time without the host's
+                try:
+                    times, timing = time_graph_replays(call, sets, repeats, warmup, device), "graph replay"
+                except Exception as e:  # the per-call times stand, and say why
+                    timing = f"per call (graph capture failed: {type(e).__name__})"
+            host = summary(host_seconds(call, sets, HOST_CALLS, device))["median_s"]
+        return {**summary(times), "timing": timing, "host_s": host, "warmup_s": warmup_s, "error": None}
     except Exception as e:  # a failed or recompiling case is reported, not timed
         return {"median_s": None, "warmup_s": None, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
 
@@ -251,10 +260,12 @@ def kernel_table(results):
 
         rows.append([f"{M} x {K} x {N}", op, alpha, pas,
                      "error" if fused["error"] else f"{fused['median_s'] * 1e3:.3f}",
+                     "-" if fused.get("host_s") is None else f"{fused['host_s'] * 1e6:.0f}",
                      "-" if fused["warmup_s"] is None else f"{fused['warmup_s']:.2f}", *map(ratio, RIVALS),
                      *(ratio(*pair) for pair in SECOND_PROGRAM.values())])
-    table = markdown_table(["M x K x N", "op", "alpha", "pass", "fused ms", "first call s", *RIVALS.values(),
-                            *SECOND_PROGRAM], rows, numeric=range(4, 6 + len(RIVALS) + len(SECOND_PROGRAM)))
+    table = markdown_table(["M x K x N", "op", "alpha", "pass", "fused ms", "host us a call", "first call s",
+                            *RIVALS.values(), *SECOND_PROGRAM], rows,
+                           numeric=range(4, 7 + len(RIVALS) + len(SECOND_PROGRAM)))
     errors = [f"- error: {r['impl']} {r['op']} {r['alpha']} {r['pass']} M={r['M']} K={r['K']}: {r['error']}"
               for r in results if r["error"]]
     return "\n".join([table, *errors])

@@ -1,6 +1,8 @@
 """Timing as docs/design.md, section 6 says: warm-up, rotating inputs, median of many repeats.
 
-CUDA work is timed with CUDA events around each call; CPU work with perf_counter.
+CUDA work is timed with CUDA events around each call, or around replays of a CUDA graph that holds the
+calls (time_graph_replays: the device's time alone, no host cost between kernels); CPU work with
+perf_counter. host_seconds is the other half: what the host spends issuing one call.
 """
 import platform
 import statistics
@@ -29,6 +31,48 @@ def time_calls(fn, inputs, repeats=50, warmup=10, device="cpu"):
         start = time.perf_counter()
         fn(*inputs[i % len(inputs)])
         times.append(time.perf_counter() - start)
+    return times
+
+
+def time_graph_replays(fn, inputs, repeats=50, warmup=10, device="cuda"):
+    """Seconds per call of fn over the rotating inputs, from replays of one CUDA graph that captured a call
+    on each input set: what the device spends, without the host's launch cost between calls."""
+    if torch.device(device).type != "cuda":
+        raise ValueError(f"CUDA graphs need a CUDA device, got {device}")
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):  # warm-up off the default stream, as capture asks
+        for i in range(max(warmup, len(inputs))):
+            fn(*inputs[i % len(inputs)])
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for args in inputs:
+            fn(*args)
+    graph.replay()
+    torch.cuda.synchronize(device)
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeats)]
+    for start, end in events:
+        start.record()
+        graph.replay()
+        end.record()
+    torch.cuda.synchronize(device)
+    return [start.elapsed_time(end) / 1e3 / len(inputs) for start, end in events]
+
+
+def host_seconds(fn, inputs, repeats=50, device="cpu"):
+    """Seconds the host spends in each call, with nothing waited for: a few dozen calls queue on a GPU
+    without filling its launch queue. On a CPU the call's own work is in it too."""
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+    times = []
+    for i in range(repeats):
+        start = time.perf_counter()
+        fn(*inputs[i % len(inputs)])
+        times.append(time.perf_counter() - start)
+    if cuda:
+        torch.cuda.synchronize(device)
     return times
 
 

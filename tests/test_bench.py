@@ -78,6 +78,13 @@ def test_serve_throughput_quick(trained_checkpoint, tmp_path):
         assert line in stdout
 
 
+def test_graph_replays_refuse_a_cpu():
+    from bench.timing import time_graph_replays
+
+    with pytest.raises(ValueError, match="CUDA graphs need a CUDA device, got cpu"):
+        time_graph_replays(lambda: None, [()], device="cpu")
+
+
 def test_readme_results_table_is_current():
     from bench.results_table import readme_with_tables
 

@@ -9,11 +9,12 @@ import pytest
 import torch
 
 from abcgpt.model import GPT, GPTConfig
+from bench import gpu_cases
 from conftest import twin_models
 from abcgpt.sampling import generate
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-CONFIG = dict(block_size=64, vocab_size=65, n_layer=2, n_head=4, n_embd=64, dropout=0.1)
+CONFIG = gpu_cases.MODEL  # bench.gpu_cases counts the binaries this file compiles
 
 
 def alphas(kind):

@@ -1,14 +1,13 @@
 """Property-based fuzzing of the fused kernel against the reference math (Triton's interpreter on a CPU)."""
 import math
 
-import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch.nn import functional as F
 
 from abcgpt.gate import tent_gate
-from kernels.ops import gated_linear_gelu, gated_mlp
+from kernels.ops import gated_linear_gelu, gated_mlp, pointer_loads
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
@@ -45,8 +44,7 @@ def test_up_projection_fuzz(M, K, N, dtype, per_row, dial, rows, narrowness, bia
     gate = tent_gate(alpha, m, narrowness)
     row_gate = gate.repeat_interleave(T, dim=0) if per_row else gate
     expected = F.gelu(F.linear(x.float(), w.float(), None if b is None else b.float())) * row_gate
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("ABCGPT_NO_TMA", "1" if pointers else "0")
+    with pointer_loads(pointers):
         close(gated_linear_gelu(x, w, b, gate), expected, dtype)
 
 
