@@ -19,9 +19,8 @@ import torch
 from abcgpt.atomic import write_json
 from bench.tables import markdown_table
 from bench.timing import environment
-from kernels.ops import Target, gated_linear_gelu, record_launches
+from kernels.ops import H100, gated_linear_gelu, record_launches
 
-H100 = Target(sms=132, capability=(9, 0))
 WIDTHS = [(384, 1536), (768, 3072)]  # (K, N) of the kernel benchmark's shapes
 ROWS = 256
 TARGET_US = 20

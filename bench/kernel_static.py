@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -37,7 +38,7 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 
 from bench.tables import markdown_table  # noqa: E402
-from kernels.ops import Target, down_grad_launch, pointer_loads, up_launch  # noqa: E402
+from kernels.ops import H100, down_grad_launch, pointer_loads, up_launch  # noqa: E402
 from abcgpt.atomic import write_json
 
 MODEL = """The issue-bound model (per output tile, on one SM; H100 SXM figures):
@@ -82,7 +83,6 @@ on TMA and barriers, L2 misses and clock changes are not in the uncalibrated fig
 for comparing designs; the calibrated ones carry them as one number per tile, fitted to cuBLAS. Every
 ratio it gives is "predicted"."""
 
-H100 = Target(sms=132, capability=(9, 0))
 CLOCK_HZ = 1.83e9
 PEAK_FLOPS = 989.4e12  # dense bf16: 132 SMs * 4096 flops per clock * 1.83 GHz
 HBM_BYTES_PER_S = 3.35e12
@@ -112,9 +112,9 @@ def fitted_tile_latency():
     It stands for what the issue-bound model leaves out: pipeline fill, the tile-to-tile drain, waits, clock
     below its peak."""
     bm, bn = CALIBRATION_TILE
-    fits = sorted(us * 1e-6 * CLOCK_HZ / -(-(-(-M // bm) * -(-N // bn)) // H100.sms) - mma_cycles(bm, bn, K)
-                  for (M, K, N), us in CUBLAS_H100_US.items())
-    return (fits[len(fits) // 2 - 1] + fits[len(fits) // 2]) / 2 if len(fits) % 2 == 0 else fits[len(fits) // 2]
+    tiles_per_sm = {shape: -(-(-(-shape[0] // bm) * -(-shape[2] // bn)) // H100.sms) for shape in CUBLAS_H100_US}
+    return statistics.median(us * 1e-6 * CLOCK_HZ / tiles_per_sm[(M, K, N)] - mma_cycles(bm, bn, K)
+                             for (M, K, N), us in CUBLAS_H100_US.items())
 
 
 TILE_LATENCY_CYCLES = fitted_tile_latency()

@@ -50,6 +50,9 @@ class Target:
     capability: tuple
 
 
+H100 = Target(sms=132, capability=(9, 0))  # what the static check, the compile count and the host timing plan for
+
+
 class InterpreterUnavailable(RuntimeError):
     """Triton's CPU interpreter cannot run kernels under this Triton and numpy (interpreter_problem)."""
 
@@ -175,13 +178,12 @@ def _precision(dtype):
 
 
 def _gate_layout(gate, M, block_m):
-    """(GATE, rows per gate row, row stride) of a gate vector or table (see kernels.gated_mlp); gate is a
-    tensor or its Layout."""
-    shape, strides = (gate.shape, gate.strides) if isinstance(gate, Layout) else (gate.shape, gate.stride())
-    if len(shape) == 1:
+    """(GATE, rows per gate row, row stride) of a gate vector or table (see kernels.gated_mlp), from its
+    Layout."""
+    if len(gate.shape) == 1:
         return "vector", 1, 0
-    rows = max(1, M // max(1, shape[0]))
-    return ("tile" if rows % block_m == 0 else "row"), rows, strides[0]
+    rows = max(1, M // max(1, gate.shape[0]))
+    return ("tile" if rows % block_m == 0 else "row"), rows, gate.strides[0]
 
 
 @dataclasses.dataclass
@@ -398,7 +400,6 @@ def _up_backward(ctx, dh, _):
 
 
 gated_up.register_autograd(_up_backward, setup_context=_up_setup)
-
 
 
 def _eager(forward, setup_context, backward):

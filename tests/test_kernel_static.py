@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import triton
 
+from kernels import ops
+
 ROOT = Path(__file__).resolve().parents[1]
 pytest.importorskip("triton.backends.nvidia", reason="needs Triton's CUDA backend (its compiler runs without a GPU)")
 
@@ -66,7 +68,7 @@ def test_the_model_is_calibrated_on_cublas_as_measured(static_check):
             assert (case["predicted_vs_cublas"] is not None) == measured, case
 
 
-@pytest.mark.skipif(tuple(int(v) for v in triton.__version__.split(".")[:2]) < (3, 9), reason=(
+@pytest.mark.skipif(ops._version(triton.__version__) < (3, 9), reason=(
     "holds for Triton 3.9's register allocation; 3.6's gives the pointer path with a table 171 registers "
     "against the vector's 134 (issue 30)"))
 def test_the_table_gates_cost_what_the_vector_costs(static_check):

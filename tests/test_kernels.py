@@ -200,7 +200,7 @@ def test_per_sequence_gates_whole_tiles_or_not(sequence_rows, mode, load_path):
     alpha = torch.rand(n_sequences, generator=g).to(DEVICE)
     gate = tent_gate(alpha, m)
     tile_m = ops.tile_config(M, N, ops.target_of(x.device), tma=load_path == "tma")[0]["BLOCK_M"]
-    assert ops._gate_layout(gate, M, tile_m)[0] == mode  # the layout under test
+    assert ops._gate_layout(ops.Layout(*ops.layout_key(gate)), M, tile_m)[0] == mode  # the layout under test
     h = gated_linear_gelu(x, w, b, gate)
     assert_close(h, reference_up(x, w, b, alpha, m), torch.float32)
 

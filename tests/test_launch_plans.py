@@ -9,7 +9,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from kernels import ops
 from kernels.ops import gated_linear_gelu, gated_mlp, record_launches
 
-H100 = ops.Target(sms=132, capability=(9, 0))
+H100 = ops.H100
 
 
 def operands(M=200, K=64, N=96, dtype=torch.bfloat16, seed=0):
