@@ -8,7 +8,8 @@ checks, the gate's dtype, the output's allocation, the launch plan (cached by la
 descriptors and the autograd bookkeeping are all timed; the kernel and Triton's own launch are not.
 Rows are 256 at each benchmark width, so that the CPU's torch.empty stays off mmap, as the GPU's
 caching allocator does. Issue 30's target: 20 us per fused call or less on the development CPU.
-The floor beside it is torch.empty of the output alone.
+The floors beside them are torch.empty of the output alone and, under the training forward, an
+autograd.Function that does nothing but allocate its output.
 """
 import argparse
 import statistics
@@ -57,7 +58,22 @@ def cases(K, N):
     return [("fwd, gate vector", lambda: gated_linear_gelu(x, w, None, gate)),
             ("fwd, gate table", lambda: gated_linear_gelu(x, w, None, table)),
             ("fwd-train, gate vector", lambda: gated_linear_gelu(x_grad, w_grad, None, gate)),
-            ("torch.empty of the output alone", lambda: torch.empty(ROWS, N, dtype=torch.bfloat16))]
+            ("torch.empty of the output alone", lambda: torch.empty(ROWS, N, dtype=torch.bfloat16)),
+            ("an autograd.Function that only allocates", lambda: Nothing.apply(x_grad, w_grad, None, gate, False))]
+
+
+class Nothing(torch.autograd.Function):
+    """The floor under the training forward: autograd's own cost for a Function of the same arguments, which
+    saves them and returns an empty output."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, gate, tanh):
+        ctx.save_for_backward(x, weight)
+        return x.new_empty((x.shape[0], weight.shape[0]))
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None, None, None, None, None
 
 
 def main(argv=None):

@@ -17,9 +17,10 @@ Overlap). The forward on the TMA path (gated_up_deferred_kernel) defers a tile's
 epilogue into the next tile's K loop, a chunk under each of its first wgmma, one
 program per SM. The other launches (gated_up_kernel, gated_down_grad_kernel) run up
 to two programs per SM, so that one program's epilogue can run while the other's
-wgmma keeps the tensor cores busy. Operands come through TMA tensor descriptors
-where the hardware and the strides allow (USE_TMA), else through masked pointer
-loads; both paths share the tile order and the epilogue, which works on the fp32
+wgmma keeps the tensor cores busy; their loop nests are flattened, so that the next
+tile's first loads are in flight under a tile's epilogue. Operands come through TMA
+tensor descriptors where the hardware and the strides allow (USE_TMA), else through
+masked pointer loads; both paths share the tile order and the epilogue, which works on the fp32
 accumulator in column chunks to keep register pressure down.
 
 GELU for 16-bit outputs (FAST_GELU) is z * sigmoid(p(z)) with sigmoid(y) = 1 / (1 + 2^-y):
@@ -244,7 +245,9 @@ def gated_up_kernel(
     with STORE_SLOPE (up_launch); the slope is always a pointer."""
     HALF_N: tl.constexpr = BLOCK_N // 2
     tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
-    for tile in range(tl.program_id(0), tiles, num_programs):
+    # flattened into one loop over all K steps: the pipeline's loads run ahead into the next tile while this
+    # tile's epilogue runs, instead of draining and refilling at every tile (bench.kernel_static checks)
+    for tile in tl.range(tl.program_id(0), tiles, num_programs, flatten=True):
         off_m, off_n = _tile_origin(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
         acc = _accumulate(x, w, off_m, off_n, M, N, K, stride_xm, stride_xk, stride_wk, stride_wn,
                           True, USE_TMA, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
@@ -288,7 +291,9 @@ def gated_up_deferred_kernel(
     program per SM. It keeps a tile's accumulator through the next tile's K loop and finishes one chunk of
     it (BLOCK_N / 2^LEVELS columns; h's descriptor blocks are as wide) after each of that loop's first
     2^LEVELS wgmma issues, so the chunk runs while the wgmma does. IN_LOOP=False lets the compiler hoist
-    the chunks' math out of the K loop, for the test of that guard."""
+    the chunks' math out of the K loop, for the test of that guard.
+    Its loop nest stays: flattened (by Triton or by hand), the kept accumulator is a loop-carried value
+    derived from the wgmma's, and Triton's pipeline then waits for every wgmma (docs/design.md, Overlap)."""
     CHUNKS: tl.constexpr = 1 << LEVELS
     tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
     steps = tl.cdiv(K, BLOCK_K)
@@ -329,19 +334,23 @@ def gated_down_grad_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """dz = (dout @ W2) * slope, the slope the forward stored. dout is (M, K); W2 is (K, N) as
-    nn.Linear(N, K) holds it."""
+    nn.Linear(N, K) holds it. With TMA, dz's descriptor has blocks of BLOCK_N // 4 columns."""
     HALF_N: tl.constexpr = BLOCK_N // 2
+    QUARTER_N: tl.constexpr = BLOCK_N // 4
     tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
-    for tile in range(tl.program_id(0), tiles, num_programs):
+    # flattened as gated_up_kernel is, on the TMA path: with pointer loads the flattened loop waits for every
+    # wgmma before the next (in the sm_90a code), which costs more than the refill it saves
+    for tile in tl.range(tl.program_id(0), tiles, num_programs, flatten=USE_TMA):
         off_m, off_n = _tile_origin(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
-        # the slope first, through pointers: its loads are in flight during the matmul and waited for only
-        # at their use (Triton waits for a descriptor load where it is issued)
-        slope_left = _load_chunk(slope, off_m, off_n, M, N, stride_sm, stride_sn, False, BLOCK_M, HALF_N)
-        slope_right = _load_chunk(slope, off_m, off_n + HALF_N, M, N, stride_sm, stride_sn, False, BLOCK_M, HALF_N)
         acc = _accumulate(dout, w, off_m, off_n, M, N, K, stride_om, stride_ok, stride_wk, stride_wn,
                           False, USE_TMA, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+        # in quarters, the slope loaded just before its use: loaded ahead, it stayed live across the flattened
+        # loop and spilled, and a half's staging kept two programs from fitting an SM's shared memory
         left, right = _halves(acc, BLOCK_M, BLOCK_N)
-        _store(dz, left * slope_left.to(tl.float32), off_m, off_n, M, N, stride_dm, stride_dn, USE_TMA,
-               BLOCK_M, HALF_N)
-        _store(dz, right * slope_right.to(tl.float32), off_m, off_n + HALF_N, M, N, stride_dm, stride_dn, USE_TMA,
-               BLOCK_M, HALF_N)
+        for half in tl.static_range(2):
+            first, second = _halves(left if half == 0 else right, BLOCK_M, HALF_N)
+            for quarter in tl.static_range(2):
+                off = off_n + half * HALF_N + quarter * QUARTER_N
+                s = _load_chunk(slope, off_m, off, M, N, stride_sm, stride_sn, False, BLOCK_M, QUARTER_N)
+                _store(dz, (first if quarter == 0 else second) * s.to(tl.float32), off_m, off, M, N, stride_dm,
+                       stride_dn, USE_TMA, BLOCK_M, QUARTER_N)

@@ -277,7 +277,7 @@ def _down_grad_plan(target, dout, weight, slope, dz, switched_off, precision):
     dout, weight, slope, dz = (Layout(*key) for key in (dout, weight, slope, dz))
     M, K = dout.shape
     N = weight.shape[1]
-    cfg, (dout_block, w_block, dz_block), tma, programs = _matmul_plan(dout, weight, (dz,), M, N, target, False, 2,
+    cfg, (dout_block, w_block, dz_block), tma, programs = _matmul_plan(dout, weight, (dz,), M, N, target, False, 4,
                                                                        switched_off)
     scalars = (M, N, K, programs, *dout.strides, *weight.strides, *slope.strides, *dz.strides)
     return Plan(gated_down_grad_kernel, (programs,), (dout_block, w_block, None, dz_block), scalars,
