@@ -286,7 +286,8 @@ def regions(instructions):
     epilogue), "kstep" (one K step), "tile" (the rest of a tile's work: its loads' prologue, its origin),
     "wgmma_in_flight" (wgmma groups left running under the epilogue), "loads_ahead_of_epilogue" (TMA or
     cp.async loads the main loop issues before an epilogue inside it: the next tile's first K steps, in
-    flight while the epilogue runs; 0 where each tile refills its pipeline after its epilogue)}.
+    flight while the epilogue runs; 0 where each tile refills its pipeline after its epilogue),
+    "global_loads_in_loop" (LDG in the main loop: the gate and bias loads of an epilogue inside it)}.
 
     The main loop is the innermost loop holding the wgmma. Triton's flattened loop nest puts the
     epilogue inside it, behind a forward branch that the K steps before the last take around it (the
@@ -330,13 +331,15 @@ def regions(instructions):
     # nested loop refills at each tile, also where its epilogue is in the K loop (the deferred forward's chunks).
     flat = skips and len(loops) == 1
     ahead = sum(op in ("UTMALDG", "LDGSTS") for _, op, *_ in instructions[head:epilogue.start]) if flat else 0
+    # plain global loads in the main loop: the deferred forward's gates, unless they were loaded before it
+    global_loads = sum(op == "LDG" for _, op, *_ in instructions[head:tail + 1])
     # wgmma groups the epilogue leaves in flight: the fewest any wgmma wait from the last wgmma before it on allows
     last_mma = max((i for i in mma if i < epilogue.start), default=epilogue.start)
     in_flight = [int(re.search(r"gsb0, (0x[0-9a-f]+)", text).group(1), 16)
                  for _, op, _, text in instructions[last_mma:epilogue.stop] if op == "WARPGROUP" and "DEPBAR" in text]
     return {"epilogue": len(epilogue), "mufu": sum(instructions[i][1] == "MUFU" for i in epilogue),
             "kstep": kstep, "tile": tile, "wgmma_in_flight": min(in_flight, default=0),
-            "loads_ahead_of_epilogue": ahead}
+            "loads_ahead_of_epilogue": ahead, "global_loads_in_loop": global_loads}
 
 
 def programs_per_sm(binary, launch):

@@ -102,8 +102,11 @@ def _gelu_and_slope(z, TANH: tl.constexpr, FAST: tl.constexpr, ASM: tl.constexpr
 
 @triton.jit
 def _load_gate(gate_ptr, rm, rn, off_m, M, N, stride_g, ROWS_PER_GATE, GATE: tl.constexpr):
-    """The gates of a tile, as GATE says (see the module's docstring)."""
-    if GATE == "row":
+    """The gates of a tile, as GATE says (see the module's docstring); with GATE "loaded", gate_ptr holds the
+    gates themselves, loaded ahead (gated_up_deferred_kernel)."""
+    if GATE == "loaded":
+        return gate_ptr
+    elif GATE == "row":
         group = (rm // ROWS_PER_GATE).to(tl.int64)
         mask = (rm[:, None] < M) & (rn[None, :] < N)
         return tl.load(gate_ptr + group[:, None] * stride_g + rn[None, :], mask=mask, other=0.0)
@@ -111,6 +114,16 @@ def _load_gate(gate_ptr, rm, rn, off_m, M, N, stride_g, ROWS_PER_GATE, GATE: tl.
         if GATE == "tile":  # every row of the tile is in one sequence
             gate_ptr += (off_m // ROWS_PER_GATE).to(tl.int64) * stride_g
         return tl.load(gate_ptr + rn, mask=rn < N, other=0.0)[None, :]
+
+
+@triton.jit
+def _settled(x, ASM: tl.constexpr):
+    """x through an opaque move, so that the compiler keeps x's loads where they are: else it sinks them to
+    their uses, in branches inside the K loop, and loads there instead."""
+    if ASM:
+        return tl.inline_asm_elementwise("mov.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=False, pack=1)
+    else:
+        return x
 
 
 @triton.jit
@@ -261,20 +274,28 @@ def gated_up_kernel(
 
 
 @triton.jit
-def _chunk_epilogue(acc, chunk: tl.constexpr, off_m, off_n, M, N, b_ptr, gate_ptr, stride_g, ROWS_PER_GATE, h,
+def _chunk_epilogue(acc, gates, chunk: tl.constexpr, off_m, off_n, M, N, b_ptr, gate_ptr, stride_g, ROWS_PER_GATE, h,
                     HAS_BIAS: tl.constexpr, GATE: tl.constexpr, TANH: tl.constexpr, FAST_GELU: tl.constexpr,
                     ASM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LEVELS: tl.constexpr,
                     IN_LOOP: tl.constexpr):
-    """h for the columns [chunk, chunk + 1) * BLOCK_N / 2^LEVELS of the tile whose accumulator is acc."""
+    """h for the columns [chunk, chunk + 1) * BLOCK_N / 2^LEVELS of the tile whose accumulator is acc and
+    whose (1, BLOCK_N) gates are gates, unless GATE is "row": then the chunk loads its gate rows itself."""
     CHUNK_N: tl.constexpr = BLOCK_N >> LEVELS
     z = acc
     for level in tl.static_range(LEVELS):  # halve the columns, keeping the half that holds the chunk
         left, right = _halves(z, BLOCK_M, BLOCK_N >> level)
         z = left if (chunk >> (LEVELS - 1 - level)) % 2 == 0 else right
+        if GATE != "row":
+            left, right = _halves(gates, 1, BLOCK_N >> level)
+            gates = left if (chunk >> (LEVELS - 1 - level)) % 2 == 0 else right
     if ASM and IN_LOOP:  # an opaque move: else the compiler hoists the chunk's math, loop-invariant, out of the K loop
         z = tl.inline_asm_elementwise("mov.f32 $0, $1;", "=f,f", [z], dtype=tl.float32, is_pure=False, pack=1)
-    _up_epilogue(z, off_m, off_n + chunk * CHUNK_N, M, N, b_ptr, gate_ptr, stride_g, ROWS_PER_GATE, h, h, 0, 0, 0, 0,
-                 HAS_BIAS, GATE, False, TANH, FAST_GELU, ASM, True, BLOCK_M, CHUNK_N)
+    if GATE == "row":
+        _up_epilogue(z, off_m, off_n + chunk * CHUNK_N, M, N, b_ptr, gate_ptr, stride_g, ROWS_PER_GATE, h, h,
+                     0, 0, 0, 0, HAS_BIAS, GATE, False, TANH, FAST_GELU, ASM, True, BLOCK_M, CHUNK_N)
+    else:
+        _up_epilogue(z, off_m, off_n + chunk * CHUNK_N, M, N, b_ptr, gates, stride_g, ROWS_PER_GATE, h, h,
+                     0, 0, 0, 0, HAS_BIAS, "loaded", False, TANH, FAST_GELU, ASM, True, BLOCK_M, CHUNK_N)
 
 
 @triton.jit(do_not_specialize=["M", "num_programs"])
@@ -300,8 +321,12 @@ def gated_up_deferred_kernel(
     kept = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # the previous tile's accumulator, once there is one
     kept_m = 0
     kept_n = 0
+    kept_gates = tl.zeros((1, BLOCK_N), dtype=tl.float32)  # its gates, but for a row table's
     for tile in range(tl.program_id(0), tiles, num_programs):
         off_m, off_n = _tile_origin(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        if GATE != "row":  # this tile's gates, before its K loop: they arrive under it, for the next one's chunks
+            gates = _load_gate(gate_ptr, 0, off_n + tl.arange(0, BLOCK_N), off_m, M, N, stride_g, ROWS_PER_GATE,
+                               GATE)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k in range(0, steps):
             acc = tl.dot(x.load([off_m, k * BLOCK_K]), w.load([off_n, k * BLOCK_K]).T, acc,
@@ -309,20 +334,25 @@ def gated_up_deferred_kernel(
             if tile != tl.program_id(0):
                 for chunk in tl.static_range(CHUNKS):
                     if k == chunk:
-                        _chunk_epilogue(kept, chunk, kept_m, kept_n, M, N, b_ptr, gate_ptr, stride_g, ROWS_PER_GATE,
-                                        h, HAS_BIAS, GATE, TANH, FAST_GELU, ASM, BLOCK_M, BLOCK_N, LEVELS, IN_LOOP)
+                        _chunk_epilogue(kept, kept_gates, chunk, kept_m, kept_n, M, N, b_ptr, gate_ptr, stride_g,
+                                        ROWS_PER_GATE, h, HAS_BIAS, GATE, TANH, FAST_GELU, ASM, BLOCK_M, BLOCK_N,
+                                        LEVELS, IN_LOOP)
         if tile != tl.program_id(0):  # chunks a short K loop had no step for
             for chunk in tl.static_range(CHUNKS):
                 if steps <= chunk:
-                    _chunk_epilogue(kept, chunk, kept_m, kept_n, M, N, b_ptr, gate_ptr, stride_g, ROWS_PER_GATE,
-                                    h, HAS_BIAS, GATE, TANH, FAST_GELU, ASM, BLOCK_M, BLOCK_N, LEVELS, IN_LOOP)
+                    _chunk_epilogue(kept, kept_gates, chunk, kept_m, kept_n, M, N, b_ptr, gate_ptr, stride_g,
+                                    ROWS_PER_GATE, h, HAS_BIAS, GATE, TANH, FAST_GELU, ASM, BLOCK_M, BLOCK_N,
+                                    LEVELS, IN_LOOP)
         kept = acc
         kept_m = off_m
         kept_n = off_n
+        if GATE != "row":
+            kept_gates = _settled(gates, ASM)
     if tl.program_id(0) < tiles:  # the last tile's epilogue has no next K loop
         for chunk in tl.static_range(CHUNKS):
-            _chunk_epilogue(kept, chunk, kept_m, kept_n, M, N, b_ptr, gate_ptr, stride_g, ROWS_PER_GATE,
-                            h, HAS_BIAS, GATE, TANH, FAST_GELU, ASM, BLOCK_M, BLOCK_N, LEVELS, IN_LOOP)
+            _chunk_epilogue(kept, kept_gates, chunk, kept_m, kept_n, M, N, b_ptr, gate_ptr, stride_g,
+                            ROWS_PER_GATE, h, HAS_BIAS, GATE, TANH, FAST_GELU, ASM, BLOCK_M, BLOCK_N,
+                            LEVELS, IN_LOOP)
 
 
 @triton.jit(do_not_specialize=["M", "num_programs"])

@@ -134,6 +134,27 @@ def test_the_flattened_kernels_load_the_next_tile_under_the_epilogue(static_chec
     assert nested and all(c["regions"]["loads_ahead_of_epilogue"] == 0 and c["regions"]["tile"] > 0 for c in nested)
 
 
+def test_the_deferred_forward_loads_its_gates_before_the_k_loop():
+    """A gate vector, or a table read one row per tile, is loaded at the tile's start and used in the next
+    tile's K loop, so no chunk under a wgmma waits for a global load; a row-by-row table (sequences shorter
+    than a tile) still loads in each chunk, which is what the count trips on."""
+    result = run_python("""
+        import torch
+        import bench.kernel_static as ks
+        from kernels.ops import up_launch
+        m = lambda *s: torch.empty(s, dtype=torch.bfloat16, device="meta")
+        loads = {}
+        for kind, rows in (("vector", 256), ("table", 256), ("table", 64)):
+            launch = up_launch(m(16384, 768), m(3072, 768), None, ks.gate_of(kind, 16384, 3072, rows),
+                               m(16384, 3072), m(0), False, ks.H100)
+            assert launch.kernel.__name__ == "gated_up_deferred_kernel"
+            loads[launch.kwargs["GATE"]] = ks.Compiler().binary(launch)["regions"]["global_loads_in_loop"]
+        assert loads["vector"] == loads["tile"] == 0 and loads["row"] > 0, loads
+        print("gates ahead")
+    """)
+    assert result.returncode == 0 and "gates ahead" in result.stdout, result.stdout + result.stderr
+
+
 def test_the_deferred_epilogue_keeps_its_math_in_the_k_loop():
     """Without its opaque move, the compiler hoists each chunk's loop-invariant math out of the K loop,
     where no wgmma runs under it, and keeps the results live across the loop in registers."""
