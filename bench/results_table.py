@@ -1,8 +1,8 @@
-"""The README's results tables, made from the committed files in bench/results/: gate throughput, and
-serving (bench/serve_throughput.py).
+"""The docs' results tables, made from the committed files in bench/results/: gate throughput (in
+docs/performance.md), and serving (bench/serve_throughput.py, in docs/serving.md).
 
     python -m bench.results_table           # print the tables
-    python -m bench.results_table --write   # put them into README.md between their markers
+    python -m bench.results_table --write   # put them into their pages between their markers
 """
 import argparse
 import json
@@ -13,6 +13,7 @@ from bench.tables import markdown_table
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
+PAGES = {"results": ROOT / "docs" / "performance.md", "serve-results": ROOT / "docs" / "serving.md"}  # marker: page
 
 
 def rows_of(path):
@@ -56,23 +57,23 @@ def serve_table():
                            "file"], [serve_row(path) for path in files])
 
 
-def readme_with_tables(readme):
-    for marker, table in (("results", gate_table), ("serve-results", serve_table)):
-        start, end = f"<!-- {marker}:start -->", f"<!-- {marker}:end -->"
-        before, _, rest = readme.partition(start)
-        _, _, after = rest.partition(end)
-        readme = f"{before}{start}\n{table()}\n{end}{after}"
-    return readme
+def with_table(page, marker):
+    """The page's text with the table of marker between its markers."""
+    table = {"results": gate_table, "serve-results": serve_table}[marker]
+    start, end = f"<!-- {marker}:start -->", f"<!-- {marker}:end -->"
+    before, _, rest = page.partition(start)
+    _, _, after = rest.partition(end)
+    return f"{before}{start}\n{table()}\n{end}{after}"
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--write", action="store_true", help="update README.md in place")
+    p.add_argument("--write", action="store_true", help="update the tables in their pages")
     args = p.parse_args()
     if args.write:
-        readme = ROOT / "README.md"
-        readme.write_text(readme_with_tables(readme.read_text()))
-        print(f"updated {readme}")
+        for marker, page in PAGES.items():
+            page.write_text(with_table(page.read_text(), marker))
+            print(f"updated {page}")
     else:
         print(gate_table(), serve_table(), sep="\n\n")
 

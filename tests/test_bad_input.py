@@ -2,10 +2,10 @@
 
 Each case calls a tool's main() as the command line would, in a workspace holding a
 trained run, corpora and damaged files, and checks the message, that nothing went
-to a traceback, and that no file in the workspace changed or appeared. The README's
-bad-input table is made from CASES:
+to a traceback, and that no file in the workspace changed or appeared. The bad-input
+table of docs/bad-input.md is made from CASES:
 
-    python tests/test_bad_input.py --write     # refresh the table in README.md
+    python tests/test_bad_input.py --write     # refresh the table in docs/bad-input.md
 """
 import fcntl
 import hashlib
@@ -22,6 +22,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 START, END = "<!-- bad-input:start -->", "<!-- bad-input:end -->"
+TABLE = ROOT / "docs" / "bad-input.md"  # where the table of CASES lives
 
 Case = namedtuple("Case", "what tool args message env", defaults=(None,))
 TOOLS = {"train": "train", "sample": "sample", "evaluate": "evaluate", "report": "report", "calibrate": "calibrate", "serve": "serve",
@@ -433,7 +434,7 @@ def command(case):
     return f"{script} {args}".replace("|", "\\|")
 
 
-def readme_table():
+def bad_input_table():
     lines = ["| bad input | command | what it gets |", "| --- | --- | --- |"]
     for case in CASES:
         message = case.message.replace("{ws}/", "").replace("|", "\\|")
@@ -441,10 +442,10 @@ def readme_table():
     return "\n".join(lines)
 
 
-def readme_with_table(readme):
-    before, _, rest = readme.partition(START)
+def page_with_table(page):
+    before, _, rest = page.partition(START)
     _, _, after = rest.partition(END)
-    return f"{before}{START}\n{readme_table()}\n{END}{after}"
+    return f"{before}{START}\n{bad_input_table()}\n{END}{after}"
 
 
 @pytest.fixture(scope="module")
@@ -641,10 +642,10 @@ def test_bad_input_gets_one_line_and_changes_nothing(case, workspace, monkeypatc
     assert snapshot(workspace) == before, "an existing file changed, or a file appeared"
 
 
-def test_the_readme_lists_every_case():
+def test_the_bad_input_page_lists_every_case():
     assert len(CASES) >= 80
-    readme = (ROOT / "README.md").read_text()
-    assert readme_with_table(readme) == readme, "run: python tests/test_bad_input.py --write"
+    page = TABLE.read_text()
+    assert page_with_table(page) == page, "run: python tests/test_bad_input.py --write"
 
 
 def test_every_single_byte_flip_in_tensor_data_is_refused(trained_checkpoint, tmp_path):
@@ -662,6 +663,5 @@ def test_every_single_byte_flip_in_tensor_data_is_refused(trained_checkpoint, tm
 
 
 if __name__ == "__main__" and "--write" in sys.argv:
-    path = ROOT / "README.md"
-    path.write_text(readme_with_table(path.read_text()))
-    print(f"updated {path} ({len(CASES)} cases)")
+    TABLE.write_text(page_with_table(TABLE.read_text()))
+    print(f"updated {TABLE} ({len(CASES)} cases)")

@@ -85,11 +85,13 @@ def test_graph_replays_refuse_a_cpu():
         time_graph_replays(lambda: None, [()], device="cpu")
 
 
-def test_readme_results_table_is_current():
-    from bench.results_table import readme_with_tables
+def test_the_results_tables_are_current():
+    from bench.results_table import PAGES, with_table
 
-    readme = (ROOT / "README.md").read_text()
-    assert readme_with_tables(readme) == readme, "run: python -m bench.results_table --write"
+    for marker, page in PAGES.items():
+        text = page.read_text()
+        assert text.count(f"<!-- {marker}:start -->") == 1, f"{page} lost its {marker} table"
+        assert with_table(text, marker) == text, "run: python -m bench.results_table --write"
 
 
 def test_gpu_suite_runs_its_cpu_form(tmp_path):

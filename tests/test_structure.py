@@ -98,3 +98,18 @@ def test_sorting_a_sorted_model_changes_nothing():
     sort_units(model)
     for name, t in model.state_dict().items():
         assert torch.equal(t, before[name]), name
+
+
+def test_the_module_map_matches_the_tree():
+    """docs/design.md's module map names every module of the library, the kernels and the benchmarks, and every
+    entry point, and names nothing that is not there: it cannot go stale."""
+    import re
+
+    text = (ROOT / "docs" / "design.md").read_text()
+    table = text[text.index("## Module map"):text.index("## 1. The math")]
+    named = {path for row in table.splitlines() if row.startswith("| `") for path in
+             re.findall(r"`([^`]+\.(?:py|html))`", row.split(" | ")[0])}
+    tree = {str(p.relative_to(ROOT)) for folder in ("abcgpt", "kernels", "bench") for p in (ROOT / folder).glob("*.py")
+            if p.name != "__init__.py"}
+    tree |= {p.name for p in ROOT.glob("*.py")} | {"abcgpt/page.html"}
+    assert named == tree, f"missing from the map: {sorted(tree - named)}; not in the tree: {sorted(named - tree)}"
