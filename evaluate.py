@@ -7,43 +7,40 @@ sources: every source's own setting and uniform mode).
 Prints the loss table with corner losses, contrast, middle and best alpha per
 source, and writes them as JSON (default: eval.json beside the checkpoint).
 """
-import sys
 
 from abcgpt.atomic import write_json
 from abcgpt import limits
 from abcgpt.cli import (
     HelpFormatter, Parser, add_runtime_flags, add_source_flags, apply_runtime_flags, check_max_windows, check_out_file,
-    is_json_object, resolved, run_tool,
+    is_json_object, resolved, run_tool, user_errors,
 )
-from abcgpt.errors import SettingsError, UserError
+from abcgpt.errors import SettingsError
 from abcgpt.evaluate import (
     SWEEP, format_table, format_voice_table, summarize, summarize_voices, sweep, voice_sweep,
 )
 from abcgpt.preflight import check_memory, forward_bytes
-from abcgpt.run import RunFolder, load_gated_run
+from abcgpt.run import DEFAULT_CHECKPOINT, RunFolder, load_gated_run
 
 
+@user_errors
 def main(argv=None):
     p = Parser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--ckpt", default="out/ckpt.pt", help="checkpoint written by train.py")
+    p.add_argument("--ckpt", default=DEFAULT_CHECKPOINT, help="checkpoint written by train.py")
     add_source_flags(p)
     p.add_argument("--batch_size", type=int, default=32, help="val windows per forward")
     p.add_argument("--max_windows", type=int, default=None, help="score at most this many val windows per source")
     p.add_argument("--out", default=None, help="the JSON file this writes (default: eval.json beside the checkpoint)")
     add_runtime_flags(p)
     args = p.parse_args(argv)
-    try:
-        apply_runtime_flags(args)
-        limits.check("eval_batch_size", args.batch_size, "--batch_size")
-        check_max_windows(args.max_windows)
-        out = check_out_file(args.out or RunFolder.of(args.ckpt).evaluation, "--out", "an evaluation",
-                             lambda path: is_json_object(path, "checkpoint", "losses", "sources"))
-        if resolved(out, "--out") == resolved(args.ckpt, "--ckpt"):
-            raise SettingsError(f"--out: {out} is the checkpoint itself; refusing to write over it")
-        model, tokenizer, run, corpus = load_gated_run(args.ckpt, args.device, args.sources, args.cache_dir)
-        check_memory(forward_bytes(model.config, args.batch_size), args.device, f"--batch_size {args.batch_size:,}")
-    except UserError as e:
-        sys.exit(f"error: {e}")
+    apply_runtime_flags(args)
+    limits.check("eval_batch_size", args.batch_size, "--batch_size")
+    check_max_windows(args.max_windows)
+    out = check_out_file(args.out or RunFolder.of(args.ckpt).evaluation, "--out", "an evaluation",
+                         lambda path: is_json_object(path, "checkpoint", "losses", "sources"))
+    if resolved(out, "--out") == resolved(args.ckpt, "--ckpt"):
+        raise SettingsError(f"--out: {out} is the checkpoint itself; refusing to write over it")
+    model, tokenizer, run, corpus = load_gated_run(args.ckpt, args.device, args.sources, args.cache_dir)
+    check_memory(forward_bytes(model.config, args.batch_size), args.device, f"--batch_size {args.batch_size:,}")
 
     if model.config.geometry == "line":
         alphas, losses = sweep(model, corpus, SWEEP, args.batch_size, args.max_windows, args.device, progress=True)
@@ -61,10 +58,7 @@ def main(argv=None):
         "val_tokens": {n: len(v) for n, v in zip(corpus.names, corpus.val)},
         **grid, "losses": losses, **summary,
     }
-    try:
-        write_json(out, result)
-    except UserError as e:
-        sys.exit(f"error: {e}")
+    write_json(out, result)
     print(f"wrote {out}")
 
 

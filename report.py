@@ -10,7 +10,6 @@ The gated run's corners are also given at its own best.pt. With a calibrated dia
 in the checkpoint (calibrate.py), the report scores it on fresh samples.
 Plots need matplotlib (pip install -e ".[report]"); without it the report says they were skipped.
 """
-import sys
 from pathlib import Path
 
 from abcgpt import settings
@@ -18,13 +17,12 @@ from abcgpt.checkpoint import CheckpointError
 from abcgpt.config import ARCHITECTURE
 from abcgpt.cli import (
     HelpFormatter, Parser, add_generation_flags, add_runtime_flags, add_source_flags, apply_runtime_flags,
-    check_generation_flags, check_max_windows, run_tool,
+    check_generation_flags, check_max_windows, run_tool, user_errors,
 )
-from abcgpt.errors import UserError
 from abcgpt.report import (
     build_report, check_report_folder, plots_unavailable, reusable_calibration, reusable_sweep, write_report,
 )
-from abcgpt.run import RunFolder, load_gated_run, load_model, require_two_source_line
+from abcgpt.run import DEFAULT_CHECKPOINT, RunFolder, load_gated_run, load_model, require_two_source_line
 
 
 SHAPE = [f for f in ARCHITECTURE if f not in ("gated", "narrowness", "mask_seed", "score_beta", "sort_units")]
@@ -89,9 +87,10 @@ def load_best(ckpt, run, device):
     return model, best.step
 
 
+@user_errors
 def main(argv=None):
     p = Parser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--ckpt", default="out/ckpt.pt", help="checkpoint written by train.py")
+    p.add_argument("--ckpt", default=DEFAULT_CHECKPOINT, help="checkpoint written by train.py")
     p.add_argument("--out_dir", required=True, help="the folder this writes report.md, report.json and the plots into")
     p.add_argument("--title", default=None, help="the report's title (default: names the checkpoint)")
     add_source_flags(p)
@@ -101,28 +100,25 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=1337, help="seeds the samples")
     add_runtime_flags(p)
     args = p.parse_args(argv)
-    try:
-        apply_runtime_flags(args)
-        check_report_folder(args.out_dir)
-        check_max_windows(args.max_windows)
-        settings.check_seed(args.seed, "--seed")
-        model, tokenizer, run, corpus = load_gated_run(args.ckpt, args.device, args.sources, args.cache_dir)
-        require_two_source_line(run, args.ckpt, "the dial's report")
-        check_generation_flags(args, args.device, model.config)
-        baselines = load_baselines(args.ckpt, run, args.device)
-        best = load_best(args.ckpt, run, args.device)
-        evaluation = RunFolder.of(args.ckpt).evaluation
-        reused_sweep = reusable_sweep(evaluation, run.weights_sha256, args.max_windows, corpus)
-        reused_calibration = reusable_calibration(run.dial_map, args.samples, args.max_new_tokens)
-        for what, where, reused in (("the held-out sweep", evaluation, reused_sweep),
-                                    ("the calibration samples", f"{args.ckpt}'s calibrated map", reused_calibration)):
-            if reused:
-                print(f"reusing {what} of this checkpoint from {where}")
-        report = build_report(model, tokenizer, run, corpus, baselines, args.samples, args.max_new_tokens,
-                              args.max_windows, args.device, args.seed, best, reused_sweep, reused_calibration)
-        path = write_report(report, args.out_dir, args.title or f"abcGPT report: {args.ckpt}")
-    except UserError as e:
-        sys.exit(f"error: {e}")
+    apply_runtime_flags(args)
+    check_report_folder(args.out_dir)
+    check_max_windows(args.max_windows)
+    settings.check_seed(args.seed, "--seed")
+    model, tokenizer, run, corpus = load_gated_run(args.ckpt, args.device, args.sources, args.cache_dir)
+    require_two_source_line(run, args.ckpt, "the dial's report")
+    check_generation_flags(args, args.device, model.config)
+    baselines = load_baselines(args.ckpt, run, args.device)
+    best = load_best(args.ckpt, run, args.device)
+    evaluation = RunFolder.of(args.ckpt).evaluation
+    reused_sweep = reusable_sweep(evaluation, run.weights_sha256, args.max_windows, corpus)
+    reused_calibration = reusable_calibration(run.dial_map, args.samples, args.max_new_tokens)
+    for what, where, reused in (("the held-out sweep", evaluation, reused_sweep),
+                                ("the calibration samples", f"{args.ckpt}'s calibrated map", reused_calibration)):
+        if reused:
+            print(f"reusing {what} of this checkpoint from {where}")
+    report = build_report(model, tokenizer, run, corpus, baselines, args.samples, args.max_new_tokens,
+                          args.max_windows, args.device, args.seed, best, reused_sweep, reused_calibration)
+    path = write_report(report, args.out_dir, args.title or f"abcGPT report: {args.ckpt}")
     skipped = plots_unavailable()
     print(f"wrote {path}" + (f"; plots skipped: {skipped}" if skipped else ""))
 

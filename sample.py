@@ -8,18 +8,17 @@
                                                                          # uniform mode (every gate open)
 """
 import os
-import sys
 
 import torch
 
 from abcgpt import settings
 from abcgpt.cli import (
     HelpFormatter, Parser, add_generation_flags, add_runtime_flags, apply_runtime_flags, check_generation_flags,
-    run_tool,
+    run_tool, user_errors,
 )
 from abcgpt.data import NotARegularFile, open_regular, source_alphas
-from abcgpt.errors import SettingsError, UserError
-from abcgpt.run import load_model
+from abcgpt.errors import SettingsError
+from abcgpt.run import DEFAULT_CHECKPOINT, load_model
 from abcgpt.sampling import generate
 from abcgpt.tokenizer import TextStream, UnknownCharactersError
 from abcgpt.voice import parse_voice
@@ -93,7 +92,7 @@ def read_prompt(start):
 def parse_args(argv=None):
     d = settings.DEFAULTS
     p = Parser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--ckpt", default="out/ckpt.pt", help="checkpoint written by train.py")
+    p.add_argument("--ckpt", default=DEFAULT_CHECKPOINT, help="checkpoint written by train.py")
     dial = p.add_mutually_exclusive_group()
     dial.add_argument("--alpha", default=None, help="the line dial: one value in [0, 1] or a list such as 0,0.5,1 "
                                                      "(default: 0.5)")
@@ -129,25 +128,23 @@ def dial_label(alpha, names):
     return f"alpha {alpha}" + (f" ({corners[alpha]})" if alpha in corners else "")
 
 
+@user_errors
 def main(argv=None):
     args = parse_args(argv)
+    apply_runtime_flags(args)
+    if args.alpha is not None or args.mix is not None:
+        parse_dials(args.alpha if args.mix is None else args.mix, "--alpha" if args.mix is None else "--mix")
+    check_numbers(args)
+    prompt = read_prompt(args.start)
+    model, tokenizer, run = load_model(args.ckpt, args.device)
+    check_generation_flags(args, args.device, model.config)
+    resolved = dials(args, run)
     try:
-        apply_runtime_flags(args)
-        if args.alpha is not None or args.mix is not None:
-            parse_dials(args.alpha if args.mix is None else args.mix, "--alpha" if args.mix is None else "--mix")
-        check_numbers(args)
-        prompt = read_prompt(args.start)
-        model, tokenizer, run = load_model(args.ckpt, args.device)
-        check_generation_flags(args, args.device, model.config)
-        resolved = dials(args, run)
-        try:
-            start_ids = tokenizer.encode(prompt)
-        except UnknownCharactersError as e:
-            raise InputError(f"--start: the prompt has {e}") from None
-        if not start_ids:
-            raise InputError("--start: the prompt is empty")
-    except UserError as e:
-        sys.exit(f"error: {e}")
+        start_ids = tokenizer.encode(prompt)
+    except UnknownCharactersError as e:
+        raise InputError(f"--start: the prompt has {e}") from None
+    if not start_ids:
+        raise InputError("--start: the prompt is empty")
 
     gated = model.config.gated
     vanilla = (None, "", *settings.or_defaults(args.temperature, args.top_k))

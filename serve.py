@@ -16,16 +16,17 @@ import threading
 
 from abcgpt.access import LOOPBACK_HOSTS, Access, is_loopback
 from abcgpt import limits
-from abcgpt.cli import HelpFormatter, Parser, add_runtime_flags, apply_runtime_flags, run_tool
-from abcgpt.errors import SettingsError, UserError
+from abcgpt.cli import HelpFormatter, Parser, add_runtime_flags, apply_runtime_flags, run_tool, user_errors
+from abcgpt.errors import SettingsError
 from abcgpt.preflight import check_memory, generation_bytes
-from abcgpt.run import load_model
+from abcgpt.run import DEFAULT_CHECKPOINT, load_model
 from abcgpt.settings import check_new_tokens
 
 
+@user_errors
 def main(argv=None):
     p = Parser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--ckpt", default="out/ckpt.pt", help="checkpoint written by train.py")
+    p.add_argument("--ckpt", default=DEFAULT_CHECKPOINT, help="checkpoint written by train.py")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
     p.add_argument("--port", type=int, default=8000, help="port to listen on")
     p.add_argument("--max_batch", type=int, default=32, help="requests decoded together at most")
@@ -57,20 +58,17 @@ def main(argv=None):
         from abcgpt.serve import Service, create_app
     except ImportError as e:
         sys.exit(f"error: serving needs the [serve] extra ({e.name} is missing): pip install -e \".[serve]\"")
-    try:
-        apply_runtime_flags(args)
-        check_new_tokens(args.max_new_tokens, "--max_new_tokens", least=1)
-        for flag in ("max_batch", "max_queue", "max_per_client", "max_queued_per_client", "max_connections", "port",
-                     "timeout", "header_timeout"):
-            if getattr(args, flag) is not None:
-                limits.check(flag.replace("header_", ""), getattr(args, flag), f"--{flag}")
-        if args.token is not None and not args.token.strip():
-            raise SettingsError("--token must not be empty")
-        model, tokenizer, run = load_model(args.ckpt, args.device)
-        check_memory(generation_bytes(model.config, args.max_batch), args.device, f"--max_batch {args.max_batch:,}")
-        listening = bind(args.host, args.port)
-    except UserError as e:
-        sys.exit(f"error: {e}")
+    apply_runtime_flags(args)
+    check_new_tokens(args.max_new_tokens, "--max_new_tokens", least=1)
+    for flag in ("max_batch", "max_queue", "max_per_client", "max_queued_per_client", "max_connections", "port",
+                 "timeout", "header_timeout"):
+        if getattr(args, flag) is not None:
+            limits.check(flag.replace("header_", ""), getattr(args, flag), f"--{flag}")
+    if args.token is not None and not args.token.strip():
+        raise SettingsError("--token must not be empty")
+    model, tokenizer, run = load_model(args.ckpt, args.device)
+    check_memory(generation_bytes(model.config, args.max_batch), args.device, f"--max_batch {args.max_batch:,}")
+    listening = bind(args.host, args.port)
     wildcard = args.host in ("0.0.0.0", "::", "")
     hosts = None if wildcard and not args.allow_host else [*LOOPBACK_HOSTS, args.host, *args.allow_host]
     if not is_loopback(args.host):

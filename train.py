@@ -17,10 +17,10 @@ import sys
 
 from tqdm.auto import tqdm
 
-from abcgpt.cli import HelpFormatter, Parser, add_runtime_flags, apply_runtime_flags, run_tool
-from abcgpt.config import PRESETS, add_config_flags, baseline_config, build_config, default_preset
+from abcgpt.cli import HelpFormatter, Parser, add_runtime_flags, apply_runtime_flags, run_tool, user_errors
+from abcgpt.config import DEFAULT_OUT_DIR, PRESETS, add_config_flags, baseline_config, build_config, default_preset
 from abcgpt.device import default_device
-from abcgpt.errors import SettingsError, UserError
+from abcgpt.errors import SettingsError
 from abcgpt.run import Run, RunFolder
 from abcgpt.trainer import Trainer
 
@@ -47,7 +47,7 @@ def parse_args(argv=None):
 def resumed_base(overrides):
     """The saved run's settings; a longer --max_iters keeps the saved decay unless --lr_decay_iters says otherwise.
     None for a run that saved no checkpoint, only its log: it starts from nothing."""
-    folder = RunFolder(overrides.get("out_dir", "out"))
+    folder = RunFolder(overrides.get("out_dir", DEFAULT_OUT_DIR))
     if folder.holds_only_a_log():
         return None
     if not folder.checkpoint.exists():
@@ -62,22 +62,20 @@ def resumed_base(overrides):
     return saved.to_dict()
 
 
+@user_errors
 def main(argv=None):
     options, runtime, overrides = parse_args(argv)
-    try:
-        apply_runtime_flags(runtime)
-        base = resumed_base(overrides) if options["resume"] else None
-        preset = options["preset"] or default_preset(default_device() == "cuda")
-        config = build_config(preset, overrides, base)
-        if not options["resume"]:
-            print(f"preset: {preset}")
-        if options["new_sources"] and not options["resume"]:
-            raise SettingsError("--new_sources goes with --resume: a new run records whatever sources it has")
-        losses, tokens_seen, names = run(config, options["resume"], options["overwrite"], options["new_sources"])
-        if options["baselines"]:
-            train_baselines(config, names, tokens_seen, options["resume"], options["overwrite"])
-    except UserError as e:
-        sys.exit(f"error: {e}")
+    apply_runtime_flags(runtime)
+    base = resumed_base(overrides) if options["resume"] else None
+    preset = options["preset"] or default_preset(default_device() == "cuda")
+    config = build_config(preset, overrides, base)
+    if not options["resume"]:
+        print(f"preset: {preset}")
+    if options["new_sources"] and not options["resume"]:
+        raise SettingsError("--new_sources goes with --resume: a new run records whatever sources it has")
+    losses, tokens_seen, names = run(config, options["resume"], options["overwrite"], options["new_sources"])
+    if options["baselines"]:
+        train_baselines(config, names, tokens_seen, options["resume"], options["overwrite"])
 
 
 def train_baselines(config, names, tokens_seen, resume, overwrite):

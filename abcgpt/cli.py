@@ -1,6 +1,7 @@
 """What the command-line tools share: help layout, device and thread flags, and output checks made
 before any work starts, so a bad flag costs a one-line error, not a lost minute."""
 import argparse
+import functools
 import json
 import os
 import sys
@@ -11,7 +12,7 @@ import torch
 
 from . import limits
 from .device import resolve_device
-from .errors import SettingsError
+from .errors import SettingsError, UserError
 from .preflight import check_memory, generation_bytes
 from .settings import MAX_NEW_TOKENS, check_new_tokens
 
@@ -32,6 +33,20 @@ def run_tool(main):
     except BrokenPipeError:
         discard_stdout()  # no second error as Python exits
         sys.exit(141)  # 128 + SIGPIPE, as a shell reports a pipe's writer that was cut off
+
+
+def user_errors(main):
+    """A tool's main(argv), where a mistake the user can fix (UserError) ends the tool with its one line,
+    error: ..., and a non-zero exit: the one place the tools catch it."""
+
+    @functools.wraps(main)
+    def tool(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except UserError as e:
+            sys.exit(f"error: {e}")
+
+    return tool
 
 
 def discard_stdout():

@@ -11,6 +11,8 @@ from .errors import SettingsError
 from .gate import GEOMETRIES
 from .model import GPTConfig
 
+DEFAULT_OUT_DIR = "out"  # the run folder every tool reads and train.py writes unless told otherwise
+
 # Fields that shape the model; fixed once a run has started.
 ARCHITECTURE = tuple(f.name for f in fields(GPTConfig) if f.name not in ("dropout", "vocab_size")) + ("tokenizer",)
 
@@ -46,7 +48,7 @@ class TrainConfig(GPTConfig):
     eval_interval: int = 500
     eval_iters: int = 100
     log_interval: int = 50
-    out_dir: str = "out"
+    out_dir: str = DEFAULT_OUT_DIR
     # system
     device: str = "auto"  # auto, cpu, cuda, cuda:1, ...
     dtype: str = "auto"  # auto (bfloat16 on CUDA where supported, else float32), float32, bfloat16, float16

@@ -3,14 +3,12 @@
     python -m abcgpt.inspect out/ckpt.pt
 """
 import math
-import sys
 from pathlib import Path
 
 import torch
 
-from .cli import HelpFormatter, Parser, run_tool
+from .cli import HelpFormatter, Parser, run_tool, user_errors
 from .data import source_alphas
-from .errors import UserError
 from .dial import mix_to_alpha
 from .run import Run
 from .settings import calibrated_at
@@ -75,14 +73,12 @@ def calibration_line(run):
             f"{at['top_k']}, {len(dial_map['alpha'])} alphas{measured})")
 
 
+@user_errors
 def main(argv=None):
     p = Parser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("ckpt", help="a checkpoint written by train.py")
     args = p.parse_args(argv)
-    try:
-        run = Run.load(args.ckpt)
-    except UserError as e:
-        sys.exit(f"error: {e}")
+    run = Run.load(args.ckpt)
     print("\n".join(describe(args.ckpt, run)))
 
 

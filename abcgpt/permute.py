@@ -6,12 +6,11 @@
 New models are sorted at init (GPTConfig.sort_units); this is for checkpoints made before.
 The map of which rows and columns move with each unit is units.py's.
 """
-import sys
 from pathlib import Path
 
 from .checkpoint import CheckpointError
-from .cli import HelpFormatter, Parser, check_output, run_tool
-from .errors import SettingsError, UserError
+from .cli import HelpFormatter, Parser, check_output, run_tool, user_errors
+from .errors import SettingsError
 from .run import RunFolder, editing, load_model
 from .units import sort_units
 
@@ -27,26 +26,24 @@ def sorted_run(path):
     return run
 
 
+@user_errors
 def main(argv=None):
     p = Parser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("source", help="checkpoint to read")
     p.add_argument("dest", nargs="?", help="checkpoint to write, with units sorted: a new file")
     p.add_argument("--in_place", action="store_true", help="rewrite source itself instead of writing dest")
     args = p.parse_args(argv)
-    try:
-        if (args.dest is None) == (not args.in_place):
-            raise SettingsError("give dest, a new file to write, or --in_place to rewrite source itself")
-        dest = Path(args.source if args.in_place else args.dest)
-        if not args.in_place:  # a new path: nothing the user did not name is written over
-            check_output(dest, "dest", "a new path", lambda _: False)
-        if args.in_place:
-            with editing(dest) as save:  # locked before it is read
-                save(sorted_run(args.source))
-        else:
-            with RunFolder.of(dest).lock():
-                sorted_run(args.source).save(dest)
-    except UserError as e:
-        sys.exit(f"error: {e}")
+    if (args.dest is None) == (not args.in_place):
+        raise SettingsError("give dest, a new file to write, or --in_place to rewrite source itself")
+    dest = Path(args.source if args.in_place else args.dest)
+    if not args.in_place:  # a new path: nothing the user did not name is written over
+        check_output(dest, "dest", "a new path", lambda _: False)
+    if args.in_place:
+        with editing(dest) as save:  # locked before it is read
+            save(sorted_run(args.source))
+    else:
+        with RunFolder.of(dest).lock():
+            sorted_run(args.source).save(dest)
     print(f"wrote {dest} with units sorted by score")
 
 

@@ -20,7 +20,7 @@ import torch
 
 from .atomic import write_json
 from .checkpoint import CheckpointError, copy_checkpoint, load_checkpoint, save_checkpoint
-from .config import TrainConfig
+from .config import DEFAULT_OUT_DIR, TrainConfig
 from .data import Corpus, DataError, check_source_name, file_sha256, is_source_name, parse_sources
 from .errors import SettingsError
 from .model import GPT, GPTConfig
@@ -237,6 +237,9 @@ class RunFolder:
         run.save(self.checkpoint)
         if best:  # no second round of hashing, writing and reading back
             copy_checkpoint(self.checkpoint, self.best)
+
+
+DEFAULT_CHECKPOINT = str(RunFolder(DEFAULT_OUT_DIR).checkpoint)  # every tool's --ckpt unless given
 
 
 @contextmanager

@@ -40,7 +40,7 @@ from abcgpt.batching import BatchedDecoder, Request
 from abcgpt.cli import HelpFormatter, Parser, add_runtime_flags, apply_runtime_flags
 from abcgpt.connections import server_config
 from abcgpt.model import GPT, GPTConfig
-from abcgpt.run import load_model
+from abcgpt.run import DEFAULT_CHECKPOINT, load_model
 from abcgpt.sampling import generate
 from abcgpt.serve import Service, create_app
 from bench.timing import environment
@@ -395,7 +395,7 @@ def short_beside_long(url, service, long_n, long_tokens, short_n, short_tokens, 
 
 def main(argv=None):
     p = Parser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--ckpt", default="out/ckpt.pt", help="checkpoint to serve")
+    p.add_argument("--ckpt", default=DEFAULT_CHECKPOINT, help="checkpoint to serve")
     p.add_argument("--clients", default="1,8,32", help="numbers of concurrent requests")
     p.add_argument("--new_tokens", type=int, default=200, help="tokens per request")
     p.add_argument("--repeats", type=int, default=5, help="alternating runs of each comparison")

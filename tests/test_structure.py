@@ -113,3 +113,30 @@ def test_the_module_map_matches_the_tree():
             if p.name != "__init__.py"}
     tree |= {p.name for p in ROOT.glob("*.py")} | {"abcgpt/page.html"}
     assert named == tree, f"missing from the map: {sorted(tree - named)}; not in the tree: {sorted(named - tree)}"
+
+
+def front_doors():
+    """The command-line tools: the top-level scripts and the library's own (python -m abcgpt.NAME)."""
+    return sorted(ROOT.glob("*.py")) + [ROOT / "abcgpt" / "inspect.py", ROOT / "abcgpt" / "permute.py"]
+
+
+def test_one_place_catches_a_user_error():
+    """cli.user_errors turns a UserError into the tool's one line; no tool catches one itself, and every tool's
+    main goes through it."""
+    for path in front_doors():
+        tree = ast.parse(path.read_text())
+        caught = [h for h in ast.walk(tree) if isinstance(h, ast.ExceptHandler) and isinstance(h.type, ast.Name)
+                  and h.type.id == "UserError"]
+        assert not caught, f"{path.name} catches UserError itself: leave it to cli.user_errors"
+        mains = [f for f in tree.body if isinstance(f, ast.FunctionDef) and f.name == "main"]
+        assert mains and all(any(getattr(d, "id", None) == "user_errors" for d in f.decorator_list) for f in mains), (
+            f"{path.name}'s main is not wrapped in cli.user_errors")
+
+
+def test_the_default_run_folder_is_named_once():
+    """'out' is config.DEFAULT_OUT_DIR and its checkpoint run.DEFAULT_CHECKPOINT: no tool spells either."""
+    for path in front_doors() + sorted((ROOT / "abcgpt").glob("*.py")) + sorted((ROOT / "bench").glob("*.py")):
+        if path.name == "config.py":
+            continue
+        literals = {n.value for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.Constant)}
+        assert not literals & {"out", "out/ckpt.pt"}, f"{path.name} names the default run folder itself"
