@@ -19,6 +19,7 @@ from .dial import classifier_for, measure, mix_to_alpha, sample_texts
 from .evaluate import SWEEP, format_table, summarize, sweep, val_loss
 from .ngram import spearman
 from .settings import DEFAULTS
+from .tables import markdown_table
 
 SAMPLE_ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 MIXES = tuple(round(0.1 * i, 1) for i in range(11))
@@ -197,14 +198,15 @@ def render_markdown(report, title, plots, plots_skipped=None):
         lines += [f"Plots: not made, as {plots_skipped}.", ""]
     lines += ["## Cost of the dial", "", "Each source's loss at its own corner against a vanilla GPT trained on that "
               "source alone with as many of its tokens, judged at its best held-out val (its final value beside).",
-              "", "| source | corner loss | baseline best (step) | baseline final (step) | excess over best (nats) "
-              "| relative |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
+              ""]
+    cost = []
     for n in names:
         c, b = report["dial_cost"].get(n), report["baselines"].get(n, {})
         kept = lambda which: (f"{b[which]['loss']:.4f} ({b[which]['step']})" if which in b else "not measured")
-        lines.append(f"| {n} | {report['corner_loss'][n]:.4f} | {kept('best')} | {kept('final')} | "
-                     f"{_fmt(c and c['excess'], '+.4f')} | {_fmt(c and c['relative'], '+.1%')} |")
-    lines.append("")
+        cost.append([n, f"{report['corner_loss'][n]:.4f}", kept("best"), kept("final"),
+                     _fmt(c and c["excess"], "+.4f"), _fmt(c and c["relative"], "+.1%")])
+    lines += [markdown_table(["source", "corner loss", "baseline best (step)", "baseline final (step)",
+                              "excess over best (nats)", "relative"], cost, numeric=range(1, 6)), ""]
     if "at_best" in report:
         at = report["at_best"]
         lines += [f"At the gated run's best checkpoint (step {at['step']}): " + "; ".join(
@@ -216,9 +218,9 @@ def render_markdown(report, title, plots, plots_skipped=None):
                   f"scored by character 4-gram models fitted on the train splits as P({names[1]} | text)"
                   + (" (calibrate.py's samples, kept in the checkpoint's map)." if cal.get("from") == "calibrate.py"
                      else "."), "",
-                  "| alpha | " + " | ".join(f"{a:g}" for a in cal["alphas"]) + " |",
-                  "| --- |" + " ---: |" * len(cal["alphas"]),
-                  "| mean P | " + " | ".join(f"{p:.3f}" for p in cal["mean_p_source_1"]) + " |", "",
+                  markdown_table(["alpha", *(f"{a:g}" for a in cal["alphas"])],
+                                 [["mean P", *(f"{p:.3f}" for p in cal["mean_p_source_1"])]],
+                                 numeric=range(1, len(cal["alphas"]) + 1)), "",
                   f"Spearman rank correlation with alpha: {cal['spearman']:.3f}; at alpha 0: {cal['at_alpha_0']:.3f}; "
                   f"at alpha 1: {cal['at_alpha_1']:.3f}; mean curve {'rises monotonically' if cal['monotone'] else 'is not monotone'}.", ""]
         if "calibration.png" in plots:
@@ -228,10 +230,10 @@ def render_markdown(report, title, plots, plots_skipped=None):
         lines += ["## The calibrated dial", "",
                   f"The checkpoint's map from mix (the share of {names[1]}'s voice asked for) to alpha, scored on "
                   f"{dial['samples_per_mix']} fresh samples per mix (seeds not used to fit the map).", "",
-                  "| mix | " + " | ".join(f"{m:g}" for m in dial["mixes"]) + " |",
-                  "| --- |" + " ---: |" * len(dial["mixes"]),
-                  "| alpha | " + " | ".join(f"{a:.3f}" for a in dial["alphas"]) + " |",
-                  "| measured P | " + " | ".join(f"{p:.3f}" for p in dial["measured"]) + " |", "",
+                  markdown_table(["mix", *(f"{m:g}" for m in dial["mixes"])],
+                                 [["alpha", *(f"{a:.3f}" for a in dial["alphas"])],
+                                  ["measured P", *(f"{p:.3f}" for p in dial["measured"])]],
+                                 numeric=range(1, len(dial["mixes"]) + 1)), "",
                   f"Largest |P - mix|: {dial['max_abs_error']:.3f}; Spearman correlation of the measured curve "
                   f"with mix: {dial['spearman']:.3f} (of single samples with mix: {dial['spearman_samples']:.3f}).",
                   ""]

@@ -28,7 +28,7 @@ from abcgpt.model import GPT, GPTConfig
 from abcgpt.recompiles import forbid_recompiles
 from abcgpt.sampling import CompiledDecoder, generate
 from abcgpt.voice import Dial
-from bench.tables import markdown_table
+from abcgpt.tables import markdown_table
 from bench.timing import environment, summary, time_calls
 from abcgpt.atomic import write_json
 

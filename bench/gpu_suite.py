@@ -29,7 +29,7 @@ import torch
 from abcgpt.device import default_device
 from bench.gate_throughput import ratio_rows
 from bench.kernel_bench import kernel_table
-from bench.tables import markdown_table
+from abcgpt.tables import markdown_table
 from abcgpt.atomic import write_json, write_text
 
 ROOT = Path(__file__).resolve().parents[1]

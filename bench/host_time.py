@@ -18,7 +18,7 @@ import time
 import torch
 
 from abcgpt.atomic import write_json
-from bench.tables import markdown_table
+from abcgpt.tables import markdown_table
 from bench.timing import environment
 from kernels.ops import H100, gated_linear_gelu, record_launches
 

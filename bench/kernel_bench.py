@@ -46,7 +46,7 @@ from abcgpt.device import default_device  # noqa: E402
 from abcgpt.gate import tent_gate  # noqa: E402
 from abcgpt.recompiles import forbid_recompiles  # noqa: E402
 from bench.plain_matmul import plain_matmul  # noqa: E402
-from bench.tables import markdown_table  # noqa: E402
+from abcgpt.tables import markdown_table  # noqa: E402
 from bench.timing import environment, host_seconds, summary, time_calls, time_graph_replays  # noqa: E402
 from kernels.ops import _gate_arg, gated_linear_gelu, gated_mlp, target_of, up_launch  # noqa: E402
 from abcgpt.atomic import write_json

@@ -37,7 +37,7 @@ os.environ.pop("TRITON_INTERPRET", None)  # the real compiler: set before triton
 import torch  # noqa: E402
 import triton  # noqa: E402
 
-from bench.tables import markdown_table  # noqa: E402
+from abcgpt.tables import markdown_table  # noqa: E402
 from kernels.ops import H100, down_grad_launch, pointer_loads, up_launch  # noqa: E402
 from abcgpt.atomic import write_json
 

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 from bench.gate_throughput import ratio_rows
-from bench.tables import markdown_table
+from abcgpt.tables import markdown_table
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"

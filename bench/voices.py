@@ -41,7 +41,7 @@ from abcgpt.run import Run, RunFolder, corpus_for, load_model
 from abcgpt.sampling import generate
 from abcgpt.settings import DEFAULTS
 from abcgpt.voice import UNIFORM, voices
-from bench.tables import markdown_table
+from abcgpt.tables import markdown_table
 from abcgpt.atomic import save_figure, write_json, write_text
 
 DESIGNS = {  # name: train.py flags that make the design (docs/design.md, section 8)

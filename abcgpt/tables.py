@@ -1,4 +1,4 @@
-"""The one Markdown table formatter of the benchmarks and their summaries."""
+"""The one Markdown table formatter: of the reports, the benchmarks and their summaries."""
 
 
 def markdown_table(headers, rows, numeric=()):
