@@ -9,11 +9,10 @@ import json
 from pathlib import Path
 
 from bench.gate_throughput import ratio_rows
-from abcgpt.tables import markdown_table
+from abcgpt.tables import markdown_table, with_table
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
-PAGES = {"results": ROOT / "docs" / "performance.md", "serve-results": ROOT / "docs" / "serving.md"}  # marker: page
 
 
 def rows_of(path):
@@ -57,13 +56,16 @@ def serve_table():
                            "file"], [serve_row(path) for path in files])
 
 
-def with_table(page, marker):
-    """The page's text with the table of marker between its markers."""
-    table = {"results": gate_table, "serve-results": serve_table}[marker]
-    start, end = f"<!-- {marker}:start -->", f"<!-- {marker}:end -->"
-    before, _, rest = page.partition(start)
-    _, _, after = rest.partition(end)
-    return f"{before}{start}\n{table()}\n{end}{after}"
+# marker: (the page that holds the table, the table)
+TABLES = {"results": (ROOT / "docs" / "performance.md", gate_table),
+          "serve-results": (ROOT / "docs" / "serving.md", serve_table)}
+
+
+def current(marker):
+    """(page, its text, its text with the table of marker made afresh)."""
+    page, table = TABLES[marker]
+    text = page.read_text()
+    return page, text, with_table(text, marker, table())
 
 
 def main():
@@ -71,8 +73,9 @@ def main():
     p.add_argument("--write", action="store_true", help="update the tables in their pages")
     args = p.parse_args()
     if args.write:
-        for marker, page in PAGES.items():
-            page.write_text(with_table(page.read_text(), marker))
+        for marker in TABLES:
+            page, _, fresh = current(marker)
+            page.write_text(fresh)
             print(f"updated {page}")
     else:
         print(gate_table(), serve_table(), sep="\n\n")

@@ -118,8 +118,9 @@ def _load_gate(gate_ptr, rm, rn, off_m, M, N, stride_g, ROWS_PER_GATE, GATE: tl.
 
 @triton.jit
 def _settled(x, ASM: tl.constexpr):
-    """x through an opaque move, so that the compiler keeps x's loads where they are: else it sinks them to
-    their uses, in branches inside the K loop, and loads there instead."""
+    """x through an opaque move the compiler cannot see through: what computes x stays where it is written,
+    neither sunk into later branches (loads reloaded in each) nor hoisted out of the K loop (math that no
+    wgmma then hides)."""
     if ASM:
         return tl.inline_asm_elementwise("mov.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=False, pack=1)
     else:
@@ -288,8 +289,8 @@ def _chunk_epilogue(acc, gates, chunk: tl.constexpr, off_m, off_n, M, N, b_ptr, 
         if GATE != "row":
             left, right = _halves(gates, 1, BLOCK_N >> level)
             gates = left if (chunk >> (LEVELS - 1 - level)) % 2 == 0 else right
-    if ASM and IN_LOOP:  # an opaque move: else the compiler hoists the chunk's math, loop-invariant, out of the K loop
-        z = tl.inline_asm_elementwise("mov.f32 $0, $1;", "=f,f", [z], dtype=tl.float32, is_pure=False, pack=1)
+    if IN_LOOP:  # else the compiler hoists the chunk's math, loop-invariant, out of the K loop
+        z = _settled(z, ASM)
     if GATE == "row":
         _up_epilogue(z, off_m, off_n + chunk * CHUNK_N, M, N, b_ptr, gate_ptr, stride_g, ROWS_PER_GATE, h, h,
                      0, 0, 0, 0, HAS_BIAS, GATE, False, TANH, FAST_GELU, ASM, True, BLOCK_M, CHUNK_N)

@@ -20,8 +20,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from abcgpt.tables import with_table
+
 ROOT = Path(__file__).resolve().parents[1]
-START, END = "<!-- bad-input:start -->", "<!-- bad-input:end -->"
 TABLE = ROOT / "docs" / "bad-input.md"  # where the table of CASES lives
 
 Case = namedtuple("Case", "what tool args message env", defaults=(None,))
@@ -443,9 +444,7 @@ def bad_input_table():
 
 
 def page_with_table(page):
-    before, _, rest = page.partition(START)
-    _, _, after = rest.partition(END)
-    return f"{before}{START}\n{bad_input_table()}\n{END}{after}"
+    return with_table(page, "bad-input", bad_input_table())
 
 
 @pytest.fixture(scope="module")
