@@ -41,15 +41,15 @@ def parse_dials(text, flag="--alpha"):
 
 
 def dials(args, run):
-    """(dial, label, temperature, top_k) for each dial asked for: --voice or --alpha as is, at the sampling
-    settings given or the defaults; or --mix through the checkpoint's map, at the settings it was calibrated at."""
+    """(dial, label, Sampling) for each dial asked for: --voice or --alpha as is, at the sampling settings given
+    or the defaults; or --mix through the checkpoint's map, at the settings it was calibrated at."""
     names, geometry = run.source_names, run.model_config.geometry
-    sampling = settings.or_defaults(args.temperature, args.top_k)
+    sampling = settings.sampling(vars(args), prefix="--")
     if args.voice is None and args.alpha is None and args.mix is None:  # the dial's middle: alpha 0.5, or all
         args.alpha, args.voice = ("0.5", None) if geometry == "line" else (None, ["all"])
     if args.voice is not None:
         try:
-            return [(dial, f"voice {label}", *sampling)
+            return [(dial, f"voice {label}", sampling)
                     for dial, label in (parse_voice(text, names, geometry) for text in args.voice)]
         except SettingsError as e:
             raise InputError(f"--voice: {e}") from None
@@ -58,7 +58,7 @@ def dials(args, run):
         raise InputError(f"{flag}: this checkpoint's dial is a mixture of its {len(names)} sources ({geometry}), "
                          "not one line; use --voice NAME, --voice NAME=W,NAME=W or --voice all")
     if args.mix is None:
-        return [(a, dial_label(a, names), *sampling) for a in parse_dials(args.alpha)]
+        return [(a, dial_label(a, names), sampling) for a in parse_dials(args.alpha)]
     if len(names) != 2:
         raise InputError(f"--mix: the calibrated mix is a two-source feature, and this checkpoint has {len(names)} "
                          "sources; use --voice or --alpha")
@@ -66,9 +66,9 @@ def dials(args, run):
                "(or use --alpha)")
     resolved = []
     for mix in parse_dials(args.mix, "--mix"):
-        alpha, temperature, top_k = settings.resolve_mix(mix, run.dial_map, args.temperature, args.top_k,
-                                                         force=args.force, name="--mix", missing=missing)
-        resolved.append((alpha, f"mix {mix} (alpha {alpha:.3f})", temperature, top_k))
+        alpha, at = settings.resolve_mix(mix, run.dial_map, vars(args), force=args.force, prefix="--", name="--mix",
+                                         missing=missing)
+        resolved.append((alpha, f"mix {mix} (alpha {alpha:.3f})", at))
     return resolved
 
 
@@ -90,7 +90,6 @@ def read_prompt(start):
 
 
 def parse_args(argv=None):
-    d = settings.DEFAULTS
     p = Parser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--ckpt", default=DEFAULT_CHECKPOINT, help="checkpoint written by train.py")
     dial = p.add_mutually_exclusive_group()
@@ -102,23 +101,17 @@ def parse_args(argv=None):
     dial.add_argument("--mix", default=None, help="the share of source 1's voice, in [0, 1] (or a list), through "
                                                    "the calibrated map calibrate.py stored; instead of --alpha")
     p.add_argument("--start", default="\n", help="the prompt, or FILE:path to read it from a file (default: %(default)r)")
-    add_generation_flags(p, 1, "samples per dial setting", d.max_new_tokens)
-    p.add_argument("--temperature", type=float, default=None,
-                   help=f"above 0; lower is more conservative (default: {d.temperature}; with --mix, the "
-                        "calibration's)")
-    p.add_argument("--top_k", type=int, default=None,
-                   help=f"sample from the k likeliest tokens only (default: {d.top_k}; with --mix, the calibration's)")
-    p.add_argument("--force", action="store_true", help="with --mix, sample at a --temperature or --top_k other than "
-                                                        "the calibration's, where the mix no longer holds")
-    p.add_argument("--seed", type=int, default=1337, help="the same seed gives the same text")
+    add_generation_flags(p, 1, "samples per dial setting", settings.NEW_TOKENS)
+    settings.add_sampling_flags(p, note="; with --mix, the calibration's")
+    p.add_argument("--force", action="store_true", help="with --mix, sample at sampling settings other than the "
+                                                        "calibration's, where the mix no longer holds")
+    p.add_argument("--seed", type=int, default=settings.SEED, help="the same seed gives the same text")
     add_runtime_flags(p)
     return p.parse_args(argv)
 
 
 def check_numbers(args):
-    if args.temperature is not None:
-        settings.check_temperature(args.temperature, "--temperature")
-    settings.check_top_k(args.top_k, "--top_k")
+    settings.sampling(vars(args), prefix="--")
     settings.check_seed(args.seed, "--seed")
 
 
@@ -147,8 +140,8 @@ def main(argv=None):
         raise InputError("--start: the prompt is empty")
 
     gated = model.config.gated
-    vanilla = (None, "", *settings.or_defaults(args.temperature, args.top_k))
-    for alpha, label, temperature, top_k in resolved if gated else [vanilla]:
+    vanilla = (None, "", settings.sampling(vars(args), prefix="--"))
+    for alpha, label, sampling in resolved if gated else [vanilla]:
         generator = torch.Generator(device=args.device).manual_seed(args.seed)
         idx = torch.tensor([start_ids] * args.samples, dtype=torch.long, device=args.device)
         heading = f"--- {label}" if gated else "---"
@@ -156,11 +149,11 @@ def main(argv=None):
             print(heading)
             print(prompt, end="", flush=True)
             stream = TextStream(tokenizer)
-            generate(model, idx, args.max_new_tokens, alpha, temperature, top_k, generator,
+            generate(model, idx, args.max_new_tokens, alpha, sampling, generator,
                      on_token=lambda ids: print(stream.feed(ids[0].tolist()), end="", flush=True))
             print(stream.flush())
             continue
-        out = generate(model, idx, args.max_new_tokens, alpha, temperature, top_k, generator)
+        out = generate(model, idx, args.max_new_tokens, alpha, sampling, generator)
         for row in out.tolist():
             print(heading)
             print(tokenizer.decode(row))

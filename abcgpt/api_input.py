@@ -13,9 +13,10 @@ import re
 from starlette.requests import ClientDisconnect
 
 from .errors import UserError
+from .settings import SAMPLING
 
-FIELDS = {"prompt": str, "alpha": float, "mix": float, "voice": str, "max_new_tokens": int, "temperature": float,
-          "top_k": int, "seed": int}
+# the sampling settings' names and kinds are settings.SAMPLING's: a new one is a field here at once
+FIELDS = {"prompt": str, "alpha": float, "mix": float, "voice": str, "max_new_tokens": int, "seed": int, **SAMPLING}
 MAX_DEPTH = 4  # a request is one flat object; deeper JSON is refused before the parser recurses into it
 INTEGER_LIMIT = 2**63  # integers are 64-bit, as torch stores them
 JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)

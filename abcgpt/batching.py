@@ -38,7 +38,7 @@ import torch
 
 from .backends import choose, ungated
 from .gate import Gates
-from .sampling import draw
+from .sampling import PLAIN, Sampling, draw_rows
 from .voice import Dial, prepare
 
 log = logging.getLogger(__name__)
@@ -165,8 +165,7 @@ class Request:
     prompt: list
     alpha: object  # the dial: an alpha (a float) or a voice.Dial for the one sequence
     max_new_tokens: int
-    temperature: float = 1.0
-    top_k: int | None = None
+    sampling: Sampling = PLAIN  # how its tokens are drawn
     seed: int = 0
     mix: float | None = None  # the mix the alpha came from, when the calibrated dial was used
     voice: str | None = None  # the voice the dial came from (a source, a mixture or "all"), when one was named
@@ -465,11 +464,7 @@ class BatchedDecoder:
     def _draw(self, requests, logits, uniforms):
         """A token for each request's row of logits, from its uniform draw of this step."""
         u = torch.cat([uniforms[r] for r in requests])
-        temperature = torch.tensor([[r.temperature] for r in requests], device=self.device)
-        top_k = None
-        if any(r.top_k is not None and r.top_k < logits.size(-1) for r in requests):  # else no sort to pay
-            top_k = torch.tensor([[r.top_k or logits.size(-1)] for r in requests], device=self.device)
-        tokens = draw(logits, temperature, top_k, u).flatten().tolist()
+        tokens = draw_rows(logits, [r.sampling for r in requests], u).flatten().tolist()
         return list(zip(requests, tokens))
 
 

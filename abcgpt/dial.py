@@ -7,14 +7,16 @@ sample with character n-gram models of the sources (ngram.SourceClassifier). The
 is the inverse of that curve after isotonic regression, stored in the checkpoint as
 {"alpha": grid, "p": fitted P(source 1)}.
 """
+from dataclasses import asdict
+
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from .ngram import SourceClassifier
-from .sampling import generate
+from .sampling import PLAIN, generate
 
-CALIBRATION = {"temperature": 1.0, "top_k": None}  # what the curve is sampled at; stored with the map
+CALIBRATION = PLAIN  # what the curve is sampled at; stored with the map
 
 
 def prompt_ids(tokenizer):
@@ -25,12 +27,11 @@ def prompt_ids(tokenizer):
         return [0]
 
 
-def sample_texts(model, tokenizer, alpha, n, tokens, seed, device, temperature=CALIBRATION["temperature"],
-                 top_k=CALIBRATION["top_k"]):
+def sample_texts(model, tokenizer, alpha, n, tokens, seed, device, sampling=CALIBRATION):
     start = prompt_ids(tokenizer)
     idx = torch.tensor([start] * n, dtype=torch.long, device=device)
     generator = torch.Generator(device=device).manual_seed(seed)
-    out = generate(model, idx, tokens, alpha, temperature=temperature, top_k=top_k, generator=generator)
+    out = generate(model, idx, tokens, alpha, sampling, generator=generator)
     return [tokenizer.decode(row[len(start):]) for row in out.tolist()]
 
 
@@ -66,7 +67,7 @@ def fit_map(scores):
     alphas = sorted(scores)
     means = [float(np.mean(scores[a])) for a in alphas]
     return {"alpha": [float(a) for a in alphas], "p": isotonic(means, [len(scores[a]) for a in alphas]),
-            **CALIBRATION}
+            **asdict(CALIBRATION)}
 
 
 def mix_to_alpha(dial_map, mix):

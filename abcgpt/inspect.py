@@ -11,7 +11,7 @@ from .cli import HelpFormatter, Parser, run_tool, user_errors
 from .data import source_alphas
 from .dial import mix_to_alpha
 from .run import Run
-from .settings import calibrated_at
+from .settings import calibrated_at, described
 
 
 def units_nearest(state, n_sources):
@@ -69,8 +69,8 @@ def calibration_line(run):
     dial_map, at = run.dial_map, calibrated_at(run.dial_map)
     mixes = ", ".join(f"{m:g} -> {mix_to_alpha(dial_map, m):.3f}" for m in (0.0, 0.25, 0.5, 0.75, 1.0))
     measured = (f", {dial_map['samples_per_alpha']} samples per alpha" if "samples_per_alpha" in dial_map else "")
-    return (f"calibrated dial: mix -> alpha {mixes} (measured at temperature {at['temperature']}, top-k "
-            f"{at['top_k']}, {len(dial_map['alpha'])} alphas{measured})")
+    return (f"calibrated dial: mix -> alpha {mixes} (measured at {described(at)}, {len(dial_map['alpha'])} "
+            f"alphas{measured})")
 
 
 @user_errors

@@ -8,6 +8,7 @@ P(source 1 | text)), samples at five alphas and, with matplotlib, two plots.
 """
 import importlib.util
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ import numpy as np
 from . import cli
 from .atomic import save_figure, write_json, write_text
 from .data import source_alphas
-from .dial import classifier_for, measure, mix_to_alpha, sample_texts
+from .dial import CALIBRATION, classifier_for, measure, mix_to_alpha, sample_texts
 from .evaluate import SWEEP, format_table, summarize, sweep, val_loss
 from .ngram import spearman
 from .settings import DEFAULTS
@@ -139,7 +140,8 @@ def build_report(model, tokenizer, run, corpus, baselines=None, n_samples=8, sam
             report["calibrated_dial"] = calibrated_dial(model, tokenizer, classifier, run.dial_map, n_samples,
                                                         sample_tokens, seed + 10_000, device)
     report["samples"] = {
-        str(a): sample_texts(model, tokenizer, a, 1, sample_tokens, seed, device, temperature=DEFAULTS.temperature)[0]
+        str(a): sample_texts(model, tokenizer, a, 1, sample_tokens, seed, device,
+                             replace(CALIBRATION, temperature=DEFAULTS.temperature))[0]
         for a in SAMPLE_ALPHAS
     }
     return report

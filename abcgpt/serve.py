@@ -18,6 +18,7 @@ import random
 import threading
 import time
 from contextlib import asynccontextmanager
+from dataclasses import asdict
 from pathlib import Path
 
 from starlette.applications import Starlette
@@ -69,7 +70,7 @@ class Service:
             "sources": sources, "geometry": c.geometry, "uniform": UNIFORM,
             "model": {k: getattr(c, k) for k in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "gated")},
             "step": self.run.step, "calibrated": bool(self.dial_map), "max_new_tokens": self.max_new_tokens,
-            "device": str(self.decoder.device), "defaults": self.defaults(),
+            "device": str(self.decoder.device), "defaults": self.defaults(), "sampling": list(settings.SAMPLING),
             "load": {"active": len(self.decoder.active), "queued": len(self.decoder.pending),
                      "max_batch": self.decoder.max_batch, "max_queue": self.decoder.max_queue,
                      "max_per_client": self.decoder.max_per_client,
@@ -77,9 +78,13 @@ class Service:
         }
 
     def defaults(self):
-        """The page's starting values: the sampling settings' defaults, or the calibration's for a mix."""
-        values = {**settings.defaults(), "max_new_tokens": min(settings.DEFAULTS.max_new_tokens, self.max_new_tokens)}
-        return {**values, **(settings.calibrated_at(self.dial_map) if self.dial_map else {})}
+        """The page's starting values: every generation default, with the calibration's sampling for a mix."""
+        values = {**settings.defaults(), "max_new_tokens": self.new_tokens()}
+        return {**values, **(asdict(settings.calibrated_at(self.dial_map)) if self.dial_map else {})}
+
+    def new_tokens(self):
+        """The length of a request that names none: the default, within this server's most."""
+        return min(settings.NEW_TOKENS, self.max_new_tokens)
 
     def request(self, fields, client=None):
         """A Request from the fields of a JSON body, for client (who asks: their turns are shared with the
@@ -95,52 +100,47 @@ class Service:
         if len(ids) > self.model.config.block_size:
             raise BadInput(f"the prompt is {len(ids)} tokens long; the context holds {self.model.config.block_size}")
         try:
-            new_tokens = settings.check_new_tokens(
-                number(fields, "max_new_tokens", min(settings.DEFAULTS.max_new_tokens, self.max_new_tokens)),
-                least=1, most=self.max_new_tokens)
-            temperature = number(fields, "temperature", None)
-            top_k = number(fields, "top_k", None)
-            alpha, mix, voice, temperature, top_k = self._dial(fields, temperature, top_k)
-            settings.check_temperature(temperature)
-            settings.check_top_k(top_k)
+            new_tokens = settings.check_new_tokens(number(fields, "max_new_tokens", self.new_tokens()),
+                                                   least=1, most=self.max_new_tokens)
+            given = {name: number(fields, name, None) for name in settings.SAMPLING}
+            alpha, mix, voice, sampling = self._dial(fields, given)
             seed = settings.check_seed(number(fields, "seed", random.randrange(2**31)))
         except SettingsError as e:
             raise BadInput(str(e)) from None
-        top_k = None if top_k is None else min(top_k, self.model.config.vocab_size)  # the same cut, in range
-        return Request(ids, alpha, new_tokens, temperature, top_k, seed, mix, voice, timeout=self.timeout,
-                       client=client)
+        return Request(ids, alpha, new_tokens, sampling, seed, mix, voice, timeout=self.timeout, client=client)
 
-    def _dial(self, fields, temperature, top_k):
-        """(dial, mix, voice, temperature, top_k): a voice or an alpha as given, at the sampling settings given
-        or the defaults; or a mix through the calibrated map, at the settings it was calibrated at."""
-        given = [name for name in ("alpha", "mix", "voice") if name in fields]
-        if len(given) > 1:
-            raise BadInput(f"give one of alpha, mix and voice, not {' and '.join(given)}")
+    def _dial(self, fields, given):
+        """(dial, mix, voice, Sampling): a voice or an alpha as given, at the sampling settings given (given:
+        as for settings.sampling) or the defaults; or a mix through the calibrated map, at the settings it was
+        calibrated at."""
+        dials = [name for name in ("alpha", "mix", "voice") if name in fields]
+        if len(dials) > 1:
+            raise BadInput(f"give one of alpha, mix and voice, not {' and '.join(dials)}")
         geometry = self.model.config.geometry
-        if self.model.config.gated and ("voice" in fields or (geometry != "line" and not given)):
+        if self.model.config.gated and ("voice" in fields or (geometry != "line" and not dials)):
             text = fields.get("voice", UNIFORM)  # a dial over many sources starts with every gate open
             if not isinstance(text, str):
                 raise BadInput(f"voice must be a string: a source's name, NAME=W,NAME=W or {UNIFORM!r}")
             dial, label = parse_voice(text, self.names, geometry)
-            return (dial, None, label, *settings.or_defaults(temperature, top_k))
-        if self.model.config.gated and geometry != "line" and given:
-            raise BadInput(f"{given[0]}: this checkpoint's dial is a mixture of its {len(self.names)} sources "
+            return dial, None, label, settings.sampling(given)
+        if self.model.config.gated and geometry != "line" and dials:
+            raise BadInput(f"{dials[0]}: this checkpoint's dial is a mixture of its {len(self.names)} sources "
                            f"({geometry}), not one line; give voice: a source's name, NAME=W,NAME=W or {UNIFORM!r}")
-        alpha, mix, temperature, top_k = self._line_dial(fields, temperature, top_k)
-        return alpha, mix, None, temperature, top_k
+        alpha, mix, sampling = self._line_dial(fields, given)
+        return alpha, mix, None, sampling
 
-    def _line_dial(self, fields, temperature, top_k):
-        """(alpha, mix, temperature, top_k) on the line."""
+    def _line_dial(self, fields, given):
+        """(alpha, mix, Sampling) on the line."""
         if self.model.config.gated and "mix" in fields:
             mix = number(fields, "mix", None)
-            alpha, temperature, top_k = settings.resolve_mix(
-                mix, self.dial_map, temperature, top_k,
+            alpha, sampling = settings.resolve_mix(
+                mix, self.dial_map, given,
                 missing="this checkpoint has no calibrated dial: give alpha, or run calibrate.py on it")
-            return alpha, mix, temperature, top_k
-        temperature, top_k = settings.or_defaults(temperature, top_k)
+            return alpha, mix, sampling
+        sampling = settings.sampling(given)
         if not self.model.config.gated:
-            return None, None, temperature, top_k
-        return settings.check_unit(number(fields, "alpha", 0.5), "alpha"), None, temperature, top_k
+            return None, None, sampling
+        return settings.check_unit(number(fields, "alpha", 0.5), "alpha"), None, sampling
 
     def result(self, request):
         alpha = None if isinstance(request.alpha, Dial) else request.alpha

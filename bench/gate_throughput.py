@@ -26,7 +26,7 @@ from abcgpt.backends import available as available_gate_backends
 from abcgpt.device import default_device
 from abcgpt.model import GPT, GPTConfig
 from abcgpt.recompiles import forbid_recompiles
-from abcgpt.sampling import CompiledDecoder, generate
+from abcgpt.sampling import PLAIN, CompiledDecoder, generate
 from abcgpt.voice import Dial
 from abcgpt.tables import markdown_table
 from bench.timing import environment, summary, time_calls
@@ -217,7 +217,7 @@ def run_shape(name, args, device, cases, alphas, modes, compile_modes, deadline,
 
                 def gen(p, model=gen_model, alpha=dial, decoder=decoder):
                     model.eval()
-                    generate(model, p, args.gen_tokens, alpha, decoder=decoder)
+                    generate(model, p, args.gen_tokens, alpha, PLAIN, decoder=decoder)
 
                 group.append(Case({**row, "mode": "generate", "batch_size": gen_batch, "new_tokens": args.gen_tokens,
                                    "kv_cache": "static" if compiled else True}, gen, prompts,

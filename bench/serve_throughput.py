@@ -28,6 +28,7 @@ import socket
 import statistics
 import threading
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import httpx2
@@ -41,7 +42,7 @@ from abcgpt.cli import HelpFormatter, Parser, add_runtime_flags, apply_runtime_f
 from abcgpt.connections import server_config
 from abcgpt.model import GPT, GPTConfig
 from abcgpt.run import DEFAULT_CHECKPOINT, load_model
-from abcgpt.sampling import generate
+from abcgpt.sampling import PLAIN, generate
 from abcgpt.serve import Service, create_app
 from bench.timing import environment
 
@@ -132,7 +133,7 @@ def vanilla_tokens_per_s(model, batch, tokens):
     """tokens/s of one batched generation by a vanilla GPT."""
     prompt = torch.zeros((batch, 1), dtype=torch.long, device=model.lm_head.weight.device)
     start = time.perf_counter()
-    generate(model, prompt, tokens)
+    generate(model, prompt, tokens, sampling=PLAIN)
     if prompt.is_cuda:
         torch.cuda.synchronize()
     return batch * tokens / (time.perf_counter() - start)
@@ -169,9 +170,7 @@ class Workload:
         self.prompt = tokenizer.encode(self.prompt_text)
         self.alphas = [round(rng.random(), 3) for _ in range(n)]
         self.seeds = [rng.randrange(2**31) for _ in range(n)]
-        self.temperature = settings.DEFAULTS.temperature
-        cut = settings.DEFAULTS.top_k
-        self.top_k = cut if cut is not None and cut < model.config.vocab_size else None  # the server's cut
+        self.sampling = settings.DEFAULTS  # the server's
 
     def resized(self, tokens):
         """The same requests, each of `tokens` tokens."""
@@ -180,9 +179,9 @@ class Workload:
         return other
 
     def bodies(self):
-        extra = {} if self.top_k is None else {"top_k": self.top_k}
-        return [{"prompt": self.prompt_text, "alpha": a, "max_new_tokens": self.tokens, "seed": s,
-                 "temperature": self.temperature, **extra} for a, s in zip(self.alphas, self.seeds)]
+        given = {name: value for name, value in asdict(self.sampling).items() if value is not None}
+        return [{"prompt": self.prompt_text, "alpha": a, "max_new_tokens": self.tokens, "seed": s, **given}
+                for a, s in zip(self.alphas, self.seeds)]
 
     def generate_one_at_a_time(self):
         device = self.model.lm_head.weight.device
@@ -190,13 +189,13 @@ class Workload:
         for a, s in zip(self.alphas, self.seeds):
             generator = torch.Generator(device=device).manual_seed(s)
             generate(self.model, torch.tensor([self.prompt], device=device), self.tokens, alpha=a,
-                     temperature=self.temperature, top_k=self.top_k, generator=generator)
+                     sampling=self.sampling, generator=generator)
         if device.type == "cuda":
             torch.cuda.synchronize()
         return self.n * self.tokens / (time.perf_counter() - start)
 
     def decoder(self, loop):
-        requests = [Request(list(self.prompt), a, self.tokens, self.temperature, self.top_k, s, streamed=False)
+        requests = [Request(list(self.prompt), a, self.tokens, self.sampling, s, streamed=False)
                     for a, s in zip(self.alphas, self.seeds)]
         return self.n * self.tokens / decode_all(self.model, requests, loop)
 
@@ -248,7 +247,7 @@ def throughput(work, url, service, repeats, loop):
           f"{median['generate']:,.0f}, decoder {median['decoder']:,.0f}, HTTP {median['http']:,.0f}, HTTP one at "
           f"a time {median['http_one_at_a_time']:,.0f}; HTTP x decoder {ratios['http_vs_decoder']:.2f}, HTTP x "
           f"generate() {ratios['http_vs_generate']:.2f}", flush=True)
-    return {"requests": work.n, "new_tokens": work.tokens, "temperature": work.temperature, "top_k": work.top_k,
+    return {"requests": work.n, "new_tokens": work.tokens, **asdict(work.sampling),
             "tokens_per_s": {name: spread(values) for name, values in runs.items()}, "ratios": ratios,
             "largest_batch": largest}
 

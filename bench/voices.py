@@ -103,7 +103,7 @@ def confusion(models, tokenizer, classifier, settings, n_samples, tokens, seed):
     rows = []
     for i, (model, dial) in enumerate(zip(models, settings)):
         idx = torch.tensor([start] * n_samples, dtype=torch.long)
-        out = generate(model, idx, tokens, dial, DEFAULTS.temperature, DEFAULTS.top_k,
+        out = generate(model, idx, tokens, dial, DEFAULTS,
                        generator=torch.Generator().manual_seed(seed + i))
         picks = [classifier.classify(tokenizer.decode(row[len(start):])) for row in out.tolist()]
         rows.append((np.bincount(picks, minlength=len(classifier.models)) / n_samples).tolist())

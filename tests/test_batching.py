@@ -6,6 +6,7 @@ import pytest
 
 from abcgpt.batching import BatchedDecoder, ClientQueueFull, DecodingFailed, QueueFull, Request, TimedOut
 from abcgpt.run import load_model
+from abcgpt.sampling import Sampling
 
 
 # the model in float64, so that no float rounding can part batched from alone
@@ -37,7 +38,7 @@ def decode(model, requests, max_batch=8, join_later=()):
 
 
 def request(alpha, seed=0, top_k=1, n=20, prompt=(4, 5, 6)):
-    return Request(list(prompt), alpha, n, temperature=1.0, top_k=top_k, seed=seed)
+    return Request(list(prompt), alpha, n, Sampling(1.0, top_k), seed=seed)
 
 
 def test_greedy_requests_at_different_alphas_get_what_they_would_alone(model64):
@@ -108,7 +109,7 @@ def test_a_hostile_temperature_leaves_every_other_request_as_it_would_be_alone(m
     def honest():
         return [request(a, seed=s, top_k=None, n=30) for a, s in [(0.0, 1), (0.4, 2), (0.7, 3), (1.0, 4)]]
 
-    hostile = Request([4, 5, 6], 0.5, 30, temperature=1e-40, seed=9)
+    hostile = Request([4, 5, 6], 0.5, 30, Sampling(1e-40, None), seed=9)
     together = honest()
     decode(model64, [*together[:2], hostile, *together[2:]])
     for mine in together:
@@ -175,7 +176,7 @@ def test_short_requests_are_not_starved_by_long_ones(model64):
 
 
 def short(client, seed=0):
-    return Request([4, 5], 0.5, 4, top_k=1, seed=seed, client=client)
+    return Request([4, 5], 0.5, 4, Sampling(1.0, 1), seed=seed, client=client)
 
 
 def test_a_free_seat_goes_to_the_client_served_least_recently(model64):
@@ -193,7 +194,7 @@ def test_a_free_seat_goes_to_the_client_served_least_recently(model64):
 def test_a_long_request_waits_for_no_stream_of_shorter_ones(model64):
     """Short requests that arrive later, from clients of their own, never go before a long one waiting."""
     decoder = BatchedDecoder(model64, max_batch=2, short_tokens=8)  # 3 seats: 2 for any, 1 for short ones
-    waiting_long = Request([4], 0.5, 100, top_k=1, client="honest")
+    waiting_long = Request([4], 0.5, 100, Sampling(1.0, 1), client="honest")
     busy = [short(f"busy-{i}") for i in range(3)]
     for r in busy:
         decoder.submit(r)

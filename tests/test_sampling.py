@@ -4,7 +4,7 @@ import torch
 
 from abcgpt.attention import KVCache
 from abcgpt.model import GPT, GPTConfig
-from abcgpt.sampling import GREEDY_BELOW, draw, generate
+from abcgpt.sampling import GREEDY_BELOW, Sampling, draw, generate
 from conftest import SMALL_GPT as CONFIG
 from conftest import token_batch as batch
 
@@ -21,7 +21,8 @@ def test_cached_generation_gives_the_same_tokens(case, prompt_len, new_tokens):
     alpha = {"vanilla": None, "folded": 1.0, "reference": 0.3, "per-sequence": torch.tensor([0.0, 0.5])}[case]
     prompt = torch.randint(0, 12, (2, prompt_len), generator=torch.Generator().manual_seed(6))
     runs = [
-        generate(model, prompt, new_tokens, alpha, temperature=1.5, generator=torch.Generator().manual_seed(7),
+        generate(model, prompt, new_tokens, alpha, sampling=Sampling(1.5, None),
+                 generator=torch.Generator().manual_seed(7),
                  use_cache=use_cache)
         for use_cache in (True, False)
     ]
@@ -64,7 +65,7 @@ def test_compiled_decoder_steps_without_recompiling_and_gives_the_same_tokens(ca
     generate(model, prompt, 3, alpha, decoder=decoder)  # the first step traces
     with forbid_recompiles():
         for new_tokens in (10, 30):  # 4 + 30 outgrows block_size 24
-            runs = [generate(model, prompt, new_tokens, alpha, temperature=1.5, decoder=d,
+            runs = [generate(model, prompt, new_tokens, alpha, sampling=Sampling(1.5, None), decoder=d,
                              generator=torch.Generator().manual_seed(3)) for d in (decoder, None)]
             assert torch.equal(runs[0], runs[1])
 

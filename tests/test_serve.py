@@ -559,7 +559,7 @@ def test_a_new_generate_stops_the_last_stream_and_a_refusal_is_sent_once(server,
     first, second = server.submitted[before:]
     assert first.cancelled and len(first.tokens) < 400 and len(second.tokens) == 400
     alone = httpx2.post(f"{server.url}/api/generate", json={"prompt": "one day", "max_new_tokens": 400, "top_k": 1,
-                        "seed": 1337, "alpha": 0.5, "temperature": second.temperature}, timeout=60).json()
+                        "seed": 1337, "alpha": 0.5, "temperature": second.sampling.temperature}, timeout=60).json()
     assert output.get_attribute("textContent") == "one day" + alone["text"]  # one stream's text, not two interleaved
 
     streams = server.hits["/api/stream"]

@@ -11,6 +11,7 @@ from starlette.testclient import TestClient  # noqa: E402
 
 from abcgpt.batching import Request  # noqa: E402
 from abcgpt.run import load_model  # noqa: E402
+from abcgpt.sampling import Sampling  # noqa: E402
 from abcgpt.serve import Service, create_app  # noqa: E402
 from abcgpt.voice import parse_voice  # noqa: E402
 from test_batching import decode  # noqa: E402
@@ -66,7 +67,7 @@ def test_requests_at_different_voices_share_a_batch_and_each_gets_its_own_text(l
     prompt = tokenizer.encode("one day")
 
     def tokens(voices):
-        requests = [Request(prompt, parse_voice(v, NAMES, "pool")[0], 20, 1.0, None, seed=9) for v in voices]
+        requests = [Request(prompt, parse_voice(v, NAMES, "pool")[0], 20, Sampling(1.0, None), seed=9) for v in voices]
         return [r.tokens for r in requests], decode(model, requests, max_batch=4).largest_batch
 
     voices = ["stories", "plays=2,words=1", "all", "words"]
