@@ -53,7 +53,7 @@ def generate(model, idx, max_new_tokens, alpha=None, sampling=Sampling(), genera
 GREEDY_BELOW = 1e-4  # a temperature below this samples greedily: dividing by it could overflow to inf
 
 
-def sample_next(logits, sampling=PLAIN, generator=None):
+def sample_next(logits, sampling, generator=None):
     """One token id per row of logits (B, vocab), from one uniform draw per row (generator's next B), every
     row drawn as sampling says. The one place tokens are drawn: generate() and the server (draw_rows(), a
     row per request and its own generator) give the same tokens for the same draws."""
