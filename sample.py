@@ -40,11 +40,10 @@ def parse_dials(text, flag="--alpha"):
     return values
 
 
-def dials(args, run):
-    """(dial, label, Sampling) for each dial asked for: --voice or --alpha as is, at the sampling settings given
-    or the defaults; or --mix through the checkpoint's map, at the settings it was calibrated at."""
+def dials(args, run, sampling):
+    """(dial, label, Sampling) for each dial asked for: --voice or --alpha as is, at sampling (the settings given
+    or the defaults); or --mix through the checkpoint's map, at the settings it was calibrated at."""
     names, geometry = run.source_names, run.model_config.geometry
-    sampling = settings.sampling(vars(args), prefix="--")
     if args.voice is None and args.alpha is None and args.mix is None:  # the dial's middle: alpha 0.5, or all
         args.alpha, args.voice = ("0.5", None) if geometry == "line" else (None, ["all"])
     if args.voice is not None:
@@ -111,8 +110,11 @@ def parse_args(argv=None):
 
 
 def check_numbers(args):
-    settings.sampling(vars(args), prefix="--")
+    """The Sampling of the flags (those given, else the defaults), checked with the seed before the checkpoint
+    loads."""
+    sampling = settings.sampling(vars(args), prefix="--")
     settings.check_seed(args.seed, "--seed")
+    return sampling
 
 
 def dial_label(alpha, names):
@@ -127,11 +129,11 @@ def main(argv=None):
     apply_runtime_flags(args)
     if args.alpha is not None or args.mix is not None:
         parse_dials(args.alpha if args.mix is None else args.mix, "--alpha" if args.mix is None else "--mix")
-    check_numbers(args)
+    sampling = check_numbers(args)
     prompt = read_prompt(args.start)
     model, tokenizer, run = load_model(args.ckpt, args.device)
     check_generation_flags(args, args.device, model.config)
-    resolved = dials(args, run)
+    resolved = dials(args, run, sampling)
     try:
         start_ids = tokenizer.encode(prompt)
     except UnknownCharactersError as e:
@@ -140,8 +142,7 @@ def main(argv=None):
         raise InputError("--start: the prompt is empty")
 
     gated = model.config.gated
-    vanilla = (None, "", settings.sampling(vars(args), prefix="--"))
-    for alpha, label, sampling in resolved if gated else [vanilla]:
+    for alpha, label, at in resolved if gated else [(None, "", sampling)]:
         generator = torch.Generator(device=args.device).manual_seed(args.seed)
         idx = torch.tensor([start_ids] * args.samples, dtype=torch.long, device=args.device)
         heading = f"--- {label}" if gated else "---"
@@ -149,11 +150,11 @@ def main(argv=None):
             print(heading)
             print(prompt, end="", flush=True)
             stream = TextStream(tokenizer)
-            generate(model, idx, args.max_new_tokens, alpha, sampling, generator,
+            generate(model, idx, args.max_new_tokens, alpha, at, generator,
                      on_token=lambda ids: print(stream.feed(ids[0].tolist()), end="", flush=True))
             print(stream.flush())
             continue
-        out = generate(model, idx, args.max_new_tokens, alpha, sampling, generator)
+        out = generate(model, idx, args.max_new_tokens, alpha, at, generator)
         for row in out.tolist():
             print(heading)
             print(tokenizer.decode(row))

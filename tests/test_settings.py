@@ -57,7 +57,6 @@ def test_no_map_no_mix():
         settings.resolve_mix(0.3, None, {})
 
 
-
 def test_every_sampling_setting_reaches_every_front_door():
     """A setting added to Sampling is a flag of sample.py, a field of the API, an input of the page and a number
     with a range, with no other file to touch: this trips on a door that lists the settings by hand."""
