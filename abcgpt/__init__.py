@@ -1,5 +1,5 @@
 """abcGPT: a GPT whose voice is dialled at inference time by alpha in [0, 1]."""
-from .gate import sample_scores, tent_gate
-from .model import GPT, GPTConfig
+from .gates.gate import sample_scores, tent_gate
+from .model.gpt import GPT, GPTConfig
 
 __all__ = ["GPT", "GPTConfig", "sample_scores", "tent_gate"]

@@ -15,14 +15,13 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-
-from abcgpt.cli import HelpFormatter, Parser
-from abcgpt.config import baseline_config
-from abcgpt.dial import classifier_for, measure
-from abcgpt.evaluate import SWEEP, summarize, sweep, val_loss
-from abcgpt.report import calibration_summary
-from abcgpt.run import Run, RunFolder, corpus_for, load_model
-from abcgpt.atomic import save_figure, write_json, write_text
+from abcgpt.core.atomic import save_figure, write_json, write_text
+from abcgpt.measuring.dial import classifier_for, measure
+from abcgpt.measuring.loss import SWEEP, summarize, sweep, val_loss
+from abcgpt.measuring.report import calibration_summary
+from abcgpt.tools.cli import HelpFormatter, Parser
+from abcgpt.training.config import baseline_config
+from abcgpt.training.run import Run, RunFolder, corpus_for, load_model
 
 SETTINGS = {  # name: train.py flags on top of the CPU preset
     "default": [],  # the CPU preset as it stands: one alpha per sequence

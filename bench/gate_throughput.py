@@ -22,16 +22,15 @@ from pathlib import Path
 
 import torch
 
-from abcgpt.backends import available as available_gate_backends
-from abcgpt.device import default_device
-from abcgpt.model import GPT, GPTConfig
-from abcgpt.recompiles import forbid_recompiles
-from abcgpt.sampling import PLAIN, CompiledDecoder, generate
-from abcgpt.voice import Dial
-from abcgpt.tables import markdown_table
+from abcgpt.backends.registry import available as available_gate_backends
+from abcgpt.core.atomic import write_json
+from abcgpt.core.device import default_device
+from abcgpt.core.recompiles import forbid_recompiles
+from abcgpt.core.tables import markdown_table
+from abcgpt.gates.voice import Dial
+from abcgpt.model.gpt import GPT, GPTConfig
+from abcgpt.model.sampling import PLAIN, CompiledDecoder, generate
 from bench.timing import environment, summary, time_calls
-from abcgpt.atomic import write_json
-
 
 SHAPES = {  # name: (n_layer, n_head, n_embd, block_size, batch_size, vocab_size)
     "reference": (6, 6, 384, 256, 64, 65),  # the reference recipe

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
-from kernels.ops import gated_linear_gelu, gated_mlp, record_launches
+from abcgpt_kernels.ops import gated_linear_gelu, gated_mlp, record_launches
 
 # the model the GPU tests train and sample from (tests/test_cuda.py)
 MODEL = dict(block_size=64, vocab_size=65, n_layer=2, n_head=4, n_embd=64, dropout=0.1)
@@ -138,8 +138,8 @@ def training_step(model, optimizer, idx, alpha):
 def model_scenarios(device):
     """The model scenarios of tests/test_cuda.py that reach the fused kernels, on device: a training step at
     every alpha kind, and generation with one alpha and one per sequence."""
-    from abcgpt.model import GPT, GPTConfig
-    from abcgpt.sampling import PLAIN, generate
+    from abcgpt.model.gpt import GPT, GPTConfig
+    from abcgpt.model.sampling import PLAIN, generate
 
     torch.manual_seed(0)
     model = GPT(GPTConfig(**MODEL), "triton").to(device)

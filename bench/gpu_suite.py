@@ -13,8 +13,15 @@ JSON after every group of cases, so a step cut short keeps what it measured. DIR
 DIR/summary.json are rewritten before and after every step: a suite killed at any moment leaves
 everything it had. On a machine without CUDA the steps that make sense there run (the
 interpreter's kernel checks and the quick benchmarks), which is how CI checks the suite itself.
+
+It needs abcgpt installed, since the folder kernels/ is imported as abcgpt_kernels. In a working tree
+without network (the lent GPU's), install it first, beside the machine's own packages:
+
+    python -m pip install -q --no-deps --no-build-isolation --no-index --target /tmp/site . &&
+    PYTHONPATH=/tmp/site python -m bench.gpu_suite --out_dir DIR
 """
 import argparse
+import importlib.util
 import json
 import os
 import subprocess
@@ -26,11 +33,11 @@ from pathlib import Path
 
 import torch
 
-from abcgpt.device import default_device
+from abcgpt.core.atomic import write_json, write_text
+from abcgpt.core.device import default_device
+from abcgpt.core.tables import markdown_table
 from bench.gate_throughput import ratio_rows
 from bench.kernel_bench import kernel_table
-from abcgpt.tables import markdown_table
-from abcgpt.atomic import write_json, write_text
 
 ROOT = Path(__file__).resolve().parents[1]
 BUDGET = {False: 360, True: 240}  # seconds of wall time for the whole suite, full and --quick
@@ -184,6 +191,8 @@ def main(argv=None):
                    f"or {BUDGET[True]} with --quick); later steps shrink or are skipped to fit")
     p.add_argument("--only", help="comma-separated step names (default: all)")
     args = p.parse_args(argv)
+    if importlib.util.find_spec("abcgpt_kernels") is None:  # every step would fail on it, each after a start-up
+        p.error("abcgpt is not installed (abcgpt_kernels is not importable): see --help for installing it offline")
     budget = args.budget if args.budget is not None else BUDGET[args.quick]
     if budget <= RESERVE:
         p.error(f"--budget must be above {RESERVE} s, got {budget:g}")

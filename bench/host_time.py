@@ -3,7 +3,7 @@
     python -m bench.host_time                                          # on this machine's CPU
     python -m bench.host_time --out bench/results/host-time-cpu-2026-12-02.json
 
-Every call is planned for an H100 and not launched (kernels.ops.record_launches, run=False): the
+Every call is planned for an H100 and not launched (abcgpt_kernels.ops.record_launches, run=False): the
 checks, the gate's dtype, the output's allocation, the launch plan (cached by layout), the tensor
 descriptors and the autograd bookkeeping are all timed; the kernel and Triton's own launch are not.
 Rows are 256 at each benchmark width, so that the CPU's torch.empty stays off mmap, as the GPU's
@@ -17,10 +17,10 @@ import time
 
 import torch
 
-from abcgpt.atomic import write_json
-from abcgpt.tables import markdown_table
+from abcgpt.core.atomic import write_json
+from abcgpt.core.tables import markdown_table
 from bench.timing import environment
-from kernels.ops import H100, gated_linear_gelu, record_launches
+from abcgpt_kernels.ops import H100, gated_linear_gelu, record_launches
 
 WIDTHS = [(384, 1536), (768, 3072)]  # (K, N) of the kernel benchmark's shapes
 ROWS = 256

@@ -42,14 +42,14 @@ if not torch.cuda.is_available():
 
 from torch.nn import functional as F  # noqa: E402
 
-from abcgpt.device import default_device  # noqa: E402
-from abcgpt.gate import tent_gate  # noqa: E402
-from abcgpt.recompiles import forbid_recompiles  # noqa: E402
+from abcgpt.core.atomic import write_json
+from abcgpt.core.device import default_device  # noqa: E402
+from abcgpt.core.recompiles import forbid_recompiles  # noqa: E402
+from abcgpt.core.tables import markdown_table  # noqa: E402
+from abcgpt.gates.gate import tent_gate  # noqa: E402
 from bench.plain_matmul import plain_matmul  # noqa: E402
-from abcgpt.tables import markdown_table  # noqa: E402
 from bench.timing import environment, host_seconds, summary, time_calls, time_graph_replays  # noqa: E402
-from kernels.ops import _gate_arg, gated_linear_gelu, gated_mlp, target_of, up_launch  # noqa: E402
-from abcgpt.atomic import write_json
+from abcgpt_kernels.ops import _gate_arg, gated_linear_gelu, gated_mlp, target_of, up_launch  # noqa: E402
 
 GPU_SHAPES = [(m, k, 4 * k) for m in (16384, 65536) for k in (768, 384)]  # in order of value; --quick: the first
 QUICK_SHAPES = [(64, 16, 48)]

@@ -4,7 +4,7 @@
     python -m bench.kernel_static --check                  # exit 1 on a spill, a missing wgmma, too much shared memory
     python -m bench.kernel_static --out kernel_static.json --shapes 16384x768x3072
 
-How it works. The ops' own launch code (kernels.ops: up_launch and down_grad_launch)
+How it works. The ops' own launch code (abcgpt_kernels.ops: up_launch and down_grad_launch)
 plans every launch for an H100 (132 SMs, compute capability 9.0) on meta tensors, which have shapes and
 strides but no memory, at the benchmark's shapes, with a gate vector and a per-sequence gate table, on
 the TMA and the pointer path, for the forward, the training forward (h and z) and the backward. Each
@@ -37,9 +37,9 @@ os.environ.pop("TRITON_INTERPRET", None)  # the real compiler: set before triton
 import torch  # noqa: E402
 import triton  # noqa: E402
 
-from abcgpt.tables import markdown_table  # noqa: E402
-from kernels.ops import H100, down_grad_launch, pointer_loads, up_launch  # noqa: E402
-from abcgpt.atomic import write_json
+from abcgpt.core.atomic import write_json
+from abcgpt.core.tables import markdown_table  # noqa: E402
+from abcgpt_kernels.ops import H100, down_grad_launch, pointer_loads, up_launch  # noqa: E402
 
 MODEL = """The issue-bound model (per output tile, on one SM; H100 SXM figures):
   mma      = BLOCK_M * BLOCK_N * K / 2048         wgmma cycles: 2048 bf16 multiply-adds per SM per clock

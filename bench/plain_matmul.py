@@ -11,8 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.gated_mlp import _halves, _tile_origin
-from kernels.ops import Launch, _descriptor, _programs, target_of, tile_config
+from abcgpt_kernels.gated_mlp import _halves, _tile_origin
+from abcgpt_kernels.ops import Launch, _descriptor, _programs, target_of, tile_config
 
 
 @triton.jit(do_not_specialize=["num_programs"])

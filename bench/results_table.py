@@ -8,8 +8,8 @@ import argparse
 import json
 from pathlib import Path
 
+from abcgpt.core.tables import markdown_table, with_table
 from bench.gate_throughput import ratio_rows
-from abcgpt.tables import markdown_table, with_table
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"

@@ -35,15 +35,15 @@ import httpx2
 import torch
 import uvicorn
 
-from abcgpt import settings
-from abcgpt.atomic import write_json
-from abcgpt.batching import BatchedDecoder, Request
-from abcgpt.cli import HelpFormatter, Parser, add_runtime_flags, apply_runtime_flags
-from abcgpt.connections import server_config
-from abcgpt.model import GPT, GPTConfig
-from abcgpt.run import DEFAULT_CHECKPOINT, load_model
-from abcgpt.sampling import PLAIN, generate
-from abcgpt.serve import Service, create_app
+from abcgpt.core.atomic import write_json
+from abcgpt.model.gpt import GPT, GPTConfig
+from abcgpt.model.sampling import PLAIN, generate
+from abcgpt.serving import settings
+from abcgpt.serving.batching import BatchedDecoder, Request
+from abcgpt.serving.connections import server_config
+from abcgpt.serving.server import Service, create_app
+from abcgpt.tools.cli import HelpFormatter, Parser, add_runtime_flags, apply_runtime_flags
+from abcgpt.training.run import DEFAULT_CHECKPOINT, load_model
 from bench.timing import environment
 
 

@@ -5,8 +5,8 @@
 import pytest
 import torch
 
-from abcgpt.gate import sample_scores, tent_gate
-from abcgpt.model import GPT, GPTConfig
+from abcgpt.gates.gate import sample_scores, tent_gate
+from abcgpt.model.gpt import GPT, GPTConfig
 
 SHAPE = dict(n_layer=4, n_head=4, n_embd=128, block_size=64, vocab_size=65, dropout=0.0)
 BATCH = 16

@@ -33,16 +33,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from abcgpt.cli import HelpFormatter, Parser, run_tool
-from abcgpt.dial import prompt_ids
-from abcgpt.evaluate import val_loss
-from abcgpt.ngram import SourceClassifier
-from abcgpt.run import Run, RunFolder, corpus_for, load_model
-from abcgpt.sampling import generate
-from abcgpt.settings import DEFAULTS
-from abcgpt.voice import UNIFORM, voices
-from abcgpt.tables import markdown_table
-from abcgpt.atomic import save_figure, write_json, write_text
+from abcgpt.core.atomic import save_figure, write_json, write_text
+from abcgpt.core.tables import markdown_table
+from abcgpt.gates.voice import UNIFORM, voices
+from abcgpt.measuring.dial import prompt_ids
+from abcgpt.measuring.loss import val_loss
+from abcgpt.measuring.ngram import SourceClassifier
+from abcgpt.model.sampling import generate
+from abcgpt.serving.settings import DEFAULTS
+from abcgpt.tools.cli import HelpFormatter, Parser, run_tool
+from abcgpt.training.run import Run, RunFolder, corpus_for, load_model
 
 DESIGNS = {  # name: train.py flags that make the design (docs/design.md, section 8)
     "pool": ["--geometry", "pool"],

@@ -3,7 +3,7 @@
 gated_linear_gelu(x, W, b, gate)          -> GELU(x @ W.T + b) * gate
 gated_mlp(x, W1, b1, W2, b2, gate)        -> gated_linear_gelu(x, W1, b1, gate) @ W2.T + b2
 
-gate holds precomputed gates (abcgpt.gate.gates_for): a vector over the hidden
+gate holds precomputed gates (abcgpt.gates.gate.gates_for): a vector over the hidden
 units, or a (G, N) table whose row g serves x's rows g*M/G up to (g+1)*M/G, i.e.
 one gate row per sequence of a flattened batch. Both ops are torch.library custom
 ops with registered autograd and fake implementations, so torch.compile keeps them
@@ -178,7 +178,7 @@ def _precision(dtype):
 
 
 def _gate_layout(gate, M, block_m):
-    """(GATE, rows per gate row, row stride) of a gate vector or table (see kernels.gated_mlp), from its
+    """(GATE, rows per gate row, row stride) of a gate vector or table (see abcgpt_kernels.gated_mlp), from its
     Layout."""
     if len(gate.shape) == 1:
         return "vector", 1, 0

@@ -8,9 +8,9 @@ if not torch.cuda.is_available():  # kernels run in Triton's CPU interpreter; se
 
 import pytest  # noqa: E402
 
-from abcgpt.config import TrainConfig  # noqa: E402
-from abcgpt.model import GPT, GPTConfig  # noqa: E402
-from abcgpt.trainer import Trainer  # noqa: E402
+from abcgpt.model.gpt import GPT, GPTConfig  # noqa: E402
+from abcgpt.training.config import TrainConfig  # noqa: E402
+from abcgpt.training.trainer import Trainer  # noqa: E402
 
 torch.set_num_threads(2)
 
@@ -18,7 +18,7 @@ torch.set_num_threads(2)
 @pytest.hookimpl(wrapper=True)
 def pytest_pyfunc_call(pyfuncitem):
     """A test that reaches a kernel where Triton's interpreter cannot run is skipped, with the reason."""
-    from kernels.ops import InterpreterUnavailable
+    from abcgpt_kernels.ops import InterpreterUnavailable
 
     try:
         return (yield)

@@ -3,9 +3,9 @@ the logits of a forward over the whole sequence."""
 import pytest
 import torch
 
-from abcgpt.attention import Cache, KVCache, LayerCache, StaticKVCache
-from abcgpt.batching import SlotCache
-from abcgpt.model import GPT, GPTConfig
+from abcgpt.model.attention import Cache, KVCache, LayerCache, StaticKVCache
+from abcgpt.model.gpt import GPT, GPTConfig
+from abcgpt.serving.batching import SlotCache
 
 
 def caches(kind, model, batch):

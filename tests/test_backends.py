@@ -1,9 +1,9 @@
 """Every gate backend computes the reference's function: logits and gradients, on random alphas and odd shapes."""
 import pytest
 import torch
-
-from abcgpt.model import GPT, GPTConfig
 from conftest import twin_models
+
+from abcgpt.model.gpt import GPT, GPTConfig
 
 # none of these a multiple of a kernel tile: 5 heads of 4, 80 hidden units, 19 positions
 CONFIG = dict(block_size=24, vocab_size=37, n_layer=2, n_head=5, n_embd=20, dropout=0.0, bias=True, narrowness=0.8)
@@ -48,7 +48,7 @@ def test_alpha_as_a_tensor_or_a_float_is_the_same_dial():
 
 
 def test_auto_follows_the_registry():
-    from abcgpt.backends import choose
+    from abcgpt.backends.registry import choose
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert choose("auto", cpu, per_row=False).name == "folded"
@@ -60,8 +60,8 @@ def test_auto_follows_the_registry():
 
 def test_a_new_backend_is_one_registration(monkeypatch):
     """A backend registered with the highest priority is what auto picks, and what the model's forward runs."""
-    from abcgpt import backends
-    from abcgpt.executors import Backend, Reference
+    from abcgpt.backends import registry
+    from abcgpt.backends.executors import Backend, Reference
 
     built = []
 
@@ -72,13 +72,13 @@ def test_a_new_backend_is_one_registration(monkeypatch):
 
     counting = Backend("counting", lambda model, gates, host_alpha: Counting(gates), per_row=True,
                        devices=("cpu",), auto_priority=99)
-    monkeypatch.setitem(backends.REGISTRY, "counting", counting)
-    monkeypatch.setattr(backends, "NAMES", (*backends.NAMES, "counting"))
+    monkeypatch.setitem(registry.REGISTRY, "counting", counting)
+    monkeypatch.setattr(registry, "NAMES", (*registry.NAMES, "counting"))
     fast, reference = twins("auto")
     idx = torch.randint(0, 37, (2, 5))
     compare(fast, reference, idx, torch.tensor([0.2, 0.8]), 1e-6)
     assert built and fast.gate_backend(torch.device("cpu"), per_row=True) == "counting"
-    assert "counting" in backends.auto_rule()
+    assert "counting" in registry.auto_rule()
 
 
 def test_auto_backend_picks_by_alpha_and_device():

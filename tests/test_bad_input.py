@@ -20,14 +20,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from abcgpt.tables import with_table
+from abcgpt.core.tables import with_table
 
 ROOT = Path(__file__).resolve().parents[1]
 TABLE = ROOT / "docs" / "bad-input.md"  # where the table of CASES lives
 
 Case = namedtuple("Case", "what tool args message env", defaults=(None,))
-TOOLS = {"train": "train", "sample": "sample", "evaluate": "evaluate", "report": "report", "calibrate": "calibrate", "serve": "serve",
-         "permute": "abcgpt.permute", "inspect": "abcgpt.inspect"}
+TOOLS = {name: f"abcgpt.tools.{name}"
+         for name in ("train", "sample", "evaluate", "report", "calibrate", "serve", "permute", "inspect")}
 TINY = ("--sources stories={ws}/stories.txt,plays={ws}/plays.txt --n_layer 1 --n_head 2 --n_embd 16 --block_size 8 "
         "--batch_size 4 --max_iters 2 --eval_interval 2 --eval_iters 1 --log_interval 1 --out_dir {ws}/fresh "
         "--device cpu ")
@@ -429,7 +429,7 @@ CASES = [
 
 def command(case):
     """The case as a user types it, with workspace paths relative."""
-    script = {"permute": "python -m abcgpt.permute", "inspect": "python -m abcgpt.inspect"}.get(
+    script = {"permute": "python -m abcgpt.tools.permute", "inspect": "python -m abcgpt.tools.inspect"}.get(
         case.tool, f"{case.tool}.py")
     args = case.args.replace(TINY, "... ").replace("{ws}/", "").strip()
     return f"{script} {args}".replace("|", "\\|")
@@ -450,9 +450,10 @@ def page_with_table(page):
 @pytest.fixture(scope="module")
 def template(trained_checkpoint, corpus_files, tmp_path_factory):
     """A workspace: the trained run, a vanilla checkpoint, the corpora, and damaged or odd files."""
-    from abcgpt.checkpoint import load_checkpoint, save_checkpoint
-    from abcgpt.trainer import Trainer
     from conftest import tiny_config
+
+    from abcgpt.core.checkpoint import load_checkpoint, save_checkpoint
+    from abcgpt.training.trainer import Trainer
 
     ws = tmp_path_factory.mktemp("workspace")
     shutil.copytree(trained_checkpoint.parent, ws / "run")
@@ -524,9 +525,10 @@ def make_issue_28_files(ws, ckpt, corpus_files):
     a cut-short baseline."""
     import os
 
-    from abcgpt.run import Run
-    from abcgpt.trainer import Trainer
     from conftest import tiny_config
+
+    from abcgpt.training.run import Run
+    from abcgpt.training.trainer import Trainer
 
     (ws / "nan").mkdir()
     run = Run.load(ckpt)
@@ -649,7 +651,7 @@ def test_the_bad_input_page_lists_every_case():
 
 def test_every_single_byte_flip_in_tensor_data_is_refused(trained_checkpoint, tmp_path):
     """Three offsets (first, middle, last byte) in every stored tensor: weights, scores and Adam moments."""
-    from abcgpt.checkpoint import CheckpointError, load_checkpoint
+    from abcgpt.core.checkpoint import CheckpointError, load_checkpoint
 
     damaged = tmp_path / "damaged.pt"
     spans = tensor_data(trained_checkpoint)

@@ -4,9 +4,9 @@ import asyncio
 
 import pytest
 
-from abcgpt.batching import BatchedDecoder, ClientQueueFull, DecodingFailed, QueueFull, Request, TimedOut
-from abcgpt.run import load_model
-from abcgpt.sampling import Sampling
+from abcgpt.model.sampling import Sampling
+from abcgpt.serving.batching import BatchedDecoder, ClientQueueFull, DecodingFailed, QueueFull, Request, TimedOut
+from abcgpt.training.run import load_model
 
 
 # the model in float64, so that no float rounding can part batched from alone

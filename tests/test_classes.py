@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from abcgpt.run import Run, RunFolder
-from abcgpt.trainer import Trainer
 from conftest import tiny_config
+
+from abcgpt.training.run import Run, RunFolder
+from abcgpt.training.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--n_layer", "1", "--n_head", "2", "--n_embd", "16", "--block_size", "8", "--batch_size", "4",
@@ -73,7 +73,7 @@ def run_copy(trained_checkpoint, tmp_path):
 def test_calibrate_writes_only_over_the_checkpoint_it_read(run_copy, monkeypatch, capsys):
     """Another writer (one that ignores the lock) replaces the checkpoint while calibrate.py measures: the
     calibration is not saved over it, and says so."""
-    import calibrate
+    from abcgpt.tools import calibrate
 
     other = Run.load(run_copy)
     other.step += 10  # a resume that ended meanwhile
@@ -90,7 +90,7 @@ def test_calibrate_writes_only_over_the_checkpoint_it_read(run_copy, monkeypatch
 
 
 def test_permute_in_place_writes_only_over_the_checkpoint_it_read(run_copy, monkeypatch):
-    from abcgpt import permute
+    from abcgpt.tools import permute
 
     other = Run.load(run_copy)
     other.step += 3
@@ -101,7 +101,7 @@ def test_permute_in_place_writes_only_over_the_checkpoint_it_read(run_copy, monk
         return sort_units(*args)
 
     monkeypatch.setattr(permute, "sort_units", sorted_while_another_wrote)
-    assert "changed while this tool worked on it" in main("abcgpt.permute", run_copy, "--in_place")
+    assert "changed while this tool worked on it" in main("abcgpt.tools.permute", run_copy, "--in_place")
     assert Run.load(run_copy).step == other.step
 
 
@@ -221,7 +221,7 @@ def test_memory_preflight_counts_the_address_space_limit(run_copy):
 
 
 def test_the_disk_preflight_counts_only_new_bytes_and_never_says_zero(run_copy, corpus_files, monkeypatch):
-    from abcgpt import preflight
+    from abcgpt.core import preflight
 
     folder = RunFolder(run_copy.parent)
     size = run_copy.stat().st_size
@@ -277,8 +277,8 @@ def test_serve_on_port_0_prints_the_port_it_listens_on(run_copy):
 
 def test_sample_streams_its_text_as_it_is_generated(run_copy, monkeypatch):
     """One sample goes to stdout token by token (each flushed), and is the text generate() makes."""
-    from abcgpt.run import load_model
-    from abcgpt.sampling import Sampling, generate
+    from abcgpt.model.sampling import Sampling, generate
+    from abcgpt.training.run import load_model
 
     writes = []
 
@@ -299,7 +299,7 @@ def test_sample_streams_its_text_as_it_is_generated(run_copy, monkeypatch):
 
 
 def test_a_stream_gives_out_whole_characters_only():
-    from abcgpt.tokenizer import TextStream
+    from abcgpt.data.tokenizer import TextStream
 
     class Bytes:  # a byte-level tokenizer: one token per byte, as a BPE can split a character
         def decode(self, ids):
@@ -315,7 +315,7 @@ def test_a_stream_gives_out_whole_characters_only():
 
 def test_report_reuses_the_evaluation_and_the_calibration_of_the_same_checkpoint(run_copy, tmp_path, monkeypatch):
     pytest.importorskip("matplotlib")
-    from abcgpt import report
+    from abcgpt.measuring import report
 
     (run_copy.parent / "best.pt").unlink()  # its corners are swept of their own: here only the reuse is watched
     assert main("evaluate", "--ckpt", run_copy, "--max_windows", 4) == 0
@@ -329,22 +329,22 @@ def test_report_reuses_the_evaluation_and_the_calibration_of_the_same_checkpoint
     written = json.loads((tmp_path / "r1" / "report.json").read_text())
     assert written["losses"] == json.loads((run_copy.parent / "eval.json").read_text())["losses"]
     assert written["calibration"]["from"] == "calibrate.py" and len(measured) == 1  # only the mixes, sampled fresh
-    monkeypatch.setattr(report, "sweep", importlib.import_module("abcgpt.evaluate").sweep)
+    monkeypatch.setattr(report, "sweep", importlib.import_module("abcgpt.measuring.loss").sweep)
     assert main("report", *flags[:-1], 8, "--out_dir", tmp_path / "r2") == 0  # other windows: swept again
 
 
 def test_inspect_shows_the_calibrated_map(run_copy, capsys):
-    assert main("abcgpt.inspect", run_copy) == 0
+    assert main("abcgpt.tools.inspect", run_copy) == 0
     assert "calibrated dial: none (python calibrate.py makes one" in capsys.readouterr().out
     assert main("calibrate", "--ckpt", run_copy, "--samples", 2, "--max_new_tokens", 8, "--grid", 3) == 0
-    assert main("abcgpt.inspect", run_copy) == 0
+    assert main("abcgpt.tools.inspect", run_copy) == 0
     assert "calibrated dial: mix -> alpha 0 -> " in capsys.readouterr().out
 
 
 def test_a_cache_that_cannot_be_made_is_not_called_a_network_failure(tmp_path, monkeypatch):
-    from abcgpt import data
+    from abcgpt.data import corpus
 
-    monkeypatch.setattr(data, "embedded_text", lambda name: None)  # a package without its own copies
+    monkeypatch.setattr(corpus, "embedded_text", lambda name: None)  # a package without its own copies
     (tmp_path / "file").write_text("x")
-    with pytest.raises(data.DataError, match="cannot make the cache folder .* give --cache_dir a folder you can"):
-        data.read_text(data.SourceSpec("tinyshakespeare"), tmp_path / "file" / "cache")
+    with pytest.raises(corpus.DataError, match="cannot make the cache folder .* give --cache_dir a folder you can"):
+        corpus.read_text(corpus.SourceSpec("tinyshakespeare"), tmp_path / "file" / "cache")

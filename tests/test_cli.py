@@ -4,7 +4,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -100,7 +99,7 @@ def test_a_closed_pipe_ends_sampling_quietly(trained_checkpoint):
 
 
 def test_a_busy_machine_gets_a_hint():
-    from abcgpt.cli import busy_machine_hint
+    from abcgpt.tools.cli import busy_machine_hint
 
     assert "--threads 1" in busy_machine_hint(load=3.9, cores=2)
     assert busy_machine_hint(load=0.3, cores=2) is None

@@ -27,8 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 DRAWS = int(os.environ.get("ABCGPT_FUZZ_DRAWS", "150"))
 SEED = int(os.environ.get("ABCGPT_FUZZ_SEED", "28"))
 HANG_S = 120  # no draw takes this long on a busy 2-core machine; one that does is stuck
-MODULES = {"train": "train", "sample": "sample", "evaluate": "evaluate", "calibrate": "calibrate", "report": "report",
-           "serve": "serve", "inspect": "abcgpt.inspect", "permute": "abcgpt.permute"}
+MODULES = {name: f"abcgpt.tools.{name}"
+           for name in ("train", "sample", "evaluate", "calibrate", "report", "serve", "inspect", "permute")}
 
 # values, by what a flag takes
 NUMBERS = ["0", "-1", "1", "0.5", "1e300", "-1e300", "nan", "inf", "-inf", "1e-300", str(10**30), str(2**63),
@@ -144,7 +144,7 @@ def run_draw(tool, argv, cwd, log):
     for fd, suffix in ((1, ".out"), (2, ".err")):
         os.dup2(os.open(Path(log).with_suffix(suffix), os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
     sys.argv = [tool, *argv]
-    from abcgpt.cli import run_tool
+    from abcgpt.tools.cli import run_tool
 
     module = importlib.import_module(MODULES[tool])
     code = 0
@@ -170,7 +170,7 @@ def fork_server():
     """A fork-server context whose server has imported every tool (and torch) once."""
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["torch", "abcgpt.cli", *MODULES.values()])
+    context.set_forkserver_preload(["torch", "abcgpt.tools.cli", *MODULES.values()])
     return context
 
 

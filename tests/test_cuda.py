@@ -7,11 +7,11 @@ import sys
 
 import pytest
 import torch
-
-from abcgpt.model import GPT, GPTConfig
-from bench import gpu_cases
 from conftest import twin_models
-from abcgpt.sampling import generate
+
+from abcgpt.model.gpt import GPT, GPTConfig
+from abcgpt.model.sampling import generate
+from bench import gpu_cases
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 CONFIG = gpu_cases.MODEL  # bench.gpu_cases counts the binaries this file compiles
@@ -87,7 +87,7 @@ def test_bf16_training_matches_the_reference(backend):
 
 def test_a_bad_cuda_alpha_fails_at_the_next_sync():
     """In a process of its own: a device-side assert leaves the CUDA context unusable."""
-    code = ("import torch; from abcgpt.model import GPT, GPTConfig; "
+    code = ("import torch; from abcgpt.model.gpt import GPT, GPTConfig; "
             "m = GPT(GPTConfig(n_layer=1, n_head=1, n_embd=8, block_size=8)).cuda(); "
             "m(torch.zeros(1, 4, dtype=torch.long, device='cuda'), torch.tensor(1.5, device='cuda')); "
             "torch.cuda.synchronize()")

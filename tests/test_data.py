@@ -6,17 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from abcgpt import data
-from abcgpt.data import (
-    Corpus,
-    DataError,
-    SourceSpec,
-    download,
-    fetch_builtin,
-    parse_sources,
-    training_batch,
-)
-from abcgpt.tokenizer import CharTokenizer
+from abcgpt.data import corpus as data  # "corpus" names a test's corpus
+from abcgpt.data.corpus import Corpus, DataError, SourceSpec, download, fetch_builtin, parse_sources, training_batch
+from abcgpt.data.tokenizer import CharTokenizer
 
 
 def test_source_specs():

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from abcgpt.checkpoint import load_checkpoint
-from abcgpt.dial import fit_map, isotonic, mix_to_alpha
+from abcgpt.core.checkpoint import load_checkpoint
+from abcgpt.measuring.dial import fit_map, isotonic, mix_to_alpha
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -91,6 +91,6 @@ def test_report_scores_the_calibrated_dial(calibrated, tmp_path):
     assert len(dial["measured"]) == 11 and all(0 <= p <= 1 for p in dial["measured"])
     assert dial["max_abs_error"] == pytest.approx(max(abs(p - m) for p, m in zip(dial["measured"], dial["mixes"])))
     assert -1 <= dial["spearman_samples"] <= 1
-    from abcgpt.ngram import spearman
+    from abcgpt.measuring.ngram import spearman
     assert dial["spearman"] == pytest.approx(spearman(dial["mixes"], dial["measured"]))
     assert "## The calibrated dial" in (tmp_path / "report.md").read_text()

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from abcgpt.checkpoint import load_checkpoint
+from abcgpt.core.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -4,12 +4,12 @@ import importlib
 
 import pytest
 
-from abcgpt.checkpoint import CheckpointError
-from abcgpt.data import DataError
-from abcgpt.errors import SettingsError, UserError
-from abcgpt.serve import BadInput
-from abcgpt.tokenizer import UnknownCharactersError, VocabularyError
-from abcgpt.trainer import TrainingDiverged
+from abcgpt.core.checkpoint import CheckpointError
+from abcgpt.core.errors import SettingsError, UserError
+from abcgpt.data.corpus import DataError
+from abcgpt.data.tokenizer import UnknownCharactersError, VocabularyError
+from abcgpt.serving.server import BadInput
+from abcgpt.training.trainer import TrainingDiverged
 
 
 def test_every_user_error_shares_the_base():
@@ -21,7 +21,7 @@ def test_every_user_error_shares_the_base():
 @pytest.mark.parametrize("tool, target", [("evaluate", "load_gated_run"), ("sample", "load_model"),
                                           ("report", "load_gated_run"), ("calibrate", "load_gated_run")])
 def test_a_bug_keeps_its_traceback_and_a_user_error_is_one_line(tool, target, monkeypatch, capsys, tmp_path):
-    module = importlib.import_module(tool)
+    module = importlib.import_module(f"abcgpt.tools.{tool}")
     args = ["--ckpt", str(tmp_path / "ckpt.pt")] + (["--out_dir", str(tmp_path / "r")] if tool == "report" else [])
 
     def bug(*_, **__):

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from abcgpt.evaluate import summarize, summarize_voices
+from abcgpt.measuring.loss import summarize, summarize_voices
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,10 +48,11 @@ def test_evaluate_command_end_to_end(trained_checkpoint, tmp_path):
 
 def test_training_log_and_evaluate_agree_on_the_same_windows(trained_checkpoint, corpus_files):
     """One definition of held-out loss: the trainer's evaluation is evaluate.val_loss on its windows."""
-    from abcgpt.run import load_model
-    from abcgpt.evaluate import val_loss
-    from abcgpt.trainer import Trainer
     from conftest import tiny_config
+
+    from abcgpt.measuring.loss import val_loss
+    from abcgpt.training.run import load_model
+    from abcgpt.training.trainer import Trainer
 
     config = tiny_config(corpus_files, trained_checkpoint.parent)
     trainer = Trainer(config, resume=True, log=lambda line: None)
@@ -74,9 +75,9 @@ def test_a_many_source_summary_by_hand():
 
 
 def test_evaluate_py_sweeps_every_voice_of_a_many_source_checkpoint(voices_checkpoint, tmp_path):
-    from abcgpt.evaluate import val_loss
-    from abcgpt.run import corpus_for, load_model
-    from abcgpt.voice import Dial
+    from abcgpt.gates.voice import Dial
+    from abcgpt.measuring.loss import val_loss
+    from abcgpt.training.run import corpus_for, load_model
 
     out = tmp_path / "eval.json"
     done = subprocess.run([sys.executable, "evaluate.py", "--ckpt", str(voices_checkpoint), "--max_windows", "8",

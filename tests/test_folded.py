@@ -1,13 +1,15 @@
 """The folded backend: one alpha folded into the weights and silent units cut, against the reference."""
 import pytest
 import torch
+from conftest import SMALL_GPT
+from conftest import token_batch as batch
+from conftest import twin_models as twins
 
-from abcgpt.attention import KVCache
-from abcgpt.folded import Folded, active_ranges, folding_state
-from abcgpt.gate import gates_for
-from abcgpt.model import GPT, GPTConfig
-from abcgpt.sampling import generate
-from conftest import SMALL_GPT, token_batch as batch, twin_models as twins
+from abcgpt.backends.folded import Folded, active_ranges, folding_state
+from abcgpt.gates.gate import gates_for
+from abcgpt.model.attention import KVCache
+from abcgpt.model.gpt import GPT, GPTConfig
+from abcgpt.model.sampling import generate
 
 CONFIG = SMALL_GPT
 ALPHAS = [0.0, 1.0, 0.5, 0.137, 0.81]
@@ -54,14 +56,14 @@ def test_a_layer_with_every_head_silent_equals_reference():
 
 def test_no_attention_kernel_runs_over_zero_heads(monkeypatch):
     """torch 2.11's CPU attention dies (SIGFPE) over zero heads: a layer whose heads are all cut calls none."""
-    import abcgpt.attention
+    import abcgpt.model.attention
 
     def attention(q, *args, **kwargs):
         assert q.size(1) > 0, "scaled_dot_product_attention over zero heads"
         return sdpa(q, *args, **kwargs)
 
-    sdpa = abcgpt.attention.F.scaled_dot_product_attention
-    monkeypatch.setattr(abcgpt.attention.F, "scaled_dot_product_attention", attention)
+    sdpa = abcgpt.model.attention.F.scaled_dot_product_attention
+    monkeypatch.setattr(abcgpt.model.attention.F, "scaled_dot_product_attention", attention)
     folded, reference = twin_models(narrowness=0.05)
     assert 0 in folded_at(folded, 0.5).active_units()["heads"]
     idx = batch()

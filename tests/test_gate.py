@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from abcgpt.gate import check_alpha, sample_scores, tent_gate
+from abcgpt.gates.gate import check_alpha, sample_scores, tent_gate
 
 
 def test_known_values():

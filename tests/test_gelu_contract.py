@@ -14,8 +14,8 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from kernels import gated_mlp as k
-from kernels.ops import gated_linear_gelu
+from abcgpt_kernels import gated_mlp as k
+from abcgpt_kernels.ops import gated_linear_gelu
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 REL, ABS = 2.0**-10, 2.0**-14

@@ -4,13 +4,13 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from abcgpt.backends import executor_for
-from abcgpt.gate import GEOMETRIES, gates_for, place_units, point_gate, sort_key, tent_gate
-from abcgpt.model import GPT, GPTConfig
-from abcgpt.run import load_model
-from abcgpt.voice import Dial, draw
 from conftest import SMALL_GPT, token_batch
+
+from abcgpt.backends.registry import executor_for
+from abcgpt.gates.gate import GEOMETRIES, gates_for, place_units, point_gate, sort_key, tent_gate
+from abcgpt.gates.voice import Dial, draw
+from abcgpt.model.gpt import GPT, GPTConfig
+from abcgpt.training.run import load_model
 
 FIXTURES = Path(__file__).parent / "fixtures"
 MANY = ("pool", "simplex", "tent")
@@ -47,9 +47,9 @@ def test_training_two_sources_today_makes_main_s_checkpoint(tmp_path, monkeypatc
     draw, score or gate moves them by orders of magnitude more."""
     from dataclasses import replace
 
-    from abcgpt import trainer
-    from abcgpt.run import Run
-    from abcgpt.trainer import Trainer
+    from abcgpt.training import trainer
+    from abcgpt.training.run import Run
+    from abcgpt.training.trainer import Trainer
 
     def main_s(seed, step, index, purpose):
         return ((seed + trainer.STREAMS.index(purpose)) * 2**40 + step * 2**20 + index) % 2**63
@@ -155,7 +155,7 @@ def test_a_line_alpha_on_a_many_source_model_is_one_clear_error():
 def test_the_line_keeps_its_scores_and_gates():
     """The same mask_seed gives the line the scores it always had, and no uniform row leaves its gates as
     the tent gives them."""
-    from abcgpt.gate import UnitGroups, sample_scores
+    from abcgpt.gates.gate import UnitGroups, sample_scores
 
     assert torch.equal(place_units(300, torch.Generator().manual_seed(9)),
                        sample_scores(300, torch.Generator().manual_seed(9)))

@@ -75,6 +75,18 @@ def test_a_budget_too_small_for_the_suite_is_refused(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
+def test_a_suite_that_cannot_import_the_kernels_stops_before_any_step(tmp_path, monkeypatch, capsys):
+    """Without abcgpt installed the kernels' import name is missing: one line saying how to install it, at once,
+    rather than a lease spent on steps that each fail on it."""
+    find_spec = gpu_suite.importlib.util.find_spec
+    monkeypatch.setattr(gpu_suite.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "abcgpt_kernels" else find_spec(name, *a))
+    with pytest.raises(SystemExit) as stopped:
+        gpu_suite.main(["--out_dir", str(tmp_path / "suite")])
+    assert stopped.value.code == 2 and "abcgpt is not installed" in capsys.readouterr().err
+    assert not (tmp_path / "suite").exists()
+
+
 def compiled_python(code):
     """Run code in a process of its own with Triton's real compiler, not the interpreter conftest sets."""
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "ABCGPT_NO_TMA")}
@@ -108,7 +120,7 @@ def test_the_count_is_of_binaries_not_launches():
         from bench import gpu_cases, kernel_static, warm_kernels
         os.environ["TRITON_INTERPRET"] = "1"  # kernels stay compiled; the triton backend's CPU check passes
         import torch
-        from kernels.ops import record_launches
+        from abcgpt_kernels.ops import record_launches
         case = gpu_cases.CASES[0]
         def count(*cases):
             with record_launches(kernel_static.H100, run=False) as launches:

@@ -6,8 +6,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch.nn import functional as F
 
-from abcgpt.gate import tent_gate
-from kernels.ops import gated_linear_gelu, gated_mlp, pointer_loads
+from abcgpt.gates.gate import tent_gate
+from abcgpt_kernels.ops import gated_linear_gelu, gated_mlp, pointer_loads
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])

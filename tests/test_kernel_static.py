@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import triton
 
-from kernels import ops
+from abcgpt_kernels import ops
 
 ROOT = Path(__file__).resolve().parents[1]
 pytest.importorskip("triton.backends.nvidia", reason="needs Triton's CUDA backend (its compiler runs without a GPU)")
@@ -141,7 +141,7 @@ def test_the_deferred_forward_loads_its_gates_before_the_k_loop():
     result = run_python("""
         import torch
         import bench.kernel_static as ks
-        from kernels.ops import up_launch
+        from abcgpt_kernels.ops import up_launch
         m = lambda *s: torch.empty(s, dtype=torch.bfloat16, device="meta")
         loads = {}
         for kind, rows in (("vector", 256), ("table", 256), ("table", 64)):
@@ -161,7 +161,7 @@ def test_the_deferred_epilogue_keeps_its_math_in_the_k_loop():
     result = run_python("""
         import torch
         import bench.kernel_static as ks
-        from kernels.ops import up_launch
+        from abcgpt_kernels.ops import up_launch
         m = lambda *s: torch.empty(s, dtype=torch.bfloat16, device="meta")
         built = {}
         for in_loop in (True, False):
@@ -180,7 +180,7 @@ def test_the_check_trips_on_a_spill_too_much_shared_memory_and_no_wgmma():
     result = run_python("""
         import torch
         import bench.kernel_static as ks
-        from kernels.ops import up_launch
+        from abcgpt_kernels.ops import up_launch
         def case(dtype=torch.bfloat16, deferred=False, **settings):
             M, K, N = 16384, 768, 3072
             m = lambda *s: torch.empty(s, dtype=dtype, device="meta")
@@ -209,7 +209,7 @@ def test_small_batches_share_one_binary_whatever_their_grid():
     result = run_python("""
         import torch
         import bench.kernel_static as ks
-        from kernels.ops import up_launch
+        from abcgpt_kernels.ops import up_launch
         compiler = ks.Compiler()
         keys = set()
         for M in (1, 3, 8, 17, 40, 64):
@@ -232,7 +232,7 @@ def test_one_program_per_sm_is_the_same_binary_on_half_the_grid():
         import torch
         import bench.kernel_static as ks
         from bench.plain_matmul import plain_matmul_launch
-        from kernels.ops import up_launch
+        from abcgpt_kernels.ops import up_launch
         m = lambda *s: torch.empty(s, dtype=torch.bfloat16, device="meta")
         M, K, N = 16384, 768, 3072
         compiler = ks.Compiler()

@@ -2,19 +2,19 @@
 
 On a CPU they run in Triton's interpreter (TRITON_INTERPRET=1, set in conftest) in
 fp32 and fp16; on a GPU the same tests run compiled, bf16 included. The kernels
-take precomputed gates (abcgpt.gate); each test makes them from alphas here. Both
+take precomputed gates (abcgpt.gates.gate); each test makes them from alphas here. Both
 load paths, tensor descriptors (TMA) and pointers, run every test.
 """
 from contextlib import contextmanager
 
 import pytest
 import torch
+from conftest import twin_models
 from torch.nn import functional as F
 
-from abcgpt.gate import tent_gate
-from conftest import twin_models
-from kernels import ops
-from kernels.ops import gated_linear_gelu, gated_mlp
+from abcgpt.gates.gate import tent_gate
+from abcgpt_kernels import ops
+from abcgpt_kernels.ops import gated_linear_gelu, gated_mlp
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
@@ -255,7 +255,7 @@ def test_compiles_without_graph_breaks():
 def test_model_triton_backend_matches_reference(alpha_kind):
     """"voices": a dial over four sources (pool), a different setting per sequence: per-row gate tables, which
     the kernels take as they take per-sequence alphas."""
-    from abcgpt.voice import Dial
+    from abcgpt.gates.voice import Dial
 
     config = dict(block_size=24, vocab_size=40, n_layer=2, n_head=2, n_embd=20, dropout=0.0, bias=True, narrowness=0.8)
     if alpha_kind == "voices":

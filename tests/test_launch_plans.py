@@ -6,8 +6,8 @@ import pytest
 import torch
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from kernels import ops
-from kernels.ops import gated_linear_gelu, gated_mlp, record_launches
+from abcgpt_kernels import ops
+from abcgpt_kernels.ops import gated_linear_gelu, gated_mlp, record_launches
 
 H100 = ops.H100
 

@@ -2,8 +2,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from abcgpt.gate import tent_gate
-from abcgpt.model import GPT, GPTConfig
+from abcgpt.gates.gate import tent_gate
+from abcgpt.model.gpt import GPT, GPTConfig
 
 SMALL = dict(block_size=32, vocab_size=50, n_layer=2, n_head=3, n_embd=24, dropout=0.0)
 

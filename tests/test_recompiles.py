@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from abcgpt.model import GPT, GPTConfig
-from abcgpt.recompiles import forbid_recompiles
-from abcgpt.sampling import CompiledDecoder, generate
+from abcgpt.core.recompiles import forbid_recompiles
+from abcgpt.model.gpt import GPT, GPTConfig
+from abcgpt.model.sampling import CompiledDecoder, generate
 
 
 def test_a_recompile_inside_the_guard_raises_and_outside_it_does_not():

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from abcgpt.checkpoint import load_checkpoint
-from abcgpt.trainer import Trainer, TrainingDiverged
 from conftest import tiny_config
+
+from abcgpt.core.checkpoint import load_checkpoint
+from abcgpt.training.trainer import Trainer, TrainingDiverged
 
 ROOT = Path(__file__).resolve().parents[1]
 quiet = dict(log=lambda line: None)
@@ -201,7 +201,7 @@ def test_new_sources_on_resume_are_recorded(trained_checkpoint, corpus_files, tm
 
 
 def test_overwrite_clears_the_recorded_baselines_and_nothing_else(trained_checkpoint, corpus_files, tmp_path):
-    from abcgpt.run import RunFolder
+    from abcgpt.training.run import RunFolder
 
     Trainer(tiny_config(corpus_files, tmp_path, max_iters=2, eval_interval=2), **quiet).train()
     (tmp_path / "baseline-stories").mkdir()

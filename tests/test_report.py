@@ -1,19 +1,19 @@
 """Measuring the dial: n-gram scorer, report numbers, baselines, and the report command end to end."""
 import json
-from importlib.util import find_spec as importlib_find_spec
 import math
 import subprocess
 import sys
+from importlib.util import find_spec as importlib_find_spec
 from pathlib import Path
 
 import numpy as np
 import pytest
-
-from abcgpt.checkpoint import load_checkpoint
-from abcgpt.run import Run, corpus_for, load_model
-from abcgpt.ngram import CharNgram, SourceClassifier, spearman
-from abcgpt.report import calibration_summary, dial_cost
 from conftest import play_text, story_text
+
+from abcgpt.core.checkpoint import load_checkpoint
+from abcgpt.measuring.ngram import CharNgram, SourceClassifier, spearman
+from abcgpt.measuring.report import calibration_summary, dial_cost
+from abcgpt.training.run import Run, corpus_for, load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -102,7 +102,7 @@ def test_baselines_see_as_many_tokens_of_their_source(run_with_baselines):
 
 
 def test_report_command_end_to_end(run_with_baselines, tmp_path):
-    from abcgpt.evaluate import val_loss
+    from abcgpt.measuring.loss import val_loss
 
     out = tmp_path / "report"
     result = run("report.py", "--ckpt", run_with_baselines / "ckpt.pt", "--out_dir", out, "--samples", "2",
@@ -138,7 +138,7 @@ def test_report_without_baselines_says_not_measured(trained_checkpoint, tmp_path
 
 
 def test_the_report_says_when_plots_were_skipped(run_with_baselines, tmp_path, monkeypatch):
-    import abcgpt.report as report_module
+    import abcgpt.measuring.report as report_module
 
     monkeypatch.setattr(report_module.importlib.util, "find_spec",
                         lambda name: None if name == "matplotlib" else importlib_find_spec(name))

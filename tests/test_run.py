@@ -2,8 +2,8 @@
 and a field this version does not know is refused in one line that names it and the versions."""
 import pytest
 
-from abcgpt.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from abcgpt.run import VERSION, Run, RunFolder
+from abcgpt.core.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from abcgpt.training.run import VERSION, Run, RunFolder
 
 
 def test_a_run_round_trips(trained_checkpoint, tmp_path):
@@ -63,8 +63,8 @@ def test_a_write_that_fails_is_one_line_and_keeps_the_old_file(trained_checkpoin
 
 
 def test_inspect_shows_each_source_and_the_units_it_owns(voices_checkpoint, trained_checkpoint):
-    from abcgpt.inspect import describe
-    from abcgpt.run import Run
+    from abcgpt.tools.inspect import describe
+    from abcgpt.training.run import Run
 
     run = Run.load(voices_checkpoint)
     text = "\n".join(describe(voices_checkpoint, run))

@@ -1,12 +1,12 @@
 """sampling.py: how tokens are drawn; the caches and the compiled decoder give what a full forward gives."""
 import pytest
 import torch
-
-from abcgpt.attention import KVCache
-from abcgpt.model import GPT, GPTConfig
-from abcgpt.sampling import GREEDY_BELOW, Sampling, draw, generate
 from conftest import SMALL_GPT as CONFIG
 from conftest import token_batch as batch
+
+from abcgpt.model.attention import KVCache
+from abcgpt.model.gpt import GPT, GPTConfig
+from abcgpt.model.sampling import GREEDY_BELOW, Sampling, draw, generate
 
 
 def generation_model(backend="auto", **overrides):
@@ -54,8 +54,8 @@ def test_cache_refuses_to_overflow():
 def test_compiled_decoder_steps_without_recompiling_and_gives_the_same_tokens(case):
     """The one-token steps over a static-shape cache trace once (a recompile would raise here) and give what
     the eager cache gives, into window mode past block_size too."""
-    from abcgpt.recompiles import forbid_recompiles
-    from abcgpt.sampling import CompiledDecoder
+    from abcgpt.core.recompiles import forbid_recompiles
+    from abcgpt.model.sampling import CompiledDecoder
 
     model = generation_model(gated=case != "vanilla")
     alpha = {"vanilla": None, "folded": 0.0, "per-sequence": torch.tensor([0.2, 0.9])}[case]

@@ -19,11 +19,11 @@ import httpx2  # noqa: E402
 import uvicorn  # noqa: E402
 from starlette.testclient import TestClient  # noqa: E402
 
-from abcgpt.batching import Request  # noqa: E402
-from abcgpt.run import load_model  # noqa: E402
-from abcgpt.access import Access  # noqa: E402
-from abcgpt.connections import server_config  # noqa: E402
-from abcgpt.serve import Service, create_app  # noqa: E402
+from abcgpt.serving.access import Access  # noqa: E402
+from abcgpt.serving.batching import Request  # noqa: E402
+from abcgpt.serving.connections import server_config  # noqa: E402
+from abcgpt.serving.server import Service, create_app  # noqa: E402
+from abcgpt.training.run import load_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -399,15 +399,15 @@ def raw_request(port, head, body=b""):
 def test_a_post_whose_client_leaves_stops_within_a_step(server, monkeypatch):
     """The server notices the closed connection while the decoder steps on in its own thread; from then on the
     request gets at most the token of the step in progress, and its slot is freed."""
-    import abcgpt.serve
+    import abcgpt.serving.server
 
-    noticed, cancel, step = {}, abcgpt.serve.cancel_when_gone, server.service.decoder._step
+    noticed, cancel, step = {}, abcgpt.serving.server.cancel_when_gone, server.service.decoder._step
 
     async def watched(http, request):
         await cancel(http, request)
         noticed["tokens"] = len(request.tokens)
 
-    monkeypatch.setattr(abcgpt.serve, "cancel_when_gone", watched)
+    monkeypatch.setattr(abcgpt.serving.server, "cancel_when_gone", watched)
     monkeypatch.setattr(server.service.decoder, "_step", lambda *args: (time.sleep(0.005), step(*args))[1])
     body = json.dumps({"prompt": "one day", "max_new_tokens": 400, "seed": 5}).encode()
     head = b"POST /api/generate HTTP/1.1\nHost: 127.0.0.1\nContent-Type: application/json\n"

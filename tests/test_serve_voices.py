@@ -8,14 +8,14 @@ import pytest
 
 pytest.importorskip("starlette")
 from starlette.testclient import TestClient  # noqa: E402
-
-from abcgpt.batching import Request  # noqa: E402
-from abcgpt.run import load_model  # noqa: E402
-from abcgpt.sampling import Sampling  # noqa: E402
-from abcgpt.serve import Service, create_app  # noqa: E402
-from abcgpt.voice import parse_voice  # noqa: E402
 from test_batching import decode  # noqa: E402
 from test_serve import browser, fill, needs_chromium, serve_on_a_free_port  # noqa: E402,F401 (browser: a fixture)
+
+from abcgpt.gates.voice import parse_voice  # noqa: E402
+from abcgpt.model.sampling import Sampling  # noqa: E402
+from abcgpt.serving.batching import Request  # noqa: E402
+from abcgpt.serving.server import Service, create_app  # noqa: E402
+from abcgpt.training.run import load_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 NAMES = ["stories", "plays", "words"]

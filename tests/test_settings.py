@@ -5,11 +5,12 @@ from pathlib import Path
 
 import pytest
 
-import sample
-from abcgpt import api_input, limits, settings
-from abcgpt.dial import mix_to_alpha
-from abcgpt.errors import SettingsError
-from abcgpt.sampling import Sampling
+from abcgpt.core import limits
+from abcgpt.core.errors import SettingsError
+from abcgpt.measuring.dial import mix_to_alpha
+from abcgpt.model.sampling import Sampling
+from abcgpt.serving import api_input, settings
+from abcgpt.tools import sample
 
 MAP = {"alpha": [0.0, 0.5, 1.0], "p": [0.1, 0.5, 0.9], "temperature": 1.0, "top_k": None}
 

@@ -1,7 +1,7 @@
 import pytest
 import tiktoken
 
-from abcgpt.tokenizer import BPETokenizer, CharTokenizer, UnknownCharactersError, tokenizer_from_dict
+from abcgpt.data.tokenizer import BPETokenizer, CharTokenizer, UnknownCharactersError, tokenizer_from_dict
 
 
 def test_char_round_trip_over_all_sources():

@@ -2,12 +2,12 @@ import math
 
 import pytest
 import torch
-
-from abcgpt.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from abcgpt.run import load_model
-from abcgpt.config import TrainConfig, build_config
-from abcgpt.trainer import Trainer, learning_rate_at
 from conftest import tiny_config
+
+from abcgpt.core.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from abcgpt.training.config import TrainConfig, build_config
+from abcgpt.training.run import load_model
+from abcgpt.training.trainer import Trainer, learning_rate_at
 
 quiet = dict(log=lambda line: None)
 

@@ -6,13 +6,13 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from abcgpt.checkpoint import load_checkpoint
-from abcgpt.model import GPT, GPTConfig
-from abcgpt.run import load_model
-from abcgpt.units import sort_units
 from conftest import SMALL_GPT as CONFIG
 from conftest import token_batch as batch
+
+from abcgpt.core.checkpoint import load_checkpoint
+from abcgpt.gates.units import sort_units
+from abcgpt.model.gpt import GPT, GPTConfig
+from abcgpt.training.run import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -63,7 +63,7 @@ def test_sorting_carries_the_optimizer_state_along():
 
 def test_permute_command_sorts_a_checkpoint(trained_checkpoint, tmp_path):
     dest = tmp_path / "sorted.pt"
-    result = subprocess.run([sys.executable, "-m", "abcgpt.permute", str(trained_checkpoint), str(dest)],
+    result = subprocess.run([sys.executable, "-m", "abcgpt.tools.permute", str(trained_checkpoint), str(dest)],
                             cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     before, _, _ = load_model(trained_checkpoint)

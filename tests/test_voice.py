@@ -1,11 +1,11 @@
-"""The dial as one value (abcgpt/voice.py): the training draws, parsing a voice, uniform mode."""
+"""The dial as one value (abcgpt/gates/voice.py): the training draws, parsing a voice, uniform mode."""
 import math
 
 import pytest
 import torch
 
-from abcgpt.errors import SettingsError
-from abcgpt.voice import UNIFORM, Dial, as_dial, draw, evaluation_settings, parse_voice
+from abcgpt.core.errors import SettingsError
+from abcgpt.gates.voice import UNIFORM, Dial, as_dial, draw, evaluation_settings, parse_voice
 
 NAMES = ["bible", "jungle", "aesop"]
 

@@ -1,0 +1,1 @@
+"""Text in: tokenizers, sources, their split, the batches and the alpha each draws."""

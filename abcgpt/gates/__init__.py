@@ -1,0 +1,1 @@
+"""Where units sit and how the dial opens them: scores, gates, the unit map and the dial's value."""
