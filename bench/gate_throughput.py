@@ -29,7 +29,7 @@ from abcgpt.core.recompiles import forbid_recompiles
 from abcgpt.core.tables import markdown_table
 from abcgpt.gates.voice import Dial
 from abcgpt.model.gpt import GPT, GPTConfig
-from abcgpt.model.sampling import PLAIN, CompiledDecoder, generate
+from abcgpt.model.sampling import PLAIN, CompiledDecoder, Generation, generate
 from bench.timing import environment, summary, time_calls
 
 SHAPES = {  # name: (n_layer, n_head, n_embd, block_size, batch_size, vocab_size)
@@ -216,7 +216,7 @@ def run_shape(name, args, device, cases, alphas, modes, compile_modes, deadline,
 
                 def gen(p, model=gen_model, alpha=dial, decoder=decoder):
                     model.eval()
-                    generate(model, p, args.gen_tokens, alpha, PLAIN, decoder=decoder)
+                    generate(model, p, Generation(alpha, PLAIN, max_new_tokens=args.gen_tokens), decoder=decoder)
 
                 group.append(Case({**row, "mode": "generate", "batch_size": gen_batch, "new_tokens": args.gen_tokens,
                                    "kv_cache": "static" if compiled else True}, gen, prompts,

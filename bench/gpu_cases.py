@@ -139,7 +139,7 @@ def model_scenarios(device):
     """The model scenarios of tests/test_cuda.py that reach the fused kernels, on device: a training step at
     every alpha kind, and generation with one alpha and one per sequence."""
     from abcgpt.model.gpt import GPT, GPTConfig
-    from abcgpt.model.sampling import PLAIN, generate
+    from abcgpt.model.sampling import PLAIN, Generation, generate
 
     torch.manual_seed(0)
     model = GPT(GPTConfig(**MODEL), "triton").to(device)
@@ -150,8 +150,7 @@ def model_scenarios(device):
     model.eval()
     prompt = torch.randint(0, MODEL["vocab_size"], PROMPT, device=device)
     for kind in ("float", "per-sequence"):
-        generate(model, prompt, 5, model_alpha(kind, device), PLAIN,
-                 generator=torch.Generator(device=device).manual_seed(0))
+        generate(model, prompt, Generation(model_alpha(kind, device), PLAIN, 0, 5))
 
 
 def launches(target):

@@ -37,7 +37,7 @@ import uvicorn
 
 from abcgpt.core.atomic import write_json
 from abcgpt.model.gpt import GPT, GPTConfig
-from abcgpt.model.sampling import PLAIN, generate
+from abcgpt.model.sampling import PLAIN, Generation, generate
 from abcgpt.serving import settings
 from abcgpt.serving.batching import BatchedDecoder, Request
 from abcgpt.serving.connections import server_config
@@ -133,7 +133,7 @@ def vanilla_tokens_per_s(model, batch, tokens):
     """tokens/s of one batched generation by a vanilla GPT."""
     prompt = torch.zeros((batch, 1), dtype=torch.long, device=model.lm_head.weight.device)
     start = time.perf_counter()
-    generate(model, prompt, tokens, sampling=PLAIN)
+    generate(model, prompt, Generation(None, PLAIN, max_new_tokens=tokens))
     if prompt.is_cuda:
         torch.cuda.synchronize()
     return batch * tokens / (time.perf_counter() - start)
@@ -146,7 +146,7 @@ def decoder_vs_vanilla(model, batch, tokens, repeats, rng, loop):
     alphas = [round(rng.random(), 3) for _ in range(batch)]
 
     def ours(n):
-        requests = [Request([0], a, n, seed=i, streamed=False) for i, a in enumerate(alphas)]
+        requests = [Request([0], Generation(a, PLAIN, i, n), streamed=False) for i, a in enumerate(alphas)]
         return batch * n / decode_all(model, requests, loop)
 
     ours(4), vanilla_tokens_per_s(vanilla, batch, 4)  # warm-up
@@ -187,15 +187,14 @@ class Workload:
         device = self.model.lm_head.weight.device
         start = time.perf_counter()
         for a, s in zip(self.alphas, self.seeds):
-            generator = torch.Generator(device=device).manual_seed(s)
-            generate(self.model, torch.tensor([self.prompt], device=device), self.tokens, alpha=a,
-                     sampling=self.sampling, generator=generator)
+            prompt = torch.tensor([self.prompt], device=device)
+            generate(self.model, prompt, Generation(a, self.sampling, s, self.tokens))
         if device.type == "cuda":
             torch.cuda.synchronize()
         return self.n * self.tokens / (time.perf_counter() - start)
 
     def decoder(self, loop):
-        requests = [Request(list(self.prompt), a, self.tokens, self.sampling, s, streamed=False)
+        requests = [Request(list(self.prompt), Generation(a, self.sampling, s, self.tokens), streamed=False)
                     for a, s in zip(self.alphas, self.seeds)]
         return self.n * self.tokens / decode_all(self.model, requests, loop)
 

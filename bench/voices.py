@@ -39,7 +39,7 @@ from abcgpt.gates.voice import UNIFORM, voices
 from abcgpt.measuring.dial import prompt_ids
 from abcgpt.measuring.loss import val_loss
 from abcgpt.measuring.ngram import SourceClassifier
-from abcgpt.model.sampling import generate
+from abcgpt.model.sampling import Generation, generate
 from abcgpt.serving.settings import DEFAULTS
 from abcgpt.tools.cli import HelpFormatter, Parser, run_tool
 from abcgpt.training.run import Run, RunFolder, corpus_for, load_model
@@ -103,8 +103,7 @@ def confusion(models, tokenizer, classifier, settings, n_samples, tokens, seed):
     rows = []
     for i, (model, dial) in enumerate(zip(models, settings)):
         idx = torch.tensor([start] * n_samples, dtype=torch.long)
-        out = generate(model, idx, tokens, dial, DEFAULTS,
-                       generator=torch.Generator().manual_seed(seed + i))
+        out = generate(model, idx, Generation(dial, DEFAULTS, seed + i, tokens))
         picks = [classifier.classify(tokenizer.decode(row[len(start):])) for row in out.tolist()]
         rows.append((np.bincount(picks, minlength=len(classifier.models)) / n_samples).tolist())
     return rows

@@ -1,10 +1,11 @@
 """Batched decoding: many requests at their own alphas and seeds, each getting what it would get alone,
 whoever else is served, whatever another request asks for; and its limits (queue, deadline, slots)."""
 import asyncio
+from dataclasses import replace
 
 import pytest
 
-from abcgpt.model.sampling import Sampling
+from abcgpt.model.sampling import Generation, Sampling
 from abcgpt.serving.batching import BatchedDecoder, ClientQueueFull, DecodingFailed, QueueFull, Request, TimedOut
 from abcgpt.training.run import load_model
 
@@ -38,7 +39,7 @@ def decode(model, requests, max_batch=8, join_later=()):
 
 
 def request(alpha, seed=0, top_k=1, n=20, prompt=(4, 5, 6)):
-    return Request(list(prompt), alpha, n, Sampling(1.0, top_k), seed=seed)
+    return Request(list(prompt), Generation(alpha, Sampling(1.0, top_k), seed, n))
 
 
 def test_greedy_requests_at_different_alphas_get_what_they_would_alone(model64):
@@ -76,7 +77,8 @@ def test_a_cancelled_request_frees_its_slot(model64):
     none (each step recomputes its window), and cancelled there it ends too."""
     decoder = BatchedDecoder(model64, max_batch=2)
     first, long = request(0.5, n=1000, prompt=(4,)), request(0.2, n=1000, prompt=(4,))
-    long.max_new_tokens = 10**6  # far beyond the context: decoded window by window until cancelled
+    # far beyond the context: decoded window by window until cancelled
+    long.generation = replace(long.generation, max_new_tokens=10**6)
 
     async def main():
         task = asyncio.create_task(decoder.run())
@@ -109,11 +111,11 @@ def test_a_hostile_temperature_leaves_every_other_request_as_it_would_be_alone(m
     def honest():
         return [request(a, seed=s, top_k=None, n=30) for a, s in [(0.0, 1), (0.4, 2), (0.7, 3), (1.0, 4)]]
 
-    hostile = Request([4, 5, 6], 0.5, 30, Sampling(1e-40, None), seed=9)
+    hostile = Request([4, 5, 6], Generation(0.5, Sampling(1e-40, None), 9, 30))
     together = honest()
     decode(model64, [*together[:2], hostile, *together[2:]])
     for mine in together:
-        alone = next(r for r in honest() if r.alpha == mine.alpha)
+        alone = next(r for r in honest() if r.generation.dial == mine.generation.dial)
         decode(model64, [alone])
         assert len(mine.tokens) == 30 and mine.tokens == alone.tokens and mine.error is None
     greedy = request(0.5, top_k=1, n=30)
@@ -129,7 +131,7 @@ def test_a_step_that_fails_ends_only_the_request_it_fails_for(model64):
     decode(model64, [honest[0], failing, honest[1]])
     assert isinstance(failing.error, DecodingFailed) and "alpha must be in [0, 1]" in str(failing.error)
     for mine in honest:
-        alone = request(mine.alpha, seed=mine.seed, top_k=None, n=25)
+        alone = request(mine.generation.dial, seed=mine.generation.seed, top_k=None, n=25)
         decode(model64, [alone])
         assert mine.tokens == alone.tokens and mine.error is None
 
@@ -176,7 +178,7 @@ def test_short_requests_are_not_starved_by_long_ones(model64):
 
 
 def short(client, seed=0):
-    return Request([4, 5], 0.5, 4, Sampling(1.0, 1), seed=seed, client=client)
+    return Request([4, 5], Generation(0.5, Sampling(1.0, 1), seed, 4), client=client)
 
 
 def test_a_free_seat_goes_to_the_client_served_least_recently(model64):
@@ -194,7 +196,7 @@ def test_a_free_seat_goes_to_the_client_served_least_recently(model64):
 def test_a_long_request_waits_for_no_stream_of_shorter_ones(model64):
     """Short requests that arrive later, from clients of their own, never go before a long one waiting."""
     decoder = BatchedDecoder(model64, max_batch=2, short_tokens=8)  # 3 seats: 2 for any, 1 for short ones
-    waiting_long = Request([4], 0.5, 100, Sampling(1.0, 1), client="honest")
+    waiting_long = Request([4], Generation(0.5, Sampling(1.0, 1), 0, 100), client="honest")
     busy = [short(f"busy-{i}") for i in range(3)]
     for r in busy:
         decoder.submit(r)
@@ -238,6 +240,6 @@ def test_a_join_computes_one_row_of_gates_and_a_leave_rebuilds_nothing(model64, 
     assert made == [(1,)] * len(requests)  # one row each, when it joined
     assert set(decoder.block_executors) <= {(a, b) for a in range(3) for b in range(a + 1, 4)}
     for mine in requests:  # slots handed over (keys, values and gates) mid-generation change no token
-        alone = request(mine.alpha, seed=mine.seed, top_k=None, n=mine.max_new_tokens)
+        alone = request(mine.generation.dial, seed=mine.generation.seed, top_k=None, n=mine.generation.max_new_tokens)
         decode(model64, [alone])
         assert mine.tokens == alone.tokens

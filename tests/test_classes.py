@@ -277,7 +277,7 @@ def test_serve_on_port_0_prints_the_port_it_listens_on(run_copy):
 
 def test_sample_streams_its_text_as_it_is_generated(run_copy, monkeypatch):
     """One sample goes to stdout token by token (each flushed), and is the text generate() makes."""
-    from abcgpt.model.sampling import Sampling, generate
+    from abcgpt.model.sampling import Generation, Sampling, generate
     from abcgpt.training.run import load_model
 
     writes = []
@@ -293,7 +293,7 @@ def test_sample_streams_its_text_as_it_is_generated(run_copy, monkeypatch):
     assert len(set(writes)) > 40  # the prompt, then every token as it came
     model, tokenizer, _ = load_model(run_copy)
     idx = torch.tensor([tokenizer.encode("one day")])
-    generated = generate(model, idx, 40, 0.3, Sampling(0.8, 200), torch.Generator().manual_seed(5))
+    generated = generate(model, idx, Generation(0.3, Sampling(0.8, 200), 5, 40))
     expected = tokenizer.decode(generated[0].tolist())
     assert console.getvalue() == f"--- alpha 0.3\n{expected}\n"
 

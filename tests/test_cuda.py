@@ -10,7 +10,7 @@ import torch
 from conftest import twin_models
 
 from abcgpt.model.gpt import GPT, GPTConfig
-from abcgpt.model.sampling import generate
+from abcgpt.model.sampling import Generation, generate
 from bench import gpu_cases
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -58,11 +58,11 @@ def test_generation_never_syncs(kind):
     model = GPT(GPTConfig(**CONFIG)).cuda().eval()
     prompt = torch.randint(0, 65, (4, 3), device="cuda")
     generator = torch.Generator(device="cuda").manual_seed(0)
-    generate(model, prompt, 5, alphas(kind), generator=generator)
+    generate(model, prompt, Generation(alphas(kind), max_new_tokens=5), generator)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        generate(model, prompt, 20, alphas(kind), generator=generator)
+        generate(model, prompt, Generation(alphas(kind), max_new_tokens=20), generator)
     finally:
         torch.cuda.set_sync_debug_mode("default")
 

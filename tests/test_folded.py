@@ -9,7 +9,7 @@ from abcgpt.backends.folded import Folded, active_ranges, folding_state
 from abcgpt.gates.gate import gates_for
 from abcgpt.model.attention import KVCache
 from abcgpt.model.gpt import GPT, GPTConfig
-from abcgpt.model.sampling import generate
+from abcgpt.model.sampling import Generation, generate
 
 CONFIG = SMALL_GPT
 ALPHAS = [0.0, 1.0, 0.5, 0.137, 0.81]
@@ -48,7 +48,7 @@ def test_a_layer_with_every_head_silent_equals_reference():
     assert 0 in folded_at(folded, alpha).active_units()["heads"]
     idx = batch()
     torch.testing.assert_close(folded(idx, alpha, idx)[0], reference(idx, alpha, idx)[0], rtol=1e-5, atol=1e-5)
-    cache = KVCache(CONFIG["block_size"])
+    cache = KVCache(idx.size(0), CONFIG["block_size"])
     dialed = folded.at(alpha)
     cached = torch.cat([dialed(idx[:, t : t + 1], cache=cache)[0] for t in range(idx.size(1))], dim=1)
     torch.testing.assert_close(cached, reference(idx, alpha, idx)[0], rtol=1e-5, atol=1e-5)
@@ -68,7 +68,7 @@ def test_no_attention_kernel_runs_over_zero_heads(monkeypatch):
     assert 0 in folded_at(folded, 0.5).active_units()["heads"]
     idx = batch()
     torch.testing.assert_close(folded(idx, 0.5, idx)[0], reference(idx, 0.5, idx)[0], rtol=1e-5, atol=1e-5)
-    cache = KVCache(CONFIG["block_size"])
+    cache = KVCache(idx.size(0), CONFIG["block_size"])
     dialed = folded.at(0.5)
     cached = torch.cat([dialed(idx[:, t : t + 1], cache=cache)[0] for t in range(idx.size(1))], dim=1)
     torch.testing.assert_close(cached, reference(idx, 0.5, idx)[0], rtol=1e-5, atol=1e-5)
@@ -110,7 +110,7 @@ def test_a_layer_with_no_active_head_or_unit():
     idx = batch()
     torch.testing.assert_close(folded(idx, alpha, idx)[0], reference(idx, alpha, idx)[0], rtol=1e-5, atol=1e-5)
     prompt = idx[:, :3]
-    runs = [generate(m.double().eval(), prompt, 10, 0.5, generator=torch.Generator().manual_seed(0))
+    runs = [generate(m.double().eval(), prompt, Generation(0.5, seed=0, max_new_tokens=10))
             for m in (folded, reference)]
     assert torch.equal(runs[0], runs[1])
 

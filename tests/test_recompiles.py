@@ -4,7 +4,7 @@ import torch
 
 from abcgpt.core.recompiles import forbid_recompiles
 from abcgpt.model.gpt import GPT, GPTConfig
-from abcgpt.model.sampling import CompiledDecoder, generate
+from abcgpt.model.sampling import CompiledDecoder, Generation, generate
 
 
 def test_a_recompile_inside_the_guard_raises_and_outside_it_does_not():
@@ -23,8 +23,9 @@ def test_the_guard_catches_a_compiled_decoder_stepping_a_new_batch_size():
     model = GPT(GPTConfig(block_size=16, vocab_size=12, n_layer=1, n_head=2, n_embd=8, gated=False)).eval()
     torch._dynamo.reset()
     decoder = CompiledDecoder(model, backend="eager")
-    generate(model, torch.zeros(2, 3, dtype=torch.long), 3, decoder=decoder)
+    generate(model, torch.zeros(2, 3, dtype=torch.long), Generation(max_new_tokens=3), decoder=decoder)
     with forbid_recompiles():
-        generate(model, torch.ones(2, 3, dtype=torch.long), 3, decoder=decoder)  # same shapes: no error
+        # the same shapes: no error
+        generate(model, torch.ones(2, 3, dtype=torch.long), Generation(max_new_tokens=3), decoder=decoder)
         with pytest.raises(RuntimeError, match="recompile"):
-            generate(model, torch.zeros(3, 3, dtype=torch.long), 3, decoder=decoder)
+            generate(model, torch.zeros(3, 3, dtype=torch.long), Generation(max_new_tokens=3), decoder=decoder)

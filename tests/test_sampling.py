@@ -6,7 +6,7 @@ from conftest import token_batch as batch
 
 from abcgpt.model.attention import KVCache
 from abcgpt.model.gpt import GPT, GPTConfig
-from abcgpt.model.sampling import GREEDY_BELOW, Sampling, draw, generate
+from abcgpt.model.sampling import GREEDY_BELOW, Generation, Sampling, draw, generate
 
 
 def generation_model(backend="auto", **overrides):
@@ -21,9 +21,7 @@ def test_cached_generation_gives_the_same_tokens(case, prompt_len, new_tokens):
     alpha = {"vanilla": None, "folded": 1.0, "reference": 0.3, "per-sequence": torch.tensor([0.0, 0.5])}[case]
     prompt = torch.randint(0, 12, (2, prompt_len), generator=torch.Generator().manual_seed(6))
     runs = [
-        generate(model, prompt, new_tokens, alpha, sampling=Sampling(1.5, None),
-                 generator=torch.Generator().manual_seed(7),
-                 use_cache=use_cache)
+        generate(model, prompt, Generation(alpha, Sampling(1.5, None), 7, new_tokens), use_cache=use_cache)
         for use_cache in (True, False)
     ]
     assert torch.equal(runs[0], runs[1])
@@ -34,7 +32,7 @@ def test_cache_logits_match_a_full_forward():
     model = generation_model()
     idx = batch(T=20).remainder(12)
     full, _ = model(idx, 0.25, idx)
-    cache = KVCache(model.config.block_size)
+    cache = KVCache(idx.size(0), model.config.block_size)
     decode = model.at(0.25)
     pieces = [decode(idx[:, :7], idx[:, :7], cache)[0]]  # a prompt, then one token at a time
     for t in range(7, 20):
@@ -44,14 +42,14 @@ def test_cache_logits_match_a_full_forward():
 
 def test_cache_refuses_to_overflow():
     model = generation_model(gated=False)
-    cache = KVCache(model.config.block_size)
+    cache = KVCache(1, model.config.block_size)
     model(torch.zeros(1, 20, dtype=torch.long), cache=cache)
     with pytest.raises(ValueError, match="longer than block_size"):
         model(torch.zeros(1, 5, dtype=torch.long), cache=cache)
 
 
-@pytest.mark.parametrize("case", ["vanilla", "folded", "per-sequence"])
-def test_compiled_decoder_steps_without_recompiling_and_gives_the_same_tokens(case):
+@pytest.mark.parametrize("case, rows", [("vanilla", 2), ("folded", 2), ("per-sequence", 2), ("folded", 1)])
+def test_compiled_decoder_steps_without_recompiling_and_gives_the_same_tokens(case, rows):
     """The one-token steps over a static-shape cache trace once (a recompile would raise here) and give what
     the eager cache gives, into window mode past block_size too."""
     from abcgpt.core.recompiles import forbid_recompiles
@@ -59,14 +57,14 @@ def test_compiled_decoder_steps_without_recompiling_and_gives_the_same_tokens(ca
 
     model = generation_model(gated=case != "vanilla")
     alpha = {"vanilla": None, "folded": 0.0, "per-sequence": torch.tensor([0.2, 0.9])}[case]
-    prompt = torch.randint(0, 12, (2, 4), generator=torch.Generator().manual_seed(8))
+    prompt = torch.randint(0, 12, (rows, 4), generator=torch.Generator().manual_seed(8))  # 1 row: strides of size 1
     torch._dynamo.reset()
     decoder = CompiledDecoder(model, alpha, backend="eager")  # dynamo's tracing and guards, without a compiler
-    generate(model, prompt, 3, alpha, decoder=decoder)  # the first step traces
+    generate(model, prompt, Generation(alpha, max_new_tokens=3), decoder=decoder)  # the first step traces
     with forbid_recompiles():
         for new_tokens in (10, 30):  # 4 + 30 outgrows block_size 24
-            runs = [generate(model, prompt, new_tokens, alpha, sampling=Sampling(1.5, None), decoder=d,
-                             generator=torch.Generator().manual_seed(3)) for d in (decoder, None)]
+            runs = [generate(model, prompt, Generation(alpha, Sampling(1.5, None), 3, new_tokens), decoder=d)
+                    for d in (decoder, None)]
             assert torch.equal(runs[0], runs[1])
 
 

@@ -209,7 +209,7 @@ def fails_at_alpha(decoder, alpha):
     forward = decoder._forward
 
     def failing(requests, idx, slots):
-        if any(r.alpha == alpha for r in requests):
+        if any(r.generation.dial == alpha for r in requests):
             raise RuntimeError("the device failed")
         return forward(requests, idx, slots)
 
@@ -559,7 +559,7 @@ def test_a_new_generate_stops_the_last_stream_and_a_refusal_is_sent_once(server,
     first, second = server.submitted[before:]
     assert first.cancelled and len(first.tokens) < 400 and len(second.tokens) == 400
     alone = httpx2.post(f"{server.url}/api/generate", json={"prompt": "one day", "max_new_tokens": 400, "top_k": 1,
-                        "seed": 1337, "alpha": 0.5, "temperature": second.sampling.temperature}, timeout=60).json()
+                        "seed": 1337, "alpha": 0.5, "temperature": second.generation.sampling.temperature}, timeout=60).json()
     assert output.get_attribute("textContent") == "one day" + alone["text"]  # one stream's text, not two interleaved
 
     streams = server.hits["/api/stream"]

@@ -12,7 +12,7 @@ from test_batching import decode  # noqa: E402
 from test_serve import browser, fill, needs_chromium, serve_on_a_free_port  # noqa: E402,F401 (browser: a fixture)
 
 from abcgpt.gates.voice import parse_voice  # noqa: E402
-from abcgpt.model.sampling import Sampling  # noqa: E402
+from abcgpt.model.sampling import Generation, Sampling  # noqa: E402
 from abcgpt.serving.batching import Request  # noqa: E402
 from abcgpt.serving.server import Service, create_app  # noqa: E402
 from abcgpt.training.run import load_model  # noqa: E402
@@ -67,7 +67,8 @@ def test_requests_at_different_voices_share_a_batch_and_each_gets_its_own_text(l
     prompt = tokenizer.encode("one day")
 
     def tokens(voices):
-        requests = [Request(prompt, parse_voice(v, NAMES, "pool")[0], 20, Sampling(1.0, None), seed=9) for v in voices]
+        requests = [Request(prompt, Generation(parse_voice(v, NAMES, "pool")[0], Sampling(1.0, None), 9, 20))
+                    for v in voices]
         return [r.tokens for r in requests], decode(model, requests, max_batch=4).largest_batch
 
     voices = ["stories", "plays=2,words=1", "all", "words"]

@@ -1,4 +1,4 @@
-"""The structure the fast paths build on: wings in layers, one gate computation, one map of the units, no import cycles."""
+"""The structure the code builds on: wings in layers, one gate computation, one map of the units, no cycles."""
 import ast
 import copy
 from pathlib import Path
@@ -94,7 +94,8 @@ def test_no_arrow_runs_back_up():
 
 def test_the_layering_check_trips_on_a_climb():
     graph = {"abcgpt.core.errors": {"abcgpt.tools.cli"}, "abcgpt.gates.gate": {"abcgpt"},
-             "abcgpt.loose": set(), "abcgpt_kernels.ops": {"abcgpt.gates.gate"}, "abcgpt.tools.cli": {"abcgpt.core.errors"}}
+             "abcgpt.loose": set(), "abcgpt_kernels.ops": {"abcgpt.gates.gate"},
+             "abcgpt.tools.cli": {"abcgpt.core.errors"}}
     assert climbs(graph) == ["abcgpt.core.errors -> abcgpt.tools.cli", "abcgpt.gates.gate -> abcgpt",
                              "abcgpt.loose is in no wing", "abcgpt_kernels.ops -> abcgpt.gates.gate: the kernels know "
                              "nothing of the library"]
@@ -153,7 +154,8 @@ def test_every_module_has_its_tests():
         text = test.read_text()
         runs = {f"abcgpt.tools.{door.stem}" for door in ROOT.glob("*.py") if f'"{door.name}"' in text}  # python NAME.py
         runs |= {m for m in modules if f'"{m}"' in text}  # python -m the module
-        assert module in reached(imports_of(test, f"tests.{test.stem}", modules) | runs), f"{name} does not test {module}"
+        loaded = reached(imports_of(test, f"tests.{test.stem}", modules) | runs)
+        assert module in loaded, f"{name} does not test {module}"
 
 
 def test_the_model_knows_backends_only_through_the_registry():

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from abcgpt.model.sampling import PLAIN, generate
+from abcgpt.model.sampling import PLAIN, Generation, generate
 
 from .ngram import SourceClassifier
 
@@ -31,8 +31,7 @@ def prompt_ids(tokenizer):
 def sample_texts(model, tokenizer, alpha, n, tokens, seed, device, sampling=CALIBRATION):
     start = prompt_ids(tokenizer)
     idx = torch.tensor([start] * n, dtype=torch.long, device=device)
-    generator = torch.Generator(device=device).manual_seed(seed)
-    out = generate(model, idx, tokens, alpha, sampling, generator=generator)
+    out = generate(model, idx, Generation(alpha, sampling, seed, tokens))
     return [tokenizer.decode(row[len(start):]) for row in out.tolist()]
 
 

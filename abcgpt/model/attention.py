@@ -1,129 +1,118 @@
-"""Causal attention over the new positions and, when generating, a cache of past keys and values.
+"""Causal attention over the new positions and, when generating, the one cache of past keys and values.
 
-Every cache implements Cache: the model asks it for the new tokens' positions, checks
-their length, hands each layer's keys and values to that layer's LayerCache together
-with those positions (explicit, as gpt-fast passes input_pos), and advances it after
-the forward. Three implement it: KVCache (eager, every row at one position), StaticKVCache
-(fixed shapes and a device-side position, for a compiled decoder) and
-batching.SlotCache's rows (each row at a position of its own, for serving).
+KVCache serves every way of decoding: eager generation, the compiled decoder and the batched
+server. It keeps a position per row: the model asks it for the new tokens' positions, checks their
+length, hands each layer's keys and values to update() with those positions (explicit, as
+gpt-fast passes input_pos), and advances it after the forward. Eager and batched decoding
+count the positions on the host, a row at a time. A compiled decoder (static) moves its rows
+together and counts their one position on the device, so that every one-token step has the
+same shapes and reads no host value.
 """
-from typing import Optional, Protocol, runtime_checkable
+import copy
+from typing import Optional
 
 import torch
 from torch import Tensor
 from torch.nn import functional as F
 
 
-@runtime_checkable
-class LayerCache(Protocol):
-    def update(self, k: Tensor, v: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, Optional[Tensor]]:
-        """Store k, v (B, nh, T, hs) at positions ((T,) or (B, T)); return every key and value the new
-        queries attend over, and the mask of which each query sees (None: the new queries are the last
-        positions and see every key before them)."""
+class KVCache:
+    """Past keys and values of every attention layer for `rows` sequences, each at a position of its own.
 
+    A layer's buffers are made at its first write, at the full length max_len and with that layer's heads
+    (the folded backend keeps only a layer's active ones). lengths are the positions filled: a list on the
+    host, one per row; or, static, one 0-dim tensor on the device for every row, read by no host code.
+    rows(start, stop) is a view of a block of rows, sharing the buffers and the lengths, for one forward
+    over those rows."""
 
-@runtime_checkable
-class Cache(Protocol):
+    def __init__(self, rows: int, max_len: int, static: bool = False):
+        self.max_len, self.static, self.capacity = max_len, static, rows
+        self.start, self.stop = 0, rows
+        self.keys, self.values = [], []  # per layer: (rows, heads, max_len, head size)
+        self.lengths = None if static else [0] * rows  # static: made on the first forward's device
+        self.end = None  # keys in use after this forward (host lengths): the longest row's
+        self.aligned = False  # every row of this forward at the same position (host lengths): no mask needed
+        self.seen = None  # which keys each new query sees, unless aligned: the same in every layer, made once
+
+    def rows(self, start: int, stop: int) -> "KVCache":
+        view = copy.copy(self)  # the same buffers and lengths
+        view.start, view.stop, view.seen = start, stop, None
+        return view
+
     def positions(self, T: int, device: torch.device) -> Tensor:
-        """The positions of the next T tokens: (T,) for every row, or (B, T) for a position per row."""
+        """The positions of the next T tokens: (T,) when every row is at the same one, else (rows, T)."""
+        if self.static:
+            if self.lengths is None:
+                self.lengths = torch.zeros((), dtype=torch.long, device=device)
+            return self.lengths + torch.arange(T, device=device)
+        filled = self.lengths[self.start:self.stop]
+        if self.aligned:
+            return torch.arange(filled[0], filled[0] + T, device=device)
+        return torch.tensor(filled, device=device)[:, None] + torch.arange(T, device=device)
 
     def check(self, T: int, block_size: int) -> None:
-        """Refuse T more tokens where they would not fit."""
+        """Refuse T more tokens where they would not fit (static: only what needs no device value; the caller
+        keeps the sequence within max_len)."""
+        longest = T if self.static else max(self.lengths[self.start:self.stop]) + T
+        if longest > min(block_size, self.max_len):
+            raise ValueError(f"sequence of length {longest} is longer than block_size {block_size}")
+        self.end = longest
+        self.aligned = not self.static and len(set(self.lengths[self.start:self.stop])) == 1
 
-    def layer(self, index: int) -> LayerCache:
-        """The cache of one attention layer."""
+    def update(self, layer: int, k: Tensor, v: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+        """Store k, v (B, heads, T, head size) at positions; return every key and value the new queries attend
+        over, and the mask of which each query sees (None: every row's new queries are its last positions
+        and see every key before them)."""
+        if layer == len(self.keys):
+            shape = (self.capacity, k.size(1), self.max_len, k.size(3))
+            self.keys.append(k.new_zeros(shape))
+            self.values.append(v.new_zeros(shape))
+        keys, values = self.keys[layer], self.values[layer]
+        if self.stop - self.start < self.capacity:  # a block of the rows; a slice costs host time per layer
+            keys, values = keys[self.start:self.stop], values[self.start:self.stop]
+        if self.static:  # the buffers whole, every step: the same shapes
+            keys.index_copy_(2, positions, k)
+            values.index_copy_(2, positions, v)
+            if self.seen is None:  # (T, max_len)
+                self.seen = torch.arange(self.max_len, device=k.device)[None, :] <= positions[:, None]
+            return keys, values, self.seen
+        if self.aligned:  # narrow, not a scatter: fewer host-side ops per token
+            start = self.lengths[self.start]
+            keys.narrow(2, start, k.size(2)).copy_(k)
+            values.narrow(2, start, k.size(2)).copy_(v)
+            return keys.narrow(2, 0, self.end), values.narrow(2, 0, self.end), None
+        at = positions[:, None, :, None].expand(k.shape)
+        keys.scatter_(2, at, k)
+        values.scatter_(2, at, v)
+        if self.seen is None:  # (B, 1, T, end)
+            self.seen = torch.arange(self.end, device=k.device)[None, None, None, :] <= positions[:, None, :, None]
+        return keys[:, :, :self.end], values[:, :, :self.end], self.seen
 
     def advance(self, T: int) -> None:
-        """T tokens were added to every row."""
+        """T tokens were added to every row of this view."""
+        if self.static:
+            self.lengths += T  # in place: the compiled step reads the same tensor
+        else:
+            for row in range(self.start, self.stop):
+                self.lengths[row] += T
+        self.seen = None
+
+    def move(self, source: int, dest: int) -> None:
+        """Row source's keys, values and length into row dest (host lengths)."""
+        for buffer in self.keys + self.values:
+            buffer[dest].copy_(buffer[source])
+        self.lengths[dest] = self.lengths[source]
 
 
-class LayerKV:
-    def __init__(self, cache):
-        self.cache = cache
-        self.k = self.v = None
-
-    def update(self, k, v, positions):
-        """Write at the next positions, which the host knows (cache.pos): no device value is read."""
-        start, end = self.cache.pos, self.cache.pos + k.size(2)
-        if end > self.cache.max_len:
-            raise ValueError(f"the cache holds {self.cache.max_len} positions, {end} asked for")
-        if self.k is None:
-            shape = (k.size(0), k.size(1), self.cache.max_len, k.size(3))
-            self.k, self.v = k.new_empty(shape), v.new_empty(shape)
-        self.k.narrow(2, start, end - start).copy_(k)  # narrow, not indexing: fewer host-side ops per token
-        self.v.narrow(2, start, end - start).copy_(v)
-        return self.k.narrow(2, 0, end), self.v.narrow(2, 0, end), None
-
-
-class KVCache:
-    """Past keys and values of every attention layer, filled as generation goes; every sequence of the batch
-    at the same position, counted on the host (pos)."""
-
-    layer_type = LayerKV
-
-    def __init__(self, max_len: int):
-        self.max_len = max_len
-        self.pos = 0
-        self.layers = []
-
-    def positions(self, T, device):
-        return torch.arange(self.pos, self.pos + T, dtype=torch.long, device=device)
-
-    def check(self, T, block_size):
-        if self.pos + T > block_size:
-            raise ValueError(f"sequence of length {self.pos + T} is longer than block_size {block_size}")
-
-    def advance(self, T):
-        self.pos += T  # in place for StaticKVCache's tensor position
-
-    def layer(self, index):
-        while len(self.layers) <= index:
-            self.layers.append(self.layer_type(self))
-        return self.layers[index]
-
-
-class StaticLayerKV(LayerKV):
-    def update(self, k, v, positions):
-        """Write at positions in buffers of the full length; return them whole, with each query's mask."""
-        if self.k is None:
-            shape = (k.size(0), k.size(1), self.cache.max_len, k.size(3))
-            self.k, self.v = k.new_zeros(shape), v.new_zeros(shape)
-        self.k.index_copy_(2, positions, k)
-        self.v.index_copy_(2, positions, v)
-        keys = torch.arange(self.cache.max_len, device=k.device)
-        return self.k, self.v, keys[None, :] <= positions[:, None]
-
-
-class StaticKVCache(KVCache):
-    """A batch's past keys and values in buffers of one fixed length, its position a tensor on the device:
-    every one-token step has the same shapes and no host value, so a compiled decoder compiles once."""
-
-    layer_type = StaticLayerKV
-
-    def __init__(self, max_len: int):
-        super().__init__(max_len)
-        self.pos = None  # a 0-dim tensor, made on the first forward's device
-
-    def positions(self, T, device):
-        if self.pos is None:
-            self.pos = torch.zeros((), dtype=torch.long, device=device)
-        return self.pos + torch.arange(T, device=device)
-
-    def check(self, T, block_size):
-        """Only what needs no device value; the caller keeps the sequence within max_len."""
-        if T > min(self.max_len, block_size):
-            raise ValueError(f"sequence of length {T} is longer than block_size {block_size}")
-
-
-def attend(q: Tensor, k: Tensor, v: Tensor, kv: Optional[LayerCache] = None, positions: Optional[Tensor] = None,
-           dropout_p: float = 0.0) -> Tensor:
-    """Causal attention of q over k, v, and over the cached past when kv (a layer of a cache) is given, the
-    new tokens at positions; a cache may return the mask of which keys each query sees. Over zero heads (the
-    folded backend cuts a layer whose every head is silent) there is nothing to attend to, and no kernel is
-    called: torch 2.11's CPU attention dies of a division by zero (SIGFPE) there."""
+def attend(q: Tensor, k: Tensor, v: Tensor, cache: Optional[KVCache] = None, layer: int = 0,
+           positions: Optional[Tensor] = None, dropout_p: float = 0.0) -> Tensor:
+    """Causal attention of q over k, v, and over the cached past when a cache is given (q, k, v are its layer
+    layer's), the new tokens at positions; the cache may return the mask of which keys each query sees. Over
+    zero heads (the folded backend cuts a layer whose every head is silent) there is nothing to attend to,
+    and no kernel is called: torch 2.11's CPU attention dies of a division by zero (SIGFPE) there."""
     mask = None
-    if kv is not None:
-        k, v, mask = kv.update(k, v, positions)  # the cache keeps its positions, zero heads or not
+    if cache is not None:
+        k, v, mask = cache.update(layer, k, v, positions)  # the cache keeps its positions, zero heads or not
     if q.size(1) == 0:  # empty, but still in the graph: the layers before it get their (zero) gradients
         return q.clone()
     if mask is not None:

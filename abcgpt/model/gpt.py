@@ -25,7 +25,7 @@ from abcgpt.gates.gate import GEOMETRIES, UnitGroups, gates_for, place_units
 from abcgpt.gates.units import sort_units
 from abcgpt.gates.voice import Dial
 
-from .attention import Cache, attend
+from .attention import KVCache, attend
 
 # a voice.Dial; on the line also one alpha (a float or 0-dim tensor) or one per sequence (a (B,) tensor);
 # None for a vanilla model
@@ -86,12 +86,12 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, run, kv=None, positions=None):
+    def forward(self, x, run, cache=None, positions=None):
         B, T, _ = x.size()
         qkv = run.qkv(self, x)  # the folded backend keeps only the active heads
         n_heads = qkv.size(-1) // (3 * self.head_size)
         q, k, v = qkv.view(B, T, 3, n_heads, self.head_size).permute(2, 0, 3, 1, 4).unbind(0)  # each (B, nh, T, hs)
-        y = attend(q, k, v, kv, positions, self.dropout if self.training else 0.0)
+        y = attend(q, k, v, cache, self.layer, positions, self.dropout if self.training else 0.0)
         out = run.attn_proj(self, y)
         return self.resid_dropout(out) if self.training else out  # eval: skip a no-op module call per token
 
@@ -118,8 +118,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config, layer)
 
-    def forward(self, x, run, kv=None, positions=None):
-        x = run.add(x, self.attn(self.ln_1(x), run, kv, positions))
+    def forward(self, x, run, cache=None, positions=None):
+        x = run.add(x, self.attn(self.ln_1(x), run, cache, positions))
         return run.add(x, self.mlp(self.ln_2(x), run))
 
 
@@ -189,11 +189,11 @@ class GPT(nn.Module):
                          self.config.geometry, dial.uniform)
 
     def forward(self, idx: torch.Tensor, alpha: Alpha = None, targets: Optional[torch.Tensor] = None,
-                cache: Optional[Cache] = None,
+                cache: Optional[KVCache] = None,
                 run: Optional[registry.Executor] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """idx: (B, T) token ids. alpha: the dial: a voice.Dial, or on the line a float or 0-dim tensor, or a (B,)
         tensor (one per sequence).
-        cache: an attention.Cache when generating; idx then holds only the positions not yet cached.
+        cache: an attention.KVCache when generating; idx then holds only the positions not yet cached.
         run: an executor made beforehand (see at()); alpha is then not given.
 
         Returns (logits, loss); logits cover only the last position when no targets are given.
@@ -210,8 +210,8 @@ class GPT(nn.Module):
         x = run.embed(self.transformer.wte(idx) + self.transformer.wpe(pos))
         if self.training:  # eval: skip a no-op module call per token
             x = self.transformer.drop(x)
-        for layer, block in enumerate(self.transformer.h):
-            x = block(x, run, cache.layer(layer) if cache is not None else None, pos)
+        for block in self.transformer.h:
+            x = block(x, run, cache, pos)
         if cache is not None:
             cache.advance(T)
         x = self.transformer.ln_f(x)

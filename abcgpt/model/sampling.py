@@ -1,11 +1,11 @@
 """Autoregressive sampling at a chosen dial setting, with a key/value cache, and the one token draw."""
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch.nn import functional as F
 
-from .attention import KVCache, StaticKVCache
+from .attention import KVCache
 
 
 @dataclass(frozen=True)
@@ -21,29 +21,43 @@ class Sampling:
 PLAIN = Sampling(temperature=1.0, top_k=None)  # the model's own distribution, uncut
 
 
+@dataclass(frozen=True, eq=False)  # eq=False: a dial may be a tensor
+class Generation:
+    """One generation, whole: at which dial, drawn how, from which seed, for how many new tokens. The front
+    doors make it from checked settings (abcgpt.serving.settings), and generate() and the batched decoder's
+    requests take it as it is."""
+
+    dial: Any = None  # what the model takes as alpha: an alpha, one per sequence, or a voice.Dial; None: vanilla
+    sampling: Sampling = Sampling()
+    seed: Optional[int] = None  # None: torch's own generator
+    max_new_tokens: int = 300  # a generation's length unless asked otherwise
+
+
 @torch.no_grad()
-def generate(model, idx, max_new_tokens, alpha=None, sampling=Sampling(), generator=None, use_cache=True,
-             decoder=None, on_token=None):
-    """Extend idx (B, T) by max_new_tokens tokens sampled at alpha (None for a vanilla model), drawn as
-    sampling says (a Sampling: temperature and top-k). With
+def generate(model, idx, generation=Generation(), generator=None, use_cache=True, decoder=None, on_token=None):
+    """Extend idx (B, T) by generation.max_new_tokens tokens sampled at its dial, drawn as its sampling says,
+    from a generator seeded with its seed (or generator, one of the caller's, drawn on from where it is). With
     use_cache, each step feeds only the new token and reuses past keys and values;
     once the sequence outgrows block_size the context is cropped and recomputed every
     step, as without the cache (positions shift, so cached keys no longer apply).
-    decoder: a CompiledDecoder to run the one-token steps with (alpha is then its own).
+    decoder: a CompiledDecoder to run the one-token steps with (the dial is then its own).
     on_token: called with each step's new tokens (B, 1) as they come, for a caller that streams them.
     """
     block_size = model.config.block_size
-    decode = decoder.eager if decoder else model.at(alpha)  # gates folded once for the whole generation
-    cache = (StaticKVCache(block_size) if decoder else KVCache(block_size)) if use_cache else None
+    if generator is None and generation.seed is not None:
+        generator = torch.Generator(device=idx.device).manual_seed(generation.seed)
+    decode = decoder.eager if decoder else model.at(generation.dial)  # gates folded once for the whole generation
+    cache = KVCache(idx.size(0), block_size, static=decoder is not None) if use_cache else None
     cached = 0  # positions in the cache
-    for _ in range(max_new_tokens):
+    for _ in range(generation.max_new_tokens):
         if cache is not None and idx.size(1) <= block_size:
             step = decoder.step if decoder and cached else decode  # the prompt runs eagerly: other shapes
-            logits, _ = step(idx[:, cached:].contiguous(), cache=cache)  # one stride, step after step
+            # the same strides step after step, a row's too: a compiled step recompiles for another stride
+            logits, _ = step(idx[:, cached:].clone(memory_format=torch.contiguous_format), cache=cache)
             cached = idx.size(1)
         else:
             logits, _ = decode(idx[:, -block_size:])
-        next_id = sample_next(logits[:, -1, :], sampling, generator)
+        next_id = sample_next(logits[:, -1, :], generation.sampling, generator)
         idx = torch.cat((idx, next_id), dim=1)
         if on_token is not None:
             on_token(next_id)
@@ -89,7 +103,7 @@ def draw(logits, temperature, top_k, u):
 
 class CompiledDecoder:
     """A model at one dial setting, with its one-token decoding step compiled once (torch.compile) over a
-    StaticKVCache: pass it to generate() as decoder=, and reuse it across generations to keep the
+    static KVCache: pass it to generate() as decoder=, and reuse it across generations to keep the
     compiled code."""
 
     def __init__(self, model, alpha=None, backend="inductor"):

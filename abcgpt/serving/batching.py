@@ -39,7 +39,8 @@ import torch
 from abcgpt.backends.registry import choose, ungated
 from abcgpt.gates.gate import Gates
 from abcgpt.gates.voice import Dial, prepare
-from abcgpt.model.sampling import PLAIN, Sampling, draw_rows
+from abcgpt.model.attention import KVCache
+from abcgpt.model.sampling import Generation, draw_rows
 
 log = logging.getLogger(__name__)
 REMEMBERED_CLIENTS = 4096  # clients whose last turn is kept; one forgotten longer ago counts as new
@@ -66,15 +67,13 @@ class DecodingFailed(Exception):
 
 
 class SlotCache:
-    """Keys and values of up to `slots` sequences, each at its own position; a forward uses a contiguous
-    block of slots (rows)."""
+    """Up to `slots` sequences being decoded: which slots are taken, each one's row of gates, and their keys
+    and values (kv, one attention.KVCache, each row at its own position); a forward uses a contiguous block
+    of slots (rows)."""
 
-    def __init__(self, config, slots, device, dtype):
-        hs = config.n_embd // config.n_head
-        shape = (config.n_layer, slots, config.n_head, config.block_size, hs)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.lengths = [0] * slots
+    def __init__(self, config, slots):
+        self.kv = KVCache(slots, config.block_size)
+        self.lengths = self.kv.lengths  # each slot's positions filled: the one list, the cache's own
         self.used = 0  # slots [0, used) are busy
         self.gates = None  # each group's gates, (slots, n): a slot's row is its request's, made when it joined
 
@@ -90,12 +89,10 @@ class SlotCache:
         self.used = last
         if slot == last:
             return None
-        self.k[:, slot].copy_(self.k[:, last])
-        self.v[:, slot].copy_(self.v[:, last])
+        self.kv.move(last, slot)
         if self.gates is not None:
             for table in self.gates.groups():
                 table[slot].copy_(table[last])
-        self.lengths[slot] = self.lengths[last]
         return slot
 
     def set_gates(self, slot, row):
@@ -112,61 +109,15 @@ class SlotCache:
 
     def rows(self, start, stop):
         """What one forward over the slots [start, stop) uses as its cache."""
-        return SlotRows(self, start, stop)
-
-
-class SlotRows:
-    """The cache a forward over a block of slots sees (an attention.Cache): a position per row, and a mask
-    per row."""
-
-    def __init__(self, cache, start, stop):
-        self.cache, self.start, self.stop = cache, start, stop
-        self.lengths = torch.tensor(cache.lengths[start:stop], device=cache.k.device)
-        self.end = None  # keys in use after this forward: the longest row's
-        self.seen = None  # which keys each new query may see: the same in every layer, so made once
-
-    def positions(self, T, device):
-        return self.lengths[:, None] + torch.arange(T, device=device)  # (B, T)
-
-    def check(self, T, block_size):
-        self.end = max(self.cache.lengths[self.start:self.stop]) + T
-        if self.end > block_size:
-            raise ValueError(f"sequence of length {self.end} is longer than block_size {block_size}")
-
-    def advance(self, T):
-        for s in range(self.start, self.stop):
-            self.cache.lengths[s] += T
-
-    def layer(self, index):
-        return SlotLayer(self, index)
-
-
-class SlotLayer:
-    def __init__(self, rows, index):
-        self.rows, self.index = rows, index
-
-    def update(self, k, v, where):
-        """Write k, v (B, nh, T, hs) in place at each row's positions where (B, T); return every row's keys
-        and values up to the longest row, and the mask of the keys each new query may see."""
-        rows, cache = self.rows, self.rows.cache
-        keys, values = (t[self.index, rows.start:rows.stop] for t in (cache.k, cache.v))
-        at = where[:, None, :, None].expand(k.shape)
-        keys.scatter_(2, at, k.to(keys.dtype))
-        values.scatter_(2, at, v.to(values.dtype))
-        if rows.seen is None:  # (B, 1, T, end)
-            rows.seen = torch.arange(rows.end, device=k.device)[None, None, None, :] <= where[:, None, :, None]
-        return keys[:, :, :rows.end], values[:, :, :rows.end], rows.seen
+        return self.kv.rows(start, stop)
 
 
 @dataclass(eq=False)
 class Request:
-    """One user's generation: its prompt, dial and sampling settings, and where its tokens go."""
+    """One user's generation: its prompt, the Generation it asks for, and where its tokens go."""
 
     prompt: list
-    alpha: object  # the dial: an alpha (a float) or a voice.Dial for the one sequence
-    max_new_tokens: int
-    sampling: Sampling = PLAIN  # how its tokens are drawn
-    seed: int = 0
+    generation: Generation  # its dial (an alpha, or a voice.Dial for the one sequence), sampling, seed, length
     mix: float | None = None  # the mix the alpha came from, when the calibrated dial was used
     voice: str | None = None  # the voice the dial came from (a source, a mixture or "all"), when one was named
     timeout: float = float("inf")  # seconds from submission to the last token
@@ -178,12 +129,12 @@ class Request:
     error: Exception | None = None  # why it ended before its last token (TimedOut, DecodingFailed), if it did
     started: float = field(default_factory=time.perf_counter)
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)  # new token ids, then None at the end
-    generator: torch.Generator | None = None  # made on the model's device when it joins, from seed
+    generator: torch.Generator | None = None  # made on the model's device when it joins, from its seed
     gates: Gates | None = None  # its own row of gates, (1, n) each, made when it joins
 
     @property
     def done(self):
-        return self.cancelled or self.error is not None or len(self.tokens) >= self.max_new_tokens
+        return self.cancelled or self.error is not None or len(self.tokens) >= self.generation.max_new_tokens
 
 
 class BatchedDecoder:
@@ -197,7 +148,7 @@ class BatchedDecoder:
         self.block_size = model.config.block_size
         self.max_batch, self.short_tokens = max_batch, short_tokens
         seats = max_batch + max(1, max_batch // 4)  # the extra ones only for short requests
-        self.cache = SlotCache(model.config, seats, self.device, model.lm_head.weight.dtype)
+        self.cache = SlotCache(model.config, seats)
         self.max_queue = 4 * max_batch if max_queue is None else max_queue
         # an eighth of the batch: on a CPU a step costs about as much per row as it serves, so every row a
         # client holds slows everyone's steps; eight clients can be served in full at once
@@ -309,11 +260,11 @@ class BatchedDecoder:
             waiting = [r for r in self.pending if not r.done]
         joining = []
         seats = len(self.cache.lengths) - len(self.active)
-        long = sum(r.max_new_tokens > self.short_tokens for r in self.active)
+        long = sum(self._long(r) for r in self.active)
         held = Counter(r.client for r in self.active if r.client is not None)
         while len(joining) < seats:
             may_start = [r for r in waiting
-                         if not (r.max_new_tokens > self.short_tokens and long >= self.max_batch)
+                         if not (self._long(r) and long >= self.max_batch)
                          and (r.client is None or held[r.client] < self.max_per_client)]
             if not may_start:
                 break
@@ -325,7 +276,7 @@ class BatchedDecoder:
             request.slot = self.cache.take()
             if request.gates is not None:
                 self.cache.set_gates(request.slot, request.gates)
-            long += request.max_new_tokens > self.short_tokens
+            long += self._long(request)
             held[request.client] += request.client is not None
             self._took_a_turn(request.client)
             joining.append(request)
@@ -333,6 +284,9 @@ class BatchedDecoder:
         with self.lock:
             self.pending = [r for r in self.pending if id(r) not in gone]
         return joining, ended
+
+    def _long(self, request):
+        return request.generation.max_new_tokens > self.short_tokens
 
     def _took_a_turn(self, client):
         self.turns[client] = self.admissions
@@ -344,11 +298,16 @@ class BatchedDecoder:
     def _prepare(self, request):
         """Give a joining request its generator and its row of gates; False (with its error) where its dial
         cannot be served."""
-        request.generator = torch.Generator(device=self.device).manual_seed(request.seed)
+        request.generator = torch.Generator(device=self.device)
+        if request.generation.seed is None:
+            request.generator.seed()  # a fresh one, at random
+        else:
+            request.generator.manual_seed(request.generation.seed)
         if not self.model.config.gated:
             return True
         try:
-            dial = request.alpha if isinstance(request.alpha, Dial) else Dial.alpha(request.alpha)
+            dial = request.generation.dial
+            dial = dial if isinstance(dial, Dial) else Dial.alpha(dial)
             dial = Dial.stack([dial])  # one row: the table's shape
             dial = prepare(dial, self.model.config.geometry, 1, self.model.config.n_sources).to(self.device)
             request.gates = self.model.gates(dial)
@@ -464,7 +423,7 @@ class BatchedDecoder:
     def _draw(self, requests, logits, uniforms):
         """A token for each request's row of logits, from its uniform draw of this step."""
         u = torch.cat([uniforms[r] for r in requests])
-        tokens = draw_rows(logits, [r.sampling for r in requests], u).flatten().tolist()
+        tokens = draw_rows(logits, [r.generation.sampling for r in requests], u).flatten().tolist()
         return list(zip(requests, tokens))
 
 

@@ -31,6 +31,7 @@ from abcgpt.core.errors import SettingsError
 from abcgpt.data.corpus import source_alphas
 from abcgpt.data.tokenizer import TextStream, UnknownCharactersError
 from abcgpt.gates.voice import UNIFORM, Dial, parse_voice
+from abcgpt.model.sampling import Generation
 
 from . import settings
 from .access import Access
@@ -85,7 +86,7 @@ class Service:
 
     def new_tokens(self):
         """The length of a request that names none: the default, within this server's most."""
-        return min(settings.NEW_TOKENS, self.max_new_tokens)
+        return min(settings.GENERATION.max_new_tokens, self.max_new_tokens)
 
     def request(self, fields, client=None):
         """A Request from the fields of a JSON body, for client (who asks: their turns are shared with the
@@ -108,7 +109,8 @@ class Service:
             seed = settings.check_seed(number(fields, "seed", random.randrange(2**31)))
         except SettingsError as e:
             raise BadInput(str(e)) from None
-        return Request(ids, alpha, new_tokens, sampling, seed, mix, voice, timeout=self.timeout, client=client)
+        return Request(ids, Generation(alpha, sampling, seed, new_tokens), mix, voice, timeout=self.timeout,
+                       client=client)
 
     def _dial(self, fields, given):
         """(dial, mix, voice, Sampling): a voice or an alpha as given, at the sampling settings given (given:
@@ -144,9 +146,10 @@ class Service:
         return settings.check_unit(number(fields, "alpha", 0.5), "alpha"), None, sampling
 
     def result(self, request):
-        alpha = None if isinstance(request.alpha, Dial) else request.alpha
+        dial = request.generation.dial
+        alpha = None if isinstance(dial, Dial) else dial
         return {"text": self.tokenizer.decode(request.tokens), "alpha": alpha, "mix": request.mix, "voice": request.voice,
-                "tokens": len(request.tokens), "seed": request.seed,
+                "tokens": len(request.tokens), "seed": request.generation.seed,
                 "ms": round((time.perf_counter() - request.started) * 1e3, 1)}
 
 

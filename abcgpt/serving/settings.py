@@ -1,6 +1,7 @@
-"""One place for a generation's settings: the dial (alpha, or a mix through the calibrated map) and the
-sampling settings (a sampling.Sampling), with their defaults, limits and checks. sample.py, the server and
-the page (through /api/info) all take them from here.
+"""One place for a generation's settings: the dial (alpha, or a mix through the calibrated map), the
+sampling settings (a sampling.Sampling), the seed and the length, with their defaults, limits and checks.
+sample.py, the server and the page (through /api/info) all take them from here, and make one
+sampling.Generation of them.
 
 Words: "alpha" is the raw dial; a "mix" is the share of source 1's voice a user asks for; the "dial map"
 (calibrate.py) turns a mix into an alpha. The map was measured at one temperature and top-k, so a mix
@@ -13,19 +14,19 @@ from typing import Optional, get_args
 from abcgpt.core import limits
 from abcgpt.core.errors import SettingsError
 from abcgpt.measuring.dial import CALIBRATION, mix_to_alpha
-from abcgpt.model.sampling import Sampling
+from abcgpt.model.sampling import Generation, Sampling
 
 PROMPT_BYTES = 2**20  # the largest prompt file sample.py reads: far more than any block_size of tokens
 MAX_NEW_TOKENS = 100_000  # the most one sample.py generation may ask for; the server sets its own, lower
-DEFAULTS = Sampling()
-NEW_TOKENS = 300  # a generation's length unless asked otherwise
+GENERATION = Generation()  # the defaults of a generation, the seed's aside
+DEFAULTS = GENERATION.sampling
 SEED = 1337  # sample.py's seed, and the page's first (an API request without one gets a random one)
 SAMPLING = {f.name: next(iter(get_args(f.type)), f.type) for f in fields(Sampling)}  # name: int or float
 
 
 def defaults() -> dict:
     """Every default of a generation: the sampling settings, its length and seed."""
-    return {**asdict(DEFAULTS), "max_new_tokens": NEW_TOKENS, "seed": SEED}
+    return {**asdict(DEFAULTS), "max_new_tokens": GENERATION.max_new_tokens, "seed": SEED}
 
 
 def add_sampling_flags(parser, note=""):

@@ -15,7 +15,7 @@ from abcgpt.core.errors import SettingsError
 from abcgpt.data.corpus import NotARegularFile, open_regular, source_alphas
 from abcgpt.data.tokenizer import TextStream, UnknownCharactersError
 from abcgpt.gates.voice import parse_voice
-from abcgpt.model.sampling import generate
+from abcgpt.model.sampling import Generation, generate
 from abcgpt.serving import settings
 from abcgpt.training.run import DEFAULT_CHECKPOINT, load_model
 
@@ -101,7 +101,7 @@ def parse_args(argv=None):
     dial.add_argument("--mix", default=None, help="the share of source 1's voice, in [0, 1] (or a list), through "
                                                    "the calibrated map calibrate.py stored; instead of --alpha")
     p.add_argument("--start", default="\n", help="the prompt, or FILE:path to read it from a file (default: %(default)r)")
-    add_generation_flags(p, 1, "samples per dial setting", settings.NEW_TOKENS)
+    add_generation_flags(p, 1, "samples per dial setting", settings.GENERATION.max_new_tokens)
     settings.add_sampling_flags(p, note="; with --mix, the calibration's")
     p.add_argument("--force", action="store_true", help="with --mix, sample at sampling settings other than the "
                                                         "calibration's, where the mix no longer holds")
@@ -144,18 +144,18 @@ def main(argv=None):
 
     gated = model.config.gated
     for alpha, label, at in resolved if gated else [(None, "", sampling)]:
-        generator = torch.Generator(device=args.device).manual_seed(args.seed)
+        generation = Generation(alpha, at, args.seed, args.max_new_tokens)
         idx = torch.tensor([start_ids] * args.samples, dtype=torch.long, device=args.device)
         heading = f"--- {label}" if gated else "---"
         if args.samples == 1:  # one sample streams as it is generated; several come out whole, one after another
             print(heading)
             print(prompt, end="", flush=True)
             stream = TextStream(tokenizer)
-            generate(model, idx, args.max_new_tokens, alpha, at, generator,
+            generate(model, idx, generation,
                      on_token=lambda ids: print(stream.feed(ids[0].tolist()), end="", flush=True))
             print(stream.flush())
             continue
-        out = generate(model, idx, args.max_new_tokens, alpha, at, generator)
+        out = generate(model, idx, generation)
         for row in out.tolist():
             print(heading)
             print(tokenizer.decode(row))
