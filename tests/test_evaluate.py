@@ -47,7 +47,7 @@ def test_evaluate_command_end_to_end(trained_checkpoint, tmp_path):
 
 
 def test_training_log_and_evaluate_agree_on_the_same_windows(trained_checkpoint, corpus_files):
-    """One definition of held-out loss: the trainer's evaluation is evaluate.val_loss on its windows."""
+    """One definition of held-out loss: the trainer's evaluation is measuring.loss.val_loss on its windows."""
     from conftest import tiny_config
 
     from abcgpt.measuring.loss import val_loss

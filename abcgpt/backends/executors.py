@@ -1,12 +1,12 @@
 """What runs a forward's gated layers (docs/design.md, section 2), and how a gate backend declares itself.
 
-The GPT forward (model.py) is written once; at each gated layer it calls an
+The GPT forward (model/gpt.py) is written once; at each gated layer it calls an
 executor, and the executors differ only there. An executor's methods take the
 module whose layer they run and its input: qkv(attn, x), attn_proj(attn, y),
 mlp(mlp, x), embed(x), add(x, out), lm_head(model, x). Here: Ungated (nanoGPT's
 plain layers, gated=False) and Reference (the design's elementwise multiplies, for
 any alpha: the oracle). Each gate backend is one module with its executor and a
-Backend that declares it; backends.py lists them.
+Backend that declares it; registry.py lists them.
 """
 from dataclasses import dataclass
 from typing import Callable
@@ -18,7 +18,7 @@ from abcgpt.gates.gate import Gates
 
 @dataclass(frozen=True)
 class Backend:
-    """A gate backend as the registry (backends.py) knows it."""
+    """A gate backend as the registry (registry.py) knows it."""
 
     name: str
     build: Callable  # (model, gates, host_dial) -> executor; host_dial: the voice.Dial on the host, or None

@@ -149,7 +149,7 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self):
-        """Each source's held-out loss at alpha 0, 0.5 and 1: evaluate.val_loss on the same
+        """Each source's held-out loss at alpha 0, 0.5 and 1: measuring.loss.val_loss on the same
         eval_iters * batch_size windows of the val split every time."""
         self.model.eval()
         losses = {}
