@@ -19,6 +19,7 @@ import httpx2  # noqa: E402
 import uvicorn  # noqa: E402
 from starlette.testclient import TestClient  # noqa: E402
 
+from abcgpt.model.sampling import Generation  # noqa: E402
 from abcgpt.serving.access import Access  # noqa: E402
 from abcgpt.serving.batching import Request  # noqa: E402
 from abcgpt.serving.connections import server_config  # noqa: E402
@@ -266,7 +267,7 @@ def test_a_request_past_its_deadline_gets_504_or_an_error_event(own_client):
 
 def test_a_full_queue_answers_503_with_retry_after(own_client):
     client, service = own_client(max_queue=1)
-    service.decoder.pending.append(Request([4], 0.5, 10**6))  # stands in the queue; the decoder is asleep
+    service.decoder.pending.append(Request([4], Generation(0.5, max_new_tokens=10**6)))  # waits: the decoder sleeps
     response = client.post("/api/generate", json={"prompt": "one day"})
     assert response.status_code == 503 and response.headers["retry-after"] == "2"
     assert "the server is busy (1 requests are waiting)" in response.json()["error"]
@@ -381,8 +382,10 @@ def test_several_clients_at_once_are_decoded_together(server):
         assert result["text"] == httpx2.post(f"{server.url}/api/generate", json=body, timeout=60).json()["text"]
 
 
-def test_a_client_that_disconnects_frees_its_slot(server):
-    decoder = server.service.decoder
+def test_a_client_that_disconnects_frees_its_slot(server, monkeypatch):
+    decoder, step = server.service.decoder, server.service.decoder._step
+    # slow steps: the context (16) is full within a few, and a request then leaves its slot for windowed steps
+    monkeypatch.setattr(decoder, "_step", lambda *args: (time.sleep(0.05), step(*args))[1])
     with httpx2.stream("POST", f"{server.url}/api/stream", json={"prompt": "one day", "max_new_tokens": 400},
                        timeout=60) as response:
         next(response.iter_lines())
@@ -411,9 +414,10 @@ def test_a_post_whose_client_leaves_stops_within_a_step(server, monkeypatch):
     monkeypatch.setattr(server.service.decoder, "_step", lambda *args: (time.sleep(0.005), step(*args))[1])
     body = json.dumps({"prompt": "one day", "max_new_tokens": 400, "seed": 5}).encode()
     head = b"POST /api/generate HTTP/1.1\nHost: 127.0.0.1\nContent-Type: application/json\n"
+    before = len(server.submitted)  # this test's request, not an earlier one
     connection = raw_request(server.port, head + b"Content-Length: %d\n" % len(body), body)
-    assert until(lambda: server.submitted and len(server.submitted[-1].tokens) >= 5)
-    request = server.submitted[-1]
+    assert until(lambda: len(server.submitted) > before and len(server.submitted[before].tokens) >= 5)
+    request = server.submitted[before]
     connection.close()
     assert until(lambda: request not in server.service.decoder.active)
     assert request.cancelled and len(request.tokens) <= noticed["tokens"] + 1 < 400
