@@ -471,6 +471,9 @@ def test_half_sent_headers_and_bodies_are_cut_off_at_the_deadline(server):
     slow_body.close()
 
 
+NO_CHROMIUM = "needs Debian's chromium and chromium-driver"
+
+
 def chromium():
     for browser, driver in (("/usr/bin/chromium", "/usr/bin/chromedriver"),):
         if Path(browser).exists() and Path(driver).exists():
@@ -484,6 +487,8 @@ def browser(tmp_path):
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service as Driver
 
+    if chromium() is None:  # every test that drives the page, marked or not
+        pytest.skip(NO_CHROMIUM)
     binary, driver_path = chromium()
     options = webdriver.ChromeOptions()
     options.binary_location = binary
@@ -504,7 +509,7 @@ def fill(driver, field, text):
     element.send_keys(text)
 
 
-needs_chromium = pytest.mark.skipif(chromium() is None, reason="needs Debian's chromium and chromium-driver")
+needs_chromium = pytest.mark.skipif(chromium() is None, reason=NO_CHROMIUM)
 
 
 @pytest.mark.browser
