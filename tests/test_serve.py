@@ -383,13 +383,23 @@ def test_several_clients_at_once_are_decoded_together(server):
 
 
 def test_a_client_that_disconnects_frees_its_slot(server, monkeypatch):
-    decoder, step = server.service.decoder, server.service.decoder._step
-    # slow steps: the context (16) is full within a few, and a request then leaves its slot for windowed steps
-    monkeypatch.setattr(decoder, "_step", lambda *args: (time.sleep(0.05), step(*args))[1])
-    with httpx2.stream("POST", f"{server.url}/api/stream", json={"prompt": "one day", "max_new_tokens": 400},
-                       timeout=60) as response:
-        next(response.iter_lines())
-        assert decoder.cache.used == 1
+    decoder, step, looked = server.service.decoder, server.service.decoder._step, threading.Event()
+
+    def held(*args):
+        """Once the request has its first token it waits in its slot until the test has looked: the context (16)
+        is full within a few steps, and a request then leaves its slot for windowed steps."""
+        if any(r.tokens for r in decoder.active):
+            looked.wait(20)
+        return step(*args)
+
+    monkeypatch.setattr(decoder, "_step", held)
+    try:
+        with httpx2.stream("POST", f"{server.url}/api/stream", json={"prompt": "one day", "max_new_tokens": 400},
+                           timeout=60) as response:
+            next(response.iter_lines())
+            assert decoder.cache.used == 1
+    finally:
+        looked.set()  # never leave the shared server's decoder waiting
     assert until(lambda: not decoder.active) and decoder.cache.used == 0
 
 

@@ -73,9 +73,13 @@ class SlotCache:
 
     def __init__(self, config, slots):
         self.kv = KVCache(slots, config.block_size)
-        self.lengths = self.kv.lengths  # each slot's positions filled: the one list, the cache's own
         self.used = 0  # slots [0, used) are busy
         self.gates = None  # each group's gates, (slots, n): a slot's row is its request's, made when it joined
+
+    @property
+    def lengths(self):
+        """Each slot's positions filled: the cache's own list."""
+        return self.kv.lengths
 
     def take(self):
         """The next free slot, empty."""
