@@ -77,6 +77,20 @@ def summary(times):
     return {"median_s": statistics.median(times), "iqr_s": q[2] - q[0], "min_s": min(times), "n": len(times)}
 
 
+def cpu_model(cpuinfo="/proc/cpuinfo"):
+    """The CPU's model name where the system gives one (Linux's cpuinfo), else its architecture: host times
+    differ by twice between two development machines' CPUs."""
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and value.strip():
+                    return value.strip()
+    except OSError:
+        pass
+    return f"{platform.processor() or platform.machine()} CPU"
+
+
 def environment(device):
     """What a result file records about where it was measured."""
     import importlib.util
@@ -90,7 +104,7 @@ def environment(device):
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
-        name = f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+        name = f"{cpu_model()}, {torch.get_num_threads()} threads"
     return {
         "device": name,
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
