@@ -15,7 +15,9 @@ sequence of T = 256 rows for per-sequence alphas), no bias, as the model has non
        to run its epilogue under the other's matmul) at two programs per SM and at
        one, and our plain matmul at two per SM against its one. Same binaries, so the
        ratios say whether a second program's overlap happens, which
-       bench.kernel_static's model cannot tell (docs/design.md, Overlap)
+       bench.kernel_static's model cannot tell (docs/design.md, Overlap); and, in
+       the fwd-train pass only, the training forward with the forward's deferred
+       epilogue, one program per SM, against the fused op's two
   mlp: the whole gated MLP, h W2^T after the up part, with the same rivals;
 each in three passes: "fwd" (inference: nothing kept for a backward), "fwd-train"
 (the forward of a training step: the fused kernel also stores the slope) and "fwd+bwd".
@@ -103,6 +105,14 @@ def two_programs_up_one_per_sm(x, w, w2, gate):
     return two_programs_up(x, w, w2, gate, per_sm=1)
 
 
+def deferred_train_up(x, w, w2, gate):
+    """The training forward (h and its slope) with the forward's deferred epilogue, one program per SM: the
+    rival of the fused op's two programs per SM."""
+    h, slope = (torch.empty((x.shape[0], w.shape[0]), device=x.device, dtype=x.dtype) for _ in range(2))
+    up_launch(x, w, None, _gate_arg(gate), h, slope, False, target_of(x.device), deferred=True)()
+    return h
+
+
 def triton_matmul_up_two_per_sm(x, w, w2, gate):
     return plain_matmul(x, w, programs_per_sm=2)
 
@@ -111,8 +121,10 @@ def triton_matmul_up_two_per_sm(x, w, w2, gate):
 IMPLS = {"fused": (fused_up, fused_mlp), "eager": (eager_up, eager_mlp), "matmul": (matmul_up, matmul_mlp),
          "triton_matmul": (triton_matmul_up, None), "two_programs": (two_programs_up, None),
          "two_programs_one_per_sm": (two_programs_up_one_per_sm, None),
-         "triton_matmul_two_per_sm": (triton_matmul_up_two_per_sm, None), "compiled": (eager_up, eager_mlp)}
+         "triton_matmul_two_per_sm": (triton_matmul_up_two_per_sm, None), "deferred_train": (deferred_train_up, None),
+         "compiled": (eager_up, eager_mlp)}
 FORWARD_ONLY = ("triton_matmul", "two_programs", "two_programs_one_per_sm", "triton_matmul_two_per_sm")
+TRAINING_FORWARD_ONLY = ("deferred_train",)  # timed in the fwd-train pass alone, against the fused op's
 
 
 def make_inputs(M, K, N, dtype, device, per_row, n_buffers, grad, rows_per_sequence):
@@ -195,7 +207,7 @@ def main(argv=None):
               "warmup": warmup, "rows_per_sequence": rows_per_sequence, "results": [], "skipped": 0}
     # the compiled rival compiles afresh for every case: it goes last, once every cheap case has its numbers
     phases = [["fused", "matmul", "triton_matmul", "two_programs", "two_programs_one_per_sm",
-                "triton_matmul_two_per_sm", "eager"]] + (
+                "triton_matmul_two_per_sm", "deferred_train", "eager"]] + (
         [] if args.no_compile else [["compiled"]])
     for impls in phases:
         for M, K, N in shapes:
@@ -208,7 +220,8 @@ def main(argv=None):
                                "pass": pas}
                         flops = 2 * M * K * N * (2 if op == "mlp" else 1) * (3 if pas == "fwd+bwd" else 1)
                         for name in impls:
-                            if IMPLS[name][op_index] is None or (name in FORWARD_ONLY and pas != "fwd"):
+                            if IMPLS[name][op_index] is None or (name in FORWARD_ONLY and pas != "fwd") or (
+                                    name in TRAINING_FORWARD_ONLY and pas != "fwd-train"):
                                 continue
                             if time.perf_counter() > deadline:
                                 record["skipped"] += 1
@@ -233,7 +246,8 @@ def main(argv=None):
 
 
 RIVALS = {"matmul": "vs cuBLAS matmul", "triton_matmul": "vs our Triton matmul",
-          "two_programs": "vs two programs per SM", "compiled": "vs compiled", "eager": "vs eager"}
+          "two_programs": "vs two programs per SM", "deferred_train": "vs a deferred epilogue",
+          "compiled": "vs compiled", "eager": "vs eager"}
 # the overlap experiment: one program per SM's time over two's, for the same binary (above 1: the second pays)
 SECOND_PROGRAM = {"two-program kernel: 1 per SM vs 2": ("two_programs_one_per_sm", "two_programs"),
                   "our Triton matmul: 1 per SM vs 2": ("triton_matmul", "triton_matmul_two_per_sm")}

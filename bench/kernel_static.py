@@ -14,7 +14,8 @@ compiled metadata, and wgmma (HGMMA), special-function (MUFU) and epilogue instr
 SASS. A plain persistent TMA matmul of our own (bench.plain_matmul) goes through the same model, which
 calibrates it: a model that does not put that kernel near a plain matmul is not to be trusted. So does
 the forward the other way (up-two-programs: gated_up_kernel at two programs per SM), the overlap design
-the kernel benchmark weighs against the deferred forward. The check holds the deferred forward to having
+the kernel benchmark weighs against the deferred forward, and the training forward the other way
+(up-train-deferred), weighed against its two programs per SM. The check holds the deferred forward to having
 a wgmma in flight under its epilogue. The model is calibrated on cuBLAS too: a latency per tile fitted to
 cuBLAS's measured H100 times (CUBLAS_H100_US) and an L2 term give each case a ratio to cuBLAS where it
 was measured.
@@ -129,7 +130,8 @@ ROWS_PER_SEQUENCE = 256  # the reference recipe's block, as bench.kernel_bench g
 @dataclass
 class Case:
     """One launch the ops would make: what it is, the launch, and what it moves and computes."""
-    kernel: str  # up, up-train (h and its slope), down-grad; plain, up-two-programs (the benchmark's rivals)
+    kernel: str  # up, up-train (h and its slope), down-grad; plain, up-two-programs, up-train-deferred (the
+    # benchmark's rivals)
     path: str  # tma, pointer, or - for the elementwise kernel
     gate: str  # vector, table, or -
     shape: tuple  # (M, K, N)
@@ -167,10 +169,14 @@ def planned_cases(shapes, paths):
                     cases.append(Case("up-train", path, gate, (M, K, N),
                                       up_launch(x, w, None, g, h, meta(M, N), False, H100),
                                       2 * (M * K + N * K + 2 * M * N) + gate_bytes))
-                    if path == "tma":  # the benchmark's rival: the forward at two programs per SM
+                    if path == "tma":  # the benchmark's rivals: the forward at two programs per SM, and the
+                        # training forward with a deferred epilogue
                         cases.append(Case("up-two-programs", path, gate, (M, K, N),
                                           up_launch(x, w, None, g, h, meta(0), False, H100, deferred=False),
                                           2 * (M * K + N * K + M * N) + gate_bytes))
+                        cases.append(Case("up-train-deferred", path, gate, (M, K, N),
+                                          up_launch(x, w, None, g, h, meta(M, N), False, H100, deferred=True),
+                                          2 * (M * K + N * K + 2 * M * N) + gate_bytes))
                 cases.append(Case("down-grad", path, "-", (M, K, N),  # the gate is in the slope the forward kept
                                   down_grad_launch(meta(M, K), meta(K, N), meta(M, N), meta(M, N), H100),
                                   2 * (M * K + N * K + 2 * M * N)))

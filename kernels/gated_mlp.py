@@ -276,11 +276,13 @@ def gated_up_kernel(
 
 @triton.jit
 def _chunk_epilogue(acc, gates, chunk: tl.constexpr, off_m, off_n, M, N, b_ptr, gate_ptr, stride_g, ROWS_PER_GATE, h,
-                    HAS_BIAS: tl.constexpr, GATE: tl.constexpr, TANH: tl.constexpr, FAST_GELU: tl.constexpr,
-                    ASM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LEVELS: tl.constexpr,
-                    IN_LOOP: tl.constexpr):
-    """h for the columns [chunk, chunk + 1) * BLOCK_N / 2^LEVELS of the tile whose accumulator is acc and
-    whose (1, BLOCK_N) gates are gates, unless GATE is "row": then the chunk loads its gate rows itself."""
+                    slope, stride_sm, stride_sn,
+                    HAS_BIAS: tl.constexpr, GATE: tl.constexpr, STORE_SLOPE: tl.constexpr, TANH: tl.constexpr,
+                    FAST_GELU: tl.constexpr, ASM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    LEVELS: tl.constexpr, IN_LOOP: tl.constexpr):
+    """h, and with STORE_SLOPE the slope, for the columns [chunk, chunk + 1) * BLOCK_N / 2^LEVELS of the tile
+    whose accumulator is acc and whose (1, BLOCK_N) gates are gates, unless GATE is "row": then the chunk
+    loads its gate rows itself."""
     CHUNK_N: tl.constexpr = BLOCK_N >> LEVELS
     z = acc
     for level in tl.static_range(LEVELS):  # halve the columns, keeping the half that holds the chunk
@@ -292,11 +294,13 @@ def _chunk_epilogue(acc, gates, chunk: tl.constexpr, off_m, off_n, M, N, b_ptr, 
     if IN_LOOP:  # else the compiler hoists the chunk's math, loop-invariant, out of the K loop
         z = _settled(z, ASM)
     if GATE == "row":
-        _up_epilogue(z, off_m, off_n + chunk * CHUNK_N, M, N, b_ptr, gate_ptr, stride_g, ROWS_PER_GATE, h, h,
-                     0, 0, 0, 0, HAS_BIAS, GATE, False, TANH, FAST_GELU, ASM, True, BLOCK_M, CHUNK_N)
+        _up_epilogue(z, off_m, off_n + chunk * CHUNK_N, M, N, b_ptr, gate_ptr, stride_g, ROWS_PER_GATE, h, slope,
+                     0, 0, stride_sm, stride_sn, HAS_BIAS, GATE, STORE_SLOPE, TANH, FAST_GELU, ASM, True, BLOCK_M,
+                     CHUNK_N)
     else:
-        _up_epilogue(z, off_m, off_n + chunk * CHUNK_N, M, N, b_ptr, gates, stride_g, ROWS_PER_GATE, h, h,
-                     0, 0, 0, 0, HAS_BIAS, "loaded", False, TANH, FAST_GELU, ASM, True, BLOCK_M, CHUNK_N)
+        _up_epilogue(z, off_m, off_n + chunk * CHUNK_N, M, N, b_ptr, gates, stride_g, ROWS_PER_GATE, h, slope,
+                     0, 0, stride_sm, stride_sn, HAS_BIAS, "loaded", STORE_SLOPE, TANH, FAST_GELU, ASM, True, BLOCK_M,
+                     CHUNK_N)
 
 
 @triton.jit(do_not_specialize=["M", "num_programs"])
@@ -309,11 +313,12 @@ def gated_up_deferred_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     LEVELS: tl.constexpr, IN_LOOP: tl.constexpr = True,
 ):
-    """h = GELU(z) * G as gated_up_kernel computes it, with its arguments (TMA, no slope: the forward), one
-    program per SM. It keeps a tile's accumulator through the next tile's K loop and finishes one chunk of
-    it (BLOCK_N / 2^LEVELS columns; h's descriptor blocks are as wide) after each of that loop's first
-    2^LEVELS wgmma issues, so the chunk runs while the wgmma does. IN_LOOP=False lets the compiler hoist
-    the chunks' math out of the K loop, for the test of that guard.
+    """h = GELU(z) * G, and the slope if STORE_SLOPE, as gated_up_kernel computes them, with its arguments
+    (TMA), one program per SM: the forward, and the training forward that the kernel benchmark weighs
+    against gated_up_kernel's two programs per SM. It keeps a tile's accumulator through the next tile's K
+    loop and finishes one chunk of it (BLOCK_N / 2^LEVELS columns; h's descriptor blocks are as wide) after
+    each of that loop's first 2^LEVELS wgmma issues, so the chunk runs while the wgmma does. IN_LOOP=False
+    lets the compiler hoist the chunks' math out of the K loop, for the test of that guard.
     Its loop nest stays: flattened (by Triton or by hand), the kept accumulator is a loop-carried value
     derived from the wgmma's, and Triton's pipeline then waits for every wgmma (docs/design.md, Overlap)."""
     CHUNKS: tl.constexpr = 1 << LEVELS
@@ -336,14 +341,14 @@ def gated_up_deferred_kernel(
                 for chunk in tl.static_range(CHUNKS):
                     if k == chunk:
                         _chunk_epilogue(kept, kept_gates, chunk, kept_m, kept_n, M, N, b_ptr, gate_ptr, stride_g,
-                                        ROWS_PER_GATE, h, HAS_BIAS, GATE, TANH, FAST_GELU, ASM, BLOCK_M, BLOCK_N,
-                                        LEVELS, IN_LOOP)
+                                        ROWS_PER_GATE, h, slope, stride_sm, stride_sn, HAS_BIAS, GATE,
+                                        STORE_SLOPE, TANH, FAST_GELU, ASM, BLOCK_M, BLOCK_N, LEVELS, IN_LOOP)
         if tile != tl.program_id(0):  # chunks a short K loop had no step for
             for chunk in tl.static_range(CHUNKS):
                 if steps <= chunk:
                     _chunk_epilogue(kept, kept_gates, chunk, kept_m, kept_n, M, N, b_ptr, gate_ptr, stride_g,
-                                    ROWS_PER_GATE, h, HAS_BIAS, GATE, TANH, FAST_GELU, ASM, BLOCK_M, BLOCK_N,
-                                    LEVELS, IN_LOOP)
+                                    ROWS_PER_GATE, h, slope, stride_sm, stride_sn, HAS_BIAS, GATE, STORE_SLOPE,
+                                    TANH, FAST_GELU, ASM, BLOCK_M, BLOCK_N, LEVELS, IN_LOOP)
         kept = acc
         kept_m = off_m
         kept_n = off_n
@@ -352,8 +357,8 @@ def gated_up_deferred_kernel(
     if tl.program_id(0) < tiles:  # the last tile's epilogue has no next K loop
         for chunk in tl.static_range(CHUNKS):
             _chunk_epilogue(kept, kept_gates, chunk, kept_m, kept_n, M, N, b_ptr, gate_ptr, stride_g,
-                            ROWS_PER_GATE, h, HAS_BIAS, GATE, TANH, FAST_GELU, ASM, BLOCK_M, BLOCK_N,
-                            LEVELS, IN_LOOP)
+                            ROWS_PER_GATE, h, slope, stride_sm, stride_sn, HAS_BIAS, GATE, STORE_SLOPE, TANH,
+                            FAST_GELU, ASM, BLOCK_M, BLOCK_N, LEVELS, IN_LOOP)
 
 
 @triton.jit(do_not_specialize=["M", "num_programs"])

@@ -263,8 +263,9 @@ EMPTY = ((0,), (1,), 4, True)  # the layout key of "no slope"
 def up_launch(x, weight, bias, gate, h, slope, tanh, target, deferred=None, programs_per_sm=None):
     """h = GELU(x @ weight.T + bias) * gate into h, and its slope dh/dz into slope unless slope is None or
     empty.
-    The forward (no slope) defers its epilogue where TMA serves; deferred=False, and programs_per_sm, are
-    for the kernel benchmark's comparison of overlap designs."""
+    The forward (no slope) defers its epilogue where TMA serves, and the training forward runs two programs
+    per SM; deferred=False for the one, deferred=True for the other, and programs_per_sm, are for the kernel
+    benchmark's comparison of overlap designs."""
     slope = h if slope is None or not slope.numel() else slope
     plan = _up_plan(target, layout_key(x), layout_key(weight), bias is not None, layout_key(gate), layout_key(h),
                     layout_key(slope) if slope is not h else EMPTY, tanh, deferred, programs_per_sm, POINTERS_ONLY,

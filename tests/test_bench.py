@@ -29,12 +29,13 @@ def test_kernel_bench_quick(tmp_path):
     assert cases == {(op, a, p, impl) for op in ("up", "mlp") for a in ("scalar", "per-row")
                      for p in ("fwd", "fwd-train", "fwd+bwd") for impl in ("fused", "eager", "matmul")} | {
         ("up", a, "fwd", impl) for a in ("scalar", "per-row")  # forward only
-        for impl in ("triton_matmul", "two_programs", "two_programs_one_per_sm", "triton_matmul_two_per_sm")}
+        for impl in ("triton_matmul", "two_programs", "two_programs_one_per_sm", "triton_matmul_two_per_sm")} | {
+        ("up", a, "fwd-train", "deferred_train") for a in ("scalar", "per-row")}  # the training forward only
     for r in record["results"]:
         assert r["error"] is None, r
         assert r["median_s"] > 0 and math.isfinite(r["median_s"]) and r["tflops"] > 0
         assert r["warmup_s"] > 0  # the first call is reported for every implementation
-    assert "vs eager" in stdout and "vs two programs per SM" in stdout
+    assert "vs eager" in stdout and "vs two programs per SM" in stdout and "vs a deferred epilogue" in stdout
 
 
 @pytest.mark.parametrize("as_file", [False, True], ids=["python -m bench.gate_throughput", "python bench/gate_throughput.py"])

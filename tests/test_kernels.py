@@ -225,6 +225,29 @@ def test_the_deferred_forward(dtype, M, K, N, alpha_kind, bias, approximate, loa
     assert_close(h, reference_up(x, w, b, alpha, m, approximate=approximate), dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("M, K, N", [(130, 24, 40), (200, 48, 64)])
+@pytest.mark.parametrize("alpha_kind", ["sequences", "rows"])
+@pytest.mark.parametrize("bias, approximate", [(False, "none"), (True, "tanh")])
+def test_the_deferred_training_forward(dtype, M, K, N, alpha_kind, bias, approximate, load_path):
+    """The kernel benchmark's rival of the training forward: the forward's deferred epilogue, each chunk
+    storing the slope dh/dz beside h (a K loop shorter than the chunks, a longer one, each program's last
+    tile). Before, the deferred kernel left a slope it was given unwritten."""
+    x, w, b, m, g = inputs(M, K, N, dtype, seed=3 * M + K, bias=bias)
+    alpha = make_alpha(alpha_kind, M, g)
+    gate = ops._gate_arg(tent_gate(alpha, m))
+    h, slope = (torch.full((M, N), float("nan"), device=DEVICE, dtype=dtype) for _ in range(2))
+    target = ops.target_of(x.device)
+    launch = ops.up_launch(x, w, b, gate, h, slope, approximate == "tanh", target, deferred=True)
+    assert (launch.kernel is ops.gated_up_deferred_kernel) == ops.use_tma(target, x, w, h)
+    launch()
+    z = F.linear(x.float(), w.float(), None if b is None else b.float()).requires_grad_()
+    expected = F.gelu(z, approximate=approximate) * row_gates(alpha, m, M)
+    (expected_slope,) = torch.autograd.grad(expected.sum(), z)
+    assert_close(h, expected, dtype)
+    assert_close(slope, expected_slope, dtype)
+
+
 def test_tensor_descriptors_serve_aligned_strides_only(load_path):
     """The TMA path takes aligned row strides; a row stride off TMA's 16 bytes falls back to pointers."""
     if load_path == "pointers" or not (ops.INTERPRET or torch.cuda.get_device_capability()[0] >= 9):
